@@ -1,0 +1,54 @@
+"""Stoker's contracts: the topic catalogue, every event and command model, and the codec."""
+
+from events.base import Record, now_ms
+from events.codec import DecodeError, decode, encode
+from events.dlq import DeadLettered
+from events.function import CodeSource, FunctionSpec
+from events.instance import InstanceChanged, InstanceState
+from events.invocation import (
+    TERMINAL_STATUSES,
+    ErrorInfo,
+    InvocationCompleted,
+    InvocationRequested,
+    StartKind,
+    Status,
+    Timings,
+    new_invocation_id,
+)
+from events.node import InstanceSummary, NodeCapacity, NodeHeartbeat, NodeStopped, Taint
+from events.topics import DEFAULT_PREFIX, Topics, TopicSpec
+from events.work import EnsurePool, Execute, Recycle, Specialize, WorkCommand
+
+__all__ = [
+    "DEFAULT_PREFIX",
+    "TERMINAL_STATUSES",
+    "CodeSource",
+    "DeadLettered",
+    "DecodeError",
+    "EnsurePool",
+    "ErrorInfo",
+    "Execute",
+    "FunctionSpec",
+    "InstanceChanged",
+    "InstanceState",
+    "InstanceSummary",
+    "InvocationCompleted",
+    "InvocationRequested",
+    "NodeCapacity",
+    "NodeHeartbeat",
+    "NodeStopped",
+    "Record",
+    "Recycle",
+    "Specialize",
+    "StartKind",
+    "Status",
+    "Taint",
+    "Timings",
+    "TopicSpec",
+    "Topics",
+    "WorkCommand",
+    "decode",
+    "encode",
+    "new_invocation_id",
+    "now_ms",
+]

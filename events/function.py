@@ -1,0 +1,85 @@
+"""The function family: the desired spec of a function, kept on the compacted ``function`` topic."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from events.base import Record, now_ms
+
+FUNCTION_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+"""Function names are DNS labels, so they can become Kubernetes names and topic keys as they are."""
+
+ENTRYPOINT = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+class CodeSource(BaseModel):
+    """Where a function's code comes from.
+
+    ``archive``: a content-addressed zip in the artifact store (``stoker fn create --code DIR``).
+    ``git``: a repository, branch and path, built by the builder on each push (later issue);
+    the builder turns it into an archive, so agents only ever fetch archives.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    kind: Literal["archive", "git"] = "archive"
+    digest: str | None = None
+    """``sha256:<hex>`` of the archive's files (see ``services.common.artifacts``)."""
+    uri: str | None = None
+    """Where the archive can be fetched, e.g. ``file:///.../artifacts/sha256-<hex>.zip``."""
+    size: int | None = None
+    git_url: str | None = None
+    git_branch: str | None = None
+    git_path: str | None = None
+    git_commit: str | None = None
+
+
+class FunctionSpec(Record):
+    """The desired state of one function."""
+
+    type: Literal["function.spec"] = "function.spec"
+    name: str
+    entrypoint: str
+    """``module:function`` inside the code, e.g. ``handler:main``."""
+    source: CodeSource
+    runtime: Literal["python3.11"] = "python3.11"
+    revision: int = 1
+    """Bumped by every ``fn update``; the spec with the highest revision wins."""
+    memory_mb: int = Field(default=256, ge=16, le=65536)
+    timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    concurrency: int = Field(default=100, ge=1, le=100_000)
+    """Most invocations of this function in flight at once across the platform; more wait."""
+    reuse: Literal["keep"] = "keep"
+    """How instances are reused between invocations (``keep`` now; ``reset``/``fresh`` later)."""
+    env: dict[str, str] = Field(default_factory=dict)
+    idle_s: float = Field(default=600.0, gt=0)
+    """Keep-alive: an instance idle this long is recycled."""
+    max_invocations: int | None = Field(default=None, ge=1)
+    max_age_s: float | None = Field(default=None, gt=0)
+    updated_ms: int = Field(default_factory=now_ms)
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, value: str) -> str:
+        if not FUNCTION_NAME.match(value):
+            raise ValueError("function names are lowercase DNS labels: [a-z0-9-], at most 63 chars")
+        return value
+
+    @field_validator("entrypoint")
+    @classmethod
+    def _valid_entrypoint(cls, value: str) -> str:
+        if not ENTRYPOINT.match(value):
+            raise ValueError("entrypoint must look like module:function, e.g. handler:main")
+        return value
+
+    @property
+    def code_version(self) -> str:
+        """The version of the code: the commit for git sources, a short digest for archives."""
+        if self.source.git_commit:
+            return self.source.git_commit[:12]
+        if self.source.digest:
+            return self.source.digest.removeprefix("sha256:")[:12]
+        return f"r{self.revision}"

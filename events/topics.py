@@ -1,0 +1,126 @@
+"""The topic catalogue: every Stoker topic, its key, and how it is kept.
+
+Services coordinate only through these topics. Names carry a configurable prefix
+(``stoker.`` by default) so several platforms, or several test runs, can share one broker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_PREFIX = "stoker."
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    """How one topic is created."""
+
+    name: str
+    partitions: int = 1
+    compacted: bool = False
+    """Compacted topics keep the latest record per key: desired state, not a history."""
+    retention_ms: int | None = None
+    """Retention for non-compacted topics; ``None`` keeps the broker default."""
+
+    def configs(self) -> dict[str, str]:
+        """Topic-level configs for the admin API."""
+        configs: dict[str, str] = {}
+        if self.compacted:
+            configs["cleanup.policy"] = "compact"
+            # Small segments and a low dirty ratio let compaction actually run on a dev broker.
+            configs["segment.ms"] = str(60 * 60 * 1000)
+            configs["min.cleanable.dirty.ratio"] = "0.1"
+        if self.retention_ms is not None:
+            configs["retention.ms"] = str(self.retention_ms)
+        return configs
+
+
+_HOUR_MS = 60 * 60 * 1000
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Names of every Stoker topic under one prefix."""
+
+    prefix: str = DEFAULT_PREFIX
+
+    @property
+    def function(self) -> str:
+        """Compacted desired FunctionSpec per function name (tombstone = deleted)."""
+        return f"{self.prefix}function"
+
+    @property
+    def invocation(self) -> str:
+        """``invocation.requested`` records, keyed by function name (the public entry point)."""
+        return f"{self.prefix}invocation"
+
+    @property
+    def result(self) -> str:
+        """``invocation.completed`` records, keyed by invocation id."""
+        return f"{self.prefix}result"
+
+    @property
+    def instance(self) -> str:
+        """Instance lifecycle events, keyed by node."""
+        return f"{self.prefix}instance"
+
+    @property
+    def node(self) -> str:
+        """Compacted node registration and heartbeat, keyed by node."""
+        return f"{self.prefix}node"
+
+    @property
+    def code_commit(self) -> str:
+        return f"{self.prefix}code-commit"
+
+    @property
+    def artifact(self) -> str:
+        return f"{self.prefix}artifact"
+
+    @property
+    def prewarm(self) -> str:
+        return f"{self.prefix}prewarm"
+
+    @property
+    def node_metric(self) -> str:
+        return f"{self.prefix}node-metric"
+
+    @property
+    def placement(self) -> str:
+        return f"{self.prefix}placement"
+
+    @property
+    def dlq(self) -> str:
+        """Dead letters: records a consumer could not decode or process, with the reason."""
+        return f"{self.prefix}dlq"
+
+    def work(self, node: str) -> str:
+        """Commands addressed to one node's agent (Execute, Specialize, EnsurePool, Recycle)."""
+        return f"{self.prefix}work.{node}"
+
+    def reply(self, name: str) -> str:
+        """A private reply topic (one per gateway process) for synchronous calls."""
+        return f"{self.prefix}reply.{name}"
+
+    def catalogue(self, invocation_partitions: int = 3) -> list[TopicSpec]:
+        """Every shared topic, as ``stoker up`` creates it (work and reply topics come per node)."""
+        return [
+            TopicSpec(self.function, compacted=True),
+            TopicSpec(self.invocation, partitions=invocation_partitions, retention_ms=24 * _HOUR_MS),
+            TopicSpec(self.result, partitions=invocation_partitions, retention_ms=24 * _HOUR_MS),
+            TopicSpec(self.instance, retention_ms=6 * _HOUR_MS),
+            TopicSpec(self.node, compacted=True),
+            TopicSpec(self.code_commit, retention_ms=7 * 24 * _HOUR_MS),
+            TopicSpec(self.artifact, compacted=True),
+            TopicSpec(self.prewarm, retention_ms=_HOUR_MS),
+            TopicSpec(self.node_metric, retention_ms=6 * _HOUR_MS),
+            TopicSpec(self.placement, compacted=True),
+            TopicSpec(self.dlq, retention_ms=7 * 24 * _HOUR_MS),
+        ]
+
+    def work_spec(self, node: str) -> TopicSpec:
+        # Work commands are addressed to one incarnation of an agent; an hour is plenty.
+        return TopicSpec(self.work(node), retention_ms=_HOUR_MS)
+
+    def reply_spec(self, name: str) -> TopicSpec:
+        return TopicSpec(self.reply(name), retention_ms=_HOUR_MS)

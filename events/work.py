@@ -1,0 +1,57 @@
+"""Commands addressed to one node's agent, on its ``work.<node>`` topic.
+
+Commands carry everything the agent needs (the function spec travels with Execute), so an
+agent keeps no function registry of its own and runs exactly the version it was sent.
+Each command names the agent ``incarnation`` it was meant for: a restarted agent ignores
+its predecessor's commands, and the dispatcher re-routes what the dead incarnation held.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from events.base import Record, now_ms
+from events.function import FunctionSpec
+from events.invocation import InvocationRequested
+from pydantic import Field
+
+
+class Execute(Record):
+    """Run one invocation on this node."""
+
+    type: Literal["work.execute"] = "work.execute"
+    invocation: InvocationRequested
+    spec: FunctionSpec
+    incarnation: str
+    attempt: int = 1
+    dispatched_ms: int = Field(default_factory=now_ms)
+
+
+class Specialize(Record):
+    """Load a function's code into ``count`` instances ahead of demand."""
+
+    type: Literal["work.specialize"] = "work.specialize"
+    spec: FunctionSpec
+    incarnation: str
+    count: int = 1
+
+
+class EnsurePool(Record):
+    """Keep ``generic`` unspecialized instances ready on this node."""
+
+    type: Literal["work.ensure-pool"] = "work.ensure-pool"
+    incarnation: str
+    generic: int = Field(ge=0)
+
+
+class Recycle(Record):
+    """Stop idle instances: one by id, or every instance of a function."""
+
+    type: Literal["work.recycle"] = "work.recycle"
+    incarnation: str
+    instance: str | None = None
+    function: str | None = None
+    reason: str = ""
+
+
+WorkCommand = Execute | Specialize | EnsurePool | Recycle

@@ -1,0 +1,1 @@
+"""Stoker's services: one package per service, plus ``common`` (broker factory, settings, telemetry)."""

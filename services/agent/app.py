@@ -1,0 +1,41 @@
+"""Composition root of a node agent."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from events.base import Record
+from services.agent import handlers
+from services.agent.node import NodeAgent
+from services.agent.settings import AgentSettings
+from services.common.admin import ensure_topics
+from services.common.artifacts import LocalArtifactStore
+from services.common.broker import make_broker
+from services.common.runner import configure_logging, serve
+from services.common.telemetry import setup_tracing
+
+
+async def run(settings: AgentSettings) -> None:
+    configure_logging(settings.common)
+    provider = setup_tracing(f"agent-{settings.node}", settings.common)
+    broker = make_broker(settings.common, f"agent-{settings.node}", provider)
+
+    async def publish(record: Record, topic: str, key: str | None) -> Any:
+        return await broker.publish(record, topic, key=key.encode() if key else None)
+
+    agent = NodeAgent(settings, publish, LocalArtifactStore(settings.common.artifacts_dir))
+    handlers.register(broker, agent)
+
+    async def create_work_topic() -> None:
+        await ensure_topics(settings.common.bootstrap, [settings.common.topics.work_spec(settings.node)])
+
+    await serve(
+        f"agent-{settings.node}",
+        settings.common,
+        broker,
+        on_start=[create_work_topic],
+        background=[agent.send_heartbeats, agent.maintain_pool],
+        on_stop=[agent.shutdown],
+        ready_facts={"node": settings.node, "incarnation": agent.incarnation},
+    )
+    provider.shutdown()

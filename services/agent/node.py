@@ -1,0 +1,446 @@
+"""The node agent's state and actions: instances, code cache, execution, heartbeats.
+
+Handlers (``handlers.py``) turn work commands into calls here; the decisions themselves
+(which instance, how many to start, what to recycle) are the pure functions of ``pool.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from opentelemetry import trace
+
+from events import (
+    EnsurePool,
+    ErrorInfo,
+    Execute,
+    FunctionSpec,
+    InstanceChanged,
+    InstanceSummary,
+    InvocationCompleted,
+    NodeCapacity,
+    NodeHeartbeat,
+    NodeStopped,
+    Recycle,
+    Record,
+    Specialize,
+    Timings,
+    now_ms,
+)
+from events.instance import InstanceState
+from services.agent import pool
+from services.agent.instances import Instance, InstanceDied, InstanceTimeout, spawn_instance
+from services.agent.settings import AgentSettings
+from services.common import telemetry
+from services.common.artifacts import ArtifactError, ArtifactStore, unpack_verified
+
+log = logging.getLogger("stoker.agent")
+tracer = trace.get_tracer("stoker.agent")
+
+Publish = Callable[[Record, str, str | None], Awaitable[Any]]
+"""Publish a record to a topic with a key, returning once the broker confirmed it."""
+
+
+@dataclass
+class _Slot:
+    instance: Instance
+    prewarmed: bool = False
+
+
+class NodeAgent:
+    """Everything one node agent holds and does."""
+
+    def __init__(self, settings: AgentSettings, publish: Publish, store: ArtifactStore) -> None:
+        self.settings = settings
+        self.topics = settings.common.topics
+        self.incarnation = uuid.uuid4().hex[:12]
+        self.pool_target = settings.pool_size
+        self._publish = publish
+        self._store = store
+        self._slots: dict[str, _Slot] = {}
+        self._starting = 0
+        self._freed = asyncio.Condition()
+        self._code_locks: dict[str, asyncio.Lock] = {}
+        self._in_flight: dict[tuple[str, int], asyncio.Task[None]] = {}
+        self._done: OrderedDict[tuple[str, int], None] = OrderedDict()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._seq = 0
+        self._accepting = True
+        self._pool_wakeup = asyncio.Event()
+
+    # ----- commands -------------------------------------------------------------------------
+
+    def is_mine(self, incarnation: str) -> bool:
+        """Commands for another incarnation of this node are stale: the dispatcher re-routes them."""
+        return incarnation == self.incarnation
+
+    def accept_execute(self, cmd: Execute) -> None:
+        """Start running an invocation in the background (the handler returns at once)."""
+        key = (cmd.invocation.id, cmd.attempt)
+        if key in self._in_flight or key in self._done or not self._accepting:
+            return  # a redelivered command; the first copy owns the result
+        task = asyncio.create_task(self._execute(cmd), name=f"exec:{cmd.invocation.id}")
+        self._in_flight[key] = task
+        task.add_done_callback(lambda _t, key=key: self._finished(key))
+
+    def _finished(self, key: tuple[str, int]) -> None:
+        self._in_flight.pop(key, None)
+        self._done[key] = None
+        while len(self._done) > 50_000:
+            self._done.popitem(last=False)
+
+    def ensure_pool(self, cmd: EnsurePool) -> None:
+        self.pool_target = cmd.generic
+        self._pool_wakeup.set()
+
+    async def recycle(self, cmd: Recycle) -> None:
+        for slot in list(self._slots.values()):
+            inst = slot.instance
+            if inst.state not in ("ready", "generic"):
+                continue
+            if (cmd.instance and inst.id == cmd.instance) or (cmd.function and inst.function == cmd.function):
+                await self._retire(inst, cmd.reason or "recycle command")
+
+    def specialize(self, cmd: Specialize) -> None:
+        for _ in range(cmd.count):
+            self._spawn_task(self._prewarm(cmd.spec))
+
+    # ----- execution --------------------------------------------------------------------------
+
+    async def _execute(self, cmd: Execute) -> None:
+        inv, spec = cmd.invocation, cmd.spec
+        version = spec.code_version
+        base = {"id": inv.id, "function": inv.function, "node": self.settings.node,
+                "function_version": version, "attempt": cmd.attempt}
+        try:
+            if inv.expired(now_ms()):
+                await self._complete(inv.reply_to, InvocationCompleted(
+                    **base, status="timeout",
+                    error=ErrorInfo(kind="deadline_passed", message="deadline passed before it could run"),
+                    timings_ms=_timings(inv.requested_ms)))
+                return
+            started = time.perf_counter()
+            with tracer.start_as_current_span("stoker start", attributes={
+                telemetry.INVOCATION_ID: inv.id, telemetry.FUNCTION: inv.function, telemetry.NODE: self.settings.node,
+            }) as span:
+                acquired_ms = now_ms()
+                slot, kind = await self._acquire(spec, inv.deadline_ms)
+                span.set_attribute(telemetry.START_KIND, kind)
+            start_ms = (time.perf_counter() - started) * 1000
+            if slot is None:
+                await self._complete(inv.reply_to, InvocationCompleted(
+                    **base, status="timeout",
+                    error=ErrorInfo(kind="deadline_passed", message="no instance became free before the deadline"),
+                    timings_ms=_timings(inv.requested_ms, queue=start_ms)))
+                return
+            if isinstance(kind, ErrorInfo):
+                await self._complete(inv.reply_to, InvocationCompleted(
+                    **base, status="error", error=kind, instance=slot.instance.id,
+                    timings_ms=_timings(inv.requested_ms, start=start_ms)))
+                return
+            await self._run(cmd, slot, kind, base, queue_ms=max(0.0, acquired_ms - inv.requested_ms), start_ms=start_ms)
+        except Exception as exc:  # noqa: BLE001 - every accepted invocation must end with a result
+            log.exception("invocation %s failed inside the agent", inv.id)
+            await self._complete(inv.reply_to, InvocationCompleted(
+                **base, status="error", error=ErrorInfo(kind="agent_error", message=repr(exc)),
+                timings_ms=_timings(inv.requested_ms)))
+
+    async def _run(
+        self, cmd: Execute, slot: _Slot, kind: str, base: dict[str, Any], *, queue_ms: float, start_ms: float
+    ) -> None:
+        inv, spec = cmd.invocation, cmd.spec
+        inst = slot.instance
+        timeout_s = spec.timeout_s
+        if inv.deadline_ms is not None:
+            timeout_s = max(0.001, min(timeout_s, (inv.deadline_ms - now_ms()) / 1000))
+        msg = {"op": "invoke", "id": inv.id, "payload": inv.payload, "deadline_ms": inv.deadline_ms}
+        logs: str | None = None
+        with tracer.start_as_current_span("stoker exec", attributes={
+            telemetry.INVOCATION_ID: inv.id, telemetry.FUNCTION: inv.function, "stoker.instance": inst.id,
+        }):
+            try:
+                reply = await inst.request(msg, timeout_s)
+            except InstanceTimeout:
+                await self._gone(inst, f"killed after timeout of {timeout_s:.3f}s")
+                result = InvocationCompleted(
+                    **base, status="timeout", start=kind, instance=inst.id,  # type: ignore[arg-type]
+                    error=ErrorInfo(kind="timeout", message=f"ran past its timeout of {timeout_s:.3f}s; instance killed"),
+                    timings_ms=_timings(inv.requested_ms, queue=queue_ms, start=start_ms, exec=timeout_s * 1000))
+                await self._complete(inv.reply_to, result)
+                return
+            except InstanceDied as exc:
+                await self._gone(inst, str(exc))
+                result = InvocationCompleted(
+                    **base, status="error", start=kind, instance=inst.id,  # type: ignore[arg-type]
+                    error=ErrorInfo(kind="instance_died", message=str(exc)),
+                    timings_ms=_timings(inv.requested_ms, queue=queue_ms, start=start_ms))
+                await self._complete(inv.reply_to, result)
+                return
+        inst.uses += 1
+        inst.last_used_at = time.monotonic()
+        logs = reply.get("logs")
+        exec_ms = float(reply.get("exec_ms", 0.0))
+        if reply.get("ok"):
+            result = InvocationCompleted(
+                **base, status="ok", output=reply.get("output"), start=kind, instance=inst.id,  # type: ignore[arg-type]
+                logs=logs, timings_ms=_timings(inv.requested_ms, queue=queue_ms, start=start_ms, exec=exec_ms))
+        else:
+            err = reply.get("error") or {}
+            result = InvocationCompleted(
+                **base, status="error", start=kind, instance=inst.id, logs=logs,  # type: ignore[arg-type]
+                error=ErrorInfo(kind=err.get("kind", "Error"), message=err.get("message", ""),
+                                traceback=err.get("traceback")),
+                timings_ms=_timings(inv.requested_ms, queue=queue_ms, start=start_ms, exec=exec_ms))
+        await self._release(inst, spec)
+        await self._complete(inv.reply_to, result)
+
+    async def _complete(self, reply_to: str | None, result: InvocationCompleted) -> None:
+        writes = [self._publish(result, self.topics.result, result.id)]
+        if reply_to:
+            writes.append(self._publish(result, reply_to, result.id))
+        await asyncio.gather(*writes)
+
+    async def _acquire(self, spec: FunctionSpec, deadline_ms: int | None) -> tuple[_Slot | None, Any]:
+        """Get an instance holding ``spec``'s code; returns (slot, start kind or ErrorInfo)."""
+        code_dir = await self._code_dir(spec)
+        version = spec.code_version
+        while True:
+            plan = pool.plan_start(
+                self._facts(), spec.name, version,
+                max_instances=self.settings.max_instances, starting=self._starting,
+            )
+            if plan.kind in ("warm", "prewarmed"):
+                slot = self._slots[plan.instance]  # type: ignore[index]
+                slot.prewarmed = False
+                self._set_state(slot.instance, "busy")
+                return slot, plan.kind
+            if plan.kind == "pool":
+                slot = self._slots[plan.instance]  # type: ignore[index]
+                self._set_state(slot.instance, "specializing", spec)
+                self._pool_wakeup.set()  # refill the pool in the background
+                return slot, await self._load(slot, spec, code_dir, "pool")
+            if plan.kind in ("spawn", "evict"):
+                if plan.kind == "evict":
+                    await self._retire(self._slots[plan.instance].instance, "evicted for another function")  # type: ignore[index]
+                slot = await self._start_instance()
+                if slot is None:
+                    continue
+                self._set_state(slot.instance, "specializing", spec)
+                return slot, await self._load(slot, spec, code_dir, "spawn")
+            # wait: every slot is busy
+            remaining = None if deadline_ms is None else (deadline_ms - now_ms()) / 1000
+            if remaining is not None and remaining <= 0:
+                return None, None
+            async with self._freed:
+                try:
+                    await asyncio.wait_for(self._freed.wait(), timeout=min(remaining or 1.0, 1.0))
+                except asyncio.TimeoutError:
+                    pass
+
+    async def _load(self, slot: _Slot, spec: FunctionSpec, code_dir: Path, kind: str) -> Any:
+        inst = slot.instance
+        msg = {"op": "load", "code_dir": str(code_dir), "entrypoint": spec.entrypoint, "env": spec.env,
+               "function": spec.name, "version": spec.code_version}
+        try:
+            reply = await inst.request(msg, max(5.0, spec.timeout_s))
+        except (InstanceTimeout, InstanceDied) as exc:
+            await self._gone(inst, f"failed to load code: {exc}")
+            return ErrorInfo(kind="load_failed", message=str(exc))
+        if not reply.get("ok"):
+            err = reply.get("error") or {}
+            # A failed import can leave half a module behind: this interpreter is not reused.
+            await self._retire(inst, "code failed to load")
+            return ErrorInfo(kind=f"load_failed:{err.get('kind', 'Error')}", message=err.get("message", ""),
+                             traceback=err.get("traceback"))
+        inst.function, inst.function_version = spec.name, spec.code_version
+        self._set_state(inst, "busy", spec)
+        self._emit(inst, "ready", reason=f"specialized ({kind}) in {reply.get('load_ms', 0):.1f} ms")
+        return kind
+
+    async def _release(self, inst: Instance, spec: FunctionSpec) -> None:
+        if not inst.alive:
+            await self._gone(inst, "exited after the invocation")
+            return
+        self._set_state(inst, "ready")
+        facts = self._facts_of(self._slots[inst.id]) if inst.id in self._slots else None
+        reason = facts and pool.due_for_recycling(
+            facts, pool.RecyclePolicy(spec.max_invocations, spec.max_age_s))
+        if reason:
+            await self._retire(inst, reason)
+        async with self._freed:
+            self._freed.notify_all()
+
+    async def _prewarm(self, spec: FunctionSpec) -> None:
+        code_dir = await self._code_dir(spec)
+        plan = pool.plan_start(self._facts(), "", "", max_instances=self.settings.max_instances, starting=self._starting)
+        if plan.kind == "pool":
+            slot = self._slots[plan.instance]  # type: ignore[index]
+        elif plan.kind == "spawn":
+            slot = await self._start_instance()  # type: ignore[assignment]
+            if slot is None:
+                return
+        else:
+            return  # no room: prewarming never evicts
+        self._set_state(slot.instance, "specializing", spec)
+        kind = await self._load(slot, spec, code_dir, "prewarm")
+        if isinstance(kind, str):
+            slot.prewarmed = True
+            self._set_state(slot.instance, "ready")
+
+    # ----- code cache -------------------------------------------------------------------------
+
+    async def _code_dir(self, spec: FunctionSpec) -> Path:
+        digest = spec.source.digest
+        if not digest or not spec.source.uri:
+            raise ArtifactError(f"function {spec.name} has no artifact to run")
+        dest = self.settings.node_dir / "code" / digest.replace(":", "-")
+        if dest.is_dir():
+            return dest
+        lock = self._code_locks.setdefault(digest, asyncio.Lock())
+        async with lock:
+            if not dest.is_dir():
+                blob = await asyncio.to_thread(self._store.get, spec.source.uri)
+                await asyncio.to_thread(unpack_verified, blob, digest, dest)
+        return dest
+
+    # ----- instances --------------------------------------------------------------------------
+
+    async def _start_instance(self) -> _Slot | None:
+        self._starting += 1
+        try:
+            inst = await spawn_instance(self.settings.node_dir, self.settings.python)
+        except InstanceDied as exc:
+            log.error("could not start an instance: %s", exc)
+            return None
+        finally:
+            self._starting -= 1
+        slot = _Slot(inst)
+        self._slots[inst.id] = slot
+        self._emit(inst, "generic")
+        return slot
+
+    async def maintain_pool(self) -> None:
+        """Keep ``pool_target`` generic instances; runs until cancelled."""
+        while True:
+            deficit = pool.generic_deficit(
+                self._facts(), target=self.pool_target,
+                max_instances=self.settings.max_instances, starting=self._starting,
+            )
+            if deficit:
+                await asyncio.gather(*(self._start_instance() for _ in range(deficit)))
+                async with self._freed:
+                    self._freed.notify_all()
+                continue
+            generic = [s.instance for s in self._slots.values() if s.instance.state == "generic"]
+            for inst in generic[self.pool_target:]:
+                await self._retire(inst, "pool shrunk")
+            self._pool_wakeup.clear()
+            try:
+                await asyncio.wait_for(self._pool_wakeup.wait(), timeout=1.0)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _retire(self, inst: Instance, reason: str) -> None:
+        if inst.id not in self._slots:
+            return
+        self._set_state(inst, "recycling", reason=reason)
+        await inst.kill()
+        await self._gone(inst, reason)
+
+    async def _gone(self, inst: Instance, reason: str) -> None:
+        if self._slots.pop(inst.id, None) is None:
+            return
+        await inst.kill()
+        inst.state = "gone"
+        self._emit(inst, "gone", reason=reason)
+        self._pool_wakeup.set()
+        async with self._freed:
+            self._freed.notify_all()
+
+    def _set_state(self, inst: Instance, state: InstanceState, spec: FunctionSpec | None = None, reason: str = "") -> None:
+        inst.state = state
+        if spec is not None:
+            inst.function, inst.function_version = spec.name, spec.code_version
+        # busy <-> ready flips happen on every invocation: they travel in heartbeats, not events.
+        if state in ("specializing", "recycling"):
+            self._emit(inst, state, reason=reason)
+
+    def _emit(self, inst: Instance, state: InstanceState, reason: str = "") -> None:
+        event = InstanceChanged(
+            node=self.settings.node, incarnation=self.incarnation, instance=inst.id, state=state,
+            pid=inst.pid, function=inst.function, function_version=inst.function_version,
+            uses=inst.uses, reason=reason,
+        )
+        self._spawn_task(self._publish(event, self.topics.instance, self.settings.node))
+
+    def _spawn_task(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _facts_of(self, slot: _Slot, now: float | None = None) -> pool.InstanceFacts:
+        inst = slot.instance
+        now = now or time.monotonic()
+        return pool.InstanceFacts(
+            id=inst.id, state=inst.state, function=inst.function, function_version=inst.function_version,
+            uses=inst.uses, idle_ms=inst.idle_ms(now), age_ms=int((now - inst.created_at) * 1000),
+            prewarmed=slot.prewarmed,
+        )
+
+    def _facts(self) -> list[pool.InstanceFacts]:
+        now = time.monotonic()
+        return [self._facts_of(s, now) for s in self._slots.values()]
+
+    # ----- node -------------------------------------------------------------------------------
+
+    def heartbeat(self) -> NodeHeartbeat:
+        self._seq += 1
+        now = time.monotonic()
+        return NodeHeartbeat(
+            node=self.settings.node, incarnation=self.incarnation,
+            labels=self.settings.labels, taints=self.settings.taints,
+            capacity=NodeCapacity(max_instances=self.settings.max_instances),
+            pool_target=self.pool_target, in_flight=len(self._in_flight), seq=self._seq,
+            interval_ms=int(self.settings.heartbeat_interval_s * 1000),
+            instances=[
+                InstanceSummary(instance=s.instance.id, state=s.instance.state, pid=s.instance.pid,
+                                function=s.instance.function, function_version=s.instance.function_version,
+                                uses=s.instance.uses, idle_ms=s.instance.idle_ms(now))
+                for s in self._slots.values()
+            ],
+        )
+
+    async def send_heartbeats(self) -> None:
+        while True:
+            try:
+                await self._publish(self.heartbeat(), self.topics.node, self.settings.node)
+            except Exception:  # noqa: BLE001 - a missed heartbeat is survivable; a dead loop is not
+                log.exception("heartbeat failed")
+            await asyncio.sleep(self.settings.heartbeat_interval_s)
+
+    async def shutdown(self) -> None:
+        """Finish in-flight work (bounded), stop every instance, and say goodbye."""
+        self._accepting = False
+        if self._in_flight:
+            await asyncio.wait(list(self._in_flight.values()), timeout=self.settings.drain_timeout_s)
+        for slot in list(self._slots.values()):
+            await slot.instance.kill()
+        self._slots.clear()
+        try:
+            await self._publish(NodeStopped(node=self.settings.node, incarnation=self.incarnation),
+                                self.topics.node, self.settings.node)
+        except Exception:  # noqa: BLE001
+            log.exception("could not announce the shutdown")
+
+
+def _timings(requested_ms: int, *, queue: float = 0.0, start: float = 0.0, exec: float = 0.0) -> Timings:
+    return Timings(queue=round(queue, 3), start=round(start, 3), exec=round(exec, 3),
+                   total=round(max(0.0, time.time() * 1000 - requested_ms), 3))

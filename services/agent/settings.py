@@ -1,0 +1,71 @@
+"""Node agent settings (``STOKER_NODE_*``, ``STOKER_POOL_SIZE``, ...)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from events.node import Taint
+from services.common.settings import CommonSettings, env_float, env_int, env_str
+
+
+def parse_labels(raw: str) -> dict[str, str]:
+    """``a=b,c=d`` -> {"a": "b", "c": "d"}."""
+    labels: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in raw.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep or not key:
+            raise ValueError(f"label {part!r} is not key=value")
+        labels[key] = value
+    return labels
+
+
+def parse_taints(raw: str) -> list[Taint]:
+    """``key=value:Effect,key2:Effect`` -> taints."""
+    taints = []
+    for part in filter(None, (p.strip() for p in raw.split(","))):
+        kv, sep, effect = part.rpartition(":")
+        if not sep:
+            raise ValueError(f"taint {part!r} is not key[=value]:Effect")
+        key, _, value = kv.partition("=")
+        taints.append(Taint(key=key, value=value, effect=effect))  # type: ignore[arg-type]
+    return taints
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    common: CommonSettings
+    node: str = "runtime-0"
+    pool_size: int = 2
+    """Generic instances kept ready until the poolmgr says otherwise."""
+    max_instances: int = 8
+    heartbeat_interval_s: float = 0.5
+    labels: dict[str, str] = field(default_factory=dict)
+    taints: list[Taint] = field(default_factory=list)
+    python: str = sys.executable
+    drain_timeout_s: float = 10.0
+
+    @property
+    def node_dir(self) -> Path:
+        """This node's local state: code cache, instance working dirs and logs."""
+        return self.common.home / "nodes" / self.node
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> AgentSettings:
+        env = os.environ if env is None else env
+        node = env_str(env, "STOKER_NODE_NAME", "runtime-0")
+        return cls(
+            common=CommonSettings.from_env(env),
+            node=node,
+            pool_size=env_int(env, "STOKER_POOL_SIZE", 2),
+            max_instances=env_int(env, "STOKER_MAX_INSTANCES", 8),
+            heartbeat_interval_s=env_float(env, "STOKER_HEARTBEAT_S", 0.5),
+            labels={"stoker.io/role": "runtime", "kubernetes.io/hostname": node,
+                    **parse_labels(env_str(env, "STOKER_NODE_LABELS", ""))},
+            taints=parse_taints(env_str(env, "STOKER_NODE_TAINTS", "")),
+            python=env_str(env, "STOKER_RUNTIME_PYTHON", sys.executable),
+            drain_timeout_s=env_float(env, "STOKER_DRAIN_TIMEOUT_S", 10.0),
+        )

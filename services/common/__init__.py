@@ -1,0 +1,1 @@
+"""What every service shares: settings, the broker factory, telemetry, artifacts, views."""

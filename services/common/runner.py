@@ -1,0 +1,88 @@
+"""Running one service process: start the broker, background loops, readiness, clean shutdown.
+
+Readiness is a file, ``<home>/run/<component>.ready``, written once the broker is connected and
+every subscriber started; ``stoker up`` waits on these files and ``stoker status`` reads them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+
+import orjson
+from faststream.kafka import KafkaBroker
+
+from services.common.settings import CommonSettings
+
+Hook = Callable[[], Awaitable[None]]
+
+
+def configure_logging(settings: CommonSettings) -> None:
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # aiokafka is chatty at INFO about every group join; our own logs say what matters.
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+
+
+def ready_path(settings: CommonSettings, component: str) -> Path:
+    return settings.run_dir / f"{component}.ready"
+
+
+def mark_ready(settings: CommonSettings, component: str, **facts: object) -> None:
+    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    ready_path(settings, component).write_bytes(orjson.dumps({"pid": os.getpid(), **facts}))
+
+
+def clear_ready(settings: CommonSettings, component: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        ready_path(settings, component).unlink()
+
+
+async def serve(
+    component: str,
+    settings: CommonSettings,
+    broker: KafkaBroker,
+    *,
+    on_start: Sequence[Hook] = (),
+    background: Sequence[Hook] = (),
+    on_stop: Sequence[Hook] = (),
+    ready_facts: dict[str, object] | None = None,
+    stop_event: asyncio.Event | None = None,
+) -> None:
+    """Run a service until SIGTERM/SIGINT (or ``stop_event``), then stop it cleanly."""
+    stop = stop_event or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log = logging.getLogger(f"stoker.{component}")
+    for hook in on_start:
+        await hook()
+    await broker.start()
+    tasks = [asyncio.create_task(loop_fn(), name=f"{component}:{i}") for i, loop_fn in enumerate(background)]
+    mark_ready(settings, component, **(ready_facts or {}))
+    log.info("%s ready", component)
+    stopper = asyncio.create_task(stop.wait())
+    # A background loop that dies is a broken service: stop rather than limp on.
+    done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    for task in done:
+        if task is not stopper and task.exception():
+            log.error("background task %s failed: %r", task.get_name(), task.exception())
+    log.info("%s stopping", component)
+    clear_ready(settings, component)
+    try:
+        for hook in on_stop:
+            await hook()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        stopper.cancel()
+        await broker.stop()
+    log.info("%s stopped", component)

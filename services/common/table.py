@@ -1,0 +1,213 @@
+"""A live, in-memory view of a compacted topic: the latest record per key.
+
+Services build their view of functions and nodes from compacted topics. ``wait_caught_up``
+gives read-your-writes: before answering "unknown function" a service waits until its view
+has read everything that was on the topic when it asked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from events import codec
+from events.base import Record
+
+log = logging.getLogger("stoker.table")
+
+R = TypeVar("R", bound=Record)
+
+
+class CompactedTable(Generic[R]):
+    """Latest record per key of one compacted topic, kept current by a background task."""
+
+    def __init__(
+        self,
+        bootstrap: str,
+        topic: str,
+        expected: tuple[type[R], ...],
+        *,
+        on_change: Callable[[str, R | None], None] | None = None,
+        on_bad_record: Callable[[str, int, int, bytes | None, bytes | None, str], None] | None = None,
+    ) -> None:
+        self.topic = topic
+        self.rows: dict[str, R] = {}
+        self._bootstrap = bootstrap
+        self._expected = expected
+        self._on_change = on_change
+        self._on_bad_record = on_bad_record
+        self._consumer: AIOKafkaConsumer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._partitions: list[TopicPartition] = []
+        self._progress = asyncio.Event()
+
+    async def start(self, *, wait: bool = True) -> None:
+        """Assign every partition from the beginning and start following; optionally catch up."""
+        # No group: a view reads the whole topic in every process and commits nothing.
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=self._bootstrap,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=100,
+        )
+        await self._consumer.start()
+        parts = self._consumer.partitions_for_topic(self.topic)
+        deadline = time.monotonic() + 15
+        while not parts:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"topic {self.topic} does not exist (run `stoker up` to create it)")
+            await asyncio.sleep(0.2)
+            await self._consumer.topics()
+            parts = self._consumer.partitions_for_topic(self.topic)
+        self._partitions = [TopicPartition(self.topic, p) for p in sorted(parts)]
+        self._consumer.assign(self._partitions)
+        await self._consumer.seek_to_beginning(*self._partitions)
+        self._task = asyncio.create_task(self._follow(), name=f"table:{self.topic}")
+        if wait:
+            await self.wait_caught_up(timeout_s=30)
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+        if self._consumer:
+            await self._consumer.stop()
+
+    def get(self, key: str) -> R | None:
+        return self.rows.get(key)
+
+    async def wait_caught_up(self, timeout_s: float = 5.0) -> bool:
+        """Wait until everything on the topic now has been read; False on timeout."""
+        assert self._consumer is not None
+        ends = await self._consumer.end_offsets(self._partitions)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            behind = [tp for tp, end in ends.items() if await self._consumer.position(tp) < end]
+            if not behind:
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self._progress.clear()
+            try:
+                await asyncio.wait_for(self._progress.wait(), timeout=min(remaining, 0.2))
+            except asyncio.TimeoutError:
+                pass
+
+    async def _follow(self) -> None:
+        assert self._consumer is not None
+        while True:
+            batches = await self._consumer.getmany(timeout_ms=200)
+            for records in batches.values():
+                for rec in records:
+                    self._apply(rec.topic, rec.partition, rec.offset, rec.key, rec.value)
+            self._progress.set()
+
+    def _apply(
+        self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None
+    ) -> None:
+        if key is None:
+            self._bad(topic, partition, offset, key, value, "record without a key on a compacted topic")
+            return
+        name = key.decode("utf-8", errors="replace")
+        if not value:
+            self.rows.pop(name, None)
+            if self._on_change:
+                self._on_change(name, None)
+            return
+        try:
+            record = codec.decode(value, self._expected)
+        except codec.DecodeError as exc:
+            self._bad(topic, partition, offset, key, value, exc.reason)
+            return
+        self.rows[name] = record  # type: ignore[assignment]
+        if self._on_change:
+            self._on_change(name, record)  # type: ignore[arg-type]
+
+    def _bad(
+        self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None, reason: str
+    ) -> None:
+        log.warning("bad record %s[%s]@%s: %s", topic, partition, offset, reason)
+        if self._on_bad_record:
+            self._on_bad_record(topic, partition, offset, key, value, reason)
+
+
+class TopicTail:
+    """Follows every partition of a topic from its end (no group), calling ``on_record`` for each.
+
+    Used where a process must see *all* new records, not a share of them (the dispatcher
+    watching results, a gateway watching its reply topic). ``start`` returns only once the
+    end positions are fixed, so nothing written after it returns can be missed.
+    """
+
+    def __init__(
+        self,
+        bootstrap: str,
+        topic: str,
+        expected: tuple[type[R], ...],
+        on_record: Callable[[R], object],
+        *,
+        on_bad_record: Callable[[str, int, int, bytes | None, bytes | None, str], None] | None = None,
+    ) -> None:
+        self.topic = topic
+        self._bootstrap = bootstrap
+        self._expected = expected
+        self._on_record = on_record
+        self._on_bad_record = on_bad_record
+        self._consumer: AIOKafkaConsumer | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=self._bootstrap, enable_auto_commit=False, fetch_max_wait_ms=100,
+        )
+        await self._consumer.start()
+        parts = self._consumer.partitions_for_topic(self.topic)
+        deadline = time.monotonic() + 15
+        while not parts:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"topic {self.topic} does not exist")
+            await asyncio.sleep(0.2)
+            await self._consumer.topics()
+            parts = self._consumer.partitions_for_topic(self.topic)
+        tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
+        self._consumer.assign(tps)
+        await self._consumer.seek_to_end(*tps)
+        for tp in tps:
+            await self._consumer.position(tp)  # resolve "end" now, not at the first fetch
+        self._task = asyncio.create_task(self._follow(), name=f"tail:{self.topic}")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+        if self._consumer:
+            await self._consumer.stop()
+
+    async def _follow(self) -> None:
+        assert self._consumer is not None
+        while True:
+            batches = await self._consumer.getmany(timeout_ms=500)
+            for records in batches.values():
+                for rec in records:
+                    try:
+                        record = codec.decode(rec.value, self._expected)
+                    except codec.DecodeError as exc:
+                        log.warning("bad record %s[%s]@%s: %s", rec.topic, rec.partition, rec.offset, exc.reason)
+                        if self._on_bad_record:
+                            self._on_bad_record(rec.topic, rec.partition, rec.offset, rec.key, rec.value, exc.reason)
+                        continue
+                    outcome = self._on_record(record)  # type: ignore[arg-type]
+                    if asyncio.iscoroutine(outcome):
+                        await outcome

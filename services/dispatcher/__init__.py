@@ -1,0 +1,1 @@
+"""The dispatcher: consumes invocations and routes each to a node."""

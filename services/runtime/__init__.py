@@ -1,0 +1,1 @@
+"""The program inside an instance: a Python runtime that loads one function and runs it."""
