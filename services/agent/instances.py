@@ -21,6 +21,17 @@ from events.instance import InstanceState
 from services.runtime.protocol import ChannelClosed, encode_frame, read_frame
 
 SCRUBBED_ENV_KEEP = ("PATH", "LANG", "LC_ALL", "TZ", "PYTHONHASHSEED")
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_agent() -> None:
+    """In the child, before exec: get SIGKILL when the agent dies, so no instance outlives it."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass  # not Linux: the channel closing still ends an idle instance
 
 
 class InstanceDied(Exception):
@@ -125,6 +136,7 @@ async def spawn_instance(base_dir: Path, python: str = sys.executable, start_tim
             python, "-m", "services.runtime", "--fd", str(child_sock.fileno()),
             stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
             pass_fds=(child_sock.fileno(),), cwd=workdir, env=env, start_new_session=True,
+            preexec_fn=_die_with_agent,
         )
     child_sock.close()
     inst.pid = inst.process.pid

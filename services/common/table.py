@@ -23,6 +23,21 @@ log = logging.getLogger("stoker.table")
 R = TypeVar("R", bound=Record)
 
 
+async def partitions_of(consumer: AIOKafkaConsumer, topic: str, timeout_s: float = 15.0) -> list[TopicPartition]:
+    """Every partition of ``topic``, waiting for metadata; fails clearly if the topic is missing."""
+    # Without a subscription the consumer's metadata does not cover the topic: ask for it.
+    consumer._client.add_topic(topic)  # noqa: SLF001 - aiokafka has no public call for this
+    deadline = time.monotonic() + timeout_s
+    while True:
+        parts = consumer.partitions_for_topic(topic)
+        if parts:
+            return [TopicPartition(topic, p) for p in sorted(parts)]
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"topic {topic} does not exist (`stoker up` creates the platform's topics)")
+        consumer._client.force_metadata_update()  # noqa: SLF001
+        await asyncio.sleep(0.1)
+
+
 class CompactedTable(Generic[R]):
     """Latest record per key of one compacted topic, kept current by a background task."""
 
@@ -56,15 +71,7 @@ class CompactedTable(Generic[R]):
             fetch_max_wait_ms=100,
         )
         await self._consumer.start()
-        parts = self._consumer.partitions_for_topic(self.topic)
-        deadline = time.monotonic() + 15
-        while not parts:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"topic {self.topic} does not exist (run `stoker up` to create it)")
-            await asyncio.sleep(0.2)
-            await self._consumer.topics()
-            parts = self._consumer.partitions_for_topic(self.topic)
-        self._partitions = [TopicPartition(self.topic, p) for p in sorted(parts)]
+        self._partitions = await partitions_of(self._consumer, self.topic)
         self._consumer.assign(self._partitions)
         await self._consumer.seek_to_beginning(*self._partitions)
         self._task = asyncio.create_task(self._follow(), name=f"table:{self.topic}")
@@ -170,15 +177,7 @@ class TopicTail:
             bootstrap_servers=self._bootstrap, enable_auto_commit=False, fetch_max_wait_ms=100,
         )
         await self._consumer.start()
-        parts = self._consumer.partitions_for_topic(self.topic)
-        deadline = time.monotonic() + 15
-        while not parts:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"topic {self.topic} does not exist")
-            await asyncio.sleep(0.2)
-            await self._consumer.topics()
-            parts = self._consumer.partitions_for_topic(self.topic)
-        tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
+        tps = await partitions_of(self._consumer, self.topic)
         self._consumer.assign(tps)
         await self._consumer.seek_to_end(*tps)
         for tp in tps:

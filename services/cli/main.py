@@ -1,0 +1,413 @@
+"""The ``stoker`` command."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import orjson
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from events import FunctionSpec
+from events.codec import DecodeError, loads
+from services.cli import platform
+from services.cli.broker import BrokerError, broker_is_reachable
+from services.common.artifacts import ArtifactError
+from services.common.client import StokerClient, deadline_in, package_code
+from services.common.settings import CommonSettings
+
+app = typer.Typer(help="Stoker: a private functions-as-a-service platform on Kafka.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+fn_app = typer.Typer(help="Create, change, inspect and invoke functions.", no_args_is_help=True)
+app.add_typer(fn_app, name="fn")
+console = Console()
+err = Console(stderr=True)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = REPO_ROOT / "examples" / "hello"
+
+
+def settings(bootstrap: str | None = None) -> CommonSettings:
+    common = CommonSettings.from_env()
+    if bootstrap:
+        common = CommonSettings(home=common.home, bootstrap=bootstrap, topic_prefix=common.topic_prefix,
+                                otlp_endpoint=common.otlp_endpoint, log_level=common.log_level)
+    return common
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def print_json(value: Any) -> None:
+    sys.stdout.write(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+def _require_broker(common: CommonSettings) -> None:
+    host, _, port = common.bootstrap.rpartition(":")
+    if not broker_is_reachable(host or "127.0.0.1", int(port)):
+        raise fail(f"no Kafka broker answers at {common.bootstrap}; start the platform with `stoker up`")
+
+
+# ----- platform -----------------------------------------------------------------------------------
+
+
+@app.command()
+def setup() -> None:
+    """Fetch the Kafka server jars from Maven Central (once; cached in the state folder)."""
+    try:
+        libs = platform.fetch_broker(settings())
+    except BrokerError as exc:
+        raise fail(str(exc)) from None
+    console.print(f"Kafka jars ready in {libs}")
+
+
+@app.command()
+def up(
+    detach: Annotated[bool, typer.Option("--detach", "-d", help="Return once healthy; stop with `stoker down`.")] = False,
+    bootstrap: Annotated[Optional[str], typer.Option(help="Use this Kafka (HOST:PORT) instead of starting one.")] = None,
+    nodes: Annotated[int, typer.Option(help="Runtime nodes (node agents) to start.", min=1, max=16)] = 2,
+    pool_size: Annotated[int, typer.Option(help="Generic instances per node.", min=0, max=64)] = 2,
+    http_port: Annotated[Optional[int], typer.Option(help="Gateway port (default $STOKER_HTTP_PORT or 8080).")] = None,
+    example: Annotated[bool, typer.Option(help="Deploy and invoke examples/hello once up.")] = True,
+) -> None:
+    """Start the embedded platform: Kafka, gateway, dispatcher, poolmgr and node agents."""
+    common = settings(bootstrap)
+    port = http_port or int(os.environ.get("STOKER_HTTP_PORT") or 8080)
+    config = platform.PlatformConfig(common=common, embedded_broker=bootstrap is None, http_port=port,
+                                     nodes=nodes, pool_size=pool_size)
+    started = time.monotonic()
+    try:
+        platform.up(config, on_step=lambda msg: console.print(f"[dim]•[/dim] {msg}"))
+    except (platform.PlatformError, BrokerError) as exc:
+        raise fail(str(exc)) from None
+    console.print(f"[green]Stoker is up[/green] in {time.monotonic() - started:.1f}s "
+                  f"(state in {common.home}, Kafka at {common.bootstrap})")
+    if example and EXAMPLE.is_dir():
+        _run_example(common)
+    console.print(f"HTTP API: [bold]http://127.0.0.1:{port}[/bold]  (try: curl -d '{{\"name\": \"you\"}}' "
+                  f"http://127.0.0.1:{port}/fn/hello)")
+    if detach:
+        console.print("Running in the background; `stoker status` to look, `stoker down` to stop.")
+        return
+    console.print("Press Ctrl-C to stop.")
+    stop = {"now": False}
+
+    def on_signal(_sig: int, _frame: Any) -> None:
+        stop["now"] = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    reported: set[str] = set()
+    while not stop["now"]:
+        time.sleep(0.5)
+        for comp in config.components():
+            if comp.name not in reported and not platform.alive(platform.read_pid(common, comp.name)):
+                reported.add(comp.name)
+                err.print(f"[red]{comp.name} exited[/red]; see {common.logs_dir / (comp.name + '.log')}")
+    console.print("stopping…")
+    platform.down(common)
+    console.print("stopped.")
+
+
+def _run_example(common: CommonSettings) -> None:
+    async def go() -> Any:
+        async with StokerClient(common) as client:
+            source = package_code(common, EXAMPLE)
+            await client.put_function(FunctionSpec(name="hello", entrypoint="handler:main", source=source))
+            return await client.invoke("hello", {"name": "Stoker"}, timeout_s=30)
+
+    result = asyncio.run(go())
+    console.print(f"deployed [bold]hello[/bold] from {EXAMPLE.relative_to(REPO_ROOT)}; invoked it:")
+    print_json(result.model_dump(mode="json", exclude_none=True))
+
+
+@app.command()
+def down() -> None:
+    """Stop a platform started with `stoker up` (no process is left behind)."""
+    common = settings()
+    stopped = platform.down(common)
+    console.print(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
+
+
+@app.command()
+def status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
+    """Broker, services, nodes with their instances, and functions."""
+    common = settings()
+    host, _, port = common.bootstrap.rpartition(":")
+    reachable = broker_is_reachable(host or "127.0.0.1", int(port))
+    running = platform.running_components(common)
+    services = {name: {"pid": pid, "ready": platform.is_ready(common, name)}
+                for name, pid in running.items() if name != "broker"}
+    report: dict[str, Any] = {
+        "broker": {"bootstrap": common.bootstrap, "reachable": reachable, "embedded_pid": running.get("broker")},
+        "services": services, "nodes": {}, "functions": {},
+    }
+    if reachable:
+        async def views() -> tuple[dict[str, Any], dict[str, FunctionSpec]]:
+            async with StokerClient(common) as client:
+                return await client.nodes(), await client.functions()
+
+        nodes, functions = asyncio.run(views())
+        now = time.time() * 1000
+        for name, rec in sorted(nodes.items()):
+            entry: dict[str, Any] = {"type": rec.type, "incarnation": rec.incarnation}
+            if rec.type == "node.heartbeat":
+                hb: Any = rec
+                entry.update(
+                    up=now - hb.at_ms < 3 * max(hb.interval_ms, 500), last_seen_s=round((now - hb.at_ms) / 1000, 1),
+                    labels=hb.labels, in_flight=hb.in_flight, pool_target=hb.pool_target,
+                    instances=[i.model_dump(mode="json") for i in hb.instances],
+                )
+            else:
+                entry["up"] = False
+            report["nodes"][name] = entry
+        for name, spec in sorted(functions.items()):
+            report["functions"][name] = {"version": spec.code_version, "revision": spec.revision,
+                                         "entrypoint": spec.entrypoint, "reuse": spec.reuse}
+    if as_json:
+        print_json(report)
+        return
+    broker_line = "[green]reachable[/green]" if reachable else "[red]unreachable[/red]"
+    console.print(f"broker {common.bootstrap}: {broker_line}"
+                  + (f" (embedded, pid {running['broker']})" if "broker" in running else ""))
+    table = Table("service", "pid", "ready", title="services")
+    for name, info in services.items():
+        table.add_row(name, str(info["pid"]), "yes" if info["ready"] else "no")
+    console.print(table)
+    table = Table("node", "up", "instances (state: function@version)", "in flight", title="nodes")
+    for name, entry in report["nodes"].items():
+        insts = ", ".join(
+            f"{i['state']}" + (f":{i['function']}@{i['function_version']}" if i.get("function") else "")
+            for i in entry.get("instances", [])
+        )
+        table.add_row(name, "yes" if entry["up"] else "no", insts or "-", str(entry.get("in_flight", 0)))
+    console.print(table)
+    table = Table("function", "version", "revision", "entrypoint", "reuse", title="functions")
+    for name, fn in report["functions"].items():
+        table.add_row(name, fn["version"], str(fn["revision"]), fn["entrypoint"], fn["reuse"])
+    console.print(table)
+
+
+# ----- functions -----------------------------------------------------------------------------------
+
+
+def _parse_env(pairs: list[str] | None) -> dict[str, str]:
+    env = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise fail(f"--env takes KEY=VALUE, got {pair!r}")
+        env[key] = value
+    return env
+
+
+def _current(common: CommonSettings, name: str) -> FunctionSpec | None:
+    async def go() -> FunctionSpec | None:
+        async with StokerClient(common) as client:
+            return (await client.functions()).get(name)
+
+    return asyncio.run(go())
+
+
+def _put(common: CommonSettings, spec: FunctionSpec) -> None:
+    async def go() -> None:
+        async with StokerClient(common) as client:
+            await client.put_function(spec)
+
+    asyncio.run(go())
+
+
+@fn_app.command("create")
+def fn_create(
+    name: str,
+    code: Annotated[Path, typer.Option(help="Directory with the function's code.", exists=True, file_okay=False)],
+    entrypoint: Annotated[str, typer.Option(help="module:function, e.g. handler:main.")],
+    runtime: Annotated[str, typer.Option(help="Runtime.")] = "python3.11",
+    memory: Annotated[int, typer.Option(help="Memory limit in MB.")] = 256,
+    timeout: Annotated[float, typer.Option(help="Timeout in seconds.")] = 30.0,
+    concurrency: Annotated[int, typer.Option(help="Most invocations in flight at once.")] = 100,
+    idle_s: Annotated[float, typer.Option(help="Keep-alive of an idle instance, seconds.")] = 600.0,
+    env: Annotated[Optional[list[str]], typer.Option(help="KEY=VALUE for the function's environment.")] = None,
+) -> None:
+    """Create a function from a directory of code."""
+    common = settings()
+    _require_broker(common)
+    if _current(common, name) is not None:
+        raise fail(f"function {name!r} exists; use `stoker fn update`")
+    try:
+        source = package_code(common, code)
+        spec = FunctionSpec(name=name, entrypoint=entrypoint, source=source, runtime=runtime,  # type: ignore[arg-type]
+                            memory_mb=memory, timeout_s=timeout, concurrency=concurrency, idle_s=idle_s,
+                            env=_parse_env(env))
+    except (ArtifactError, ValueError) as exc:
+        raise fail(str(exc)) from None
+    _put(common, spec)
+    console.print(f"created [bold]{name}[/bold] version {spec.code_version} ({source.size} bytes)")
+
+
+@fn_app.command("update")
+def fn_update(
+    name: str,
+    code: Annotated[Optional[Path], typer.Option(exists=True, file_okay=False)] = None,
+    entrypoint: Annotated[Optional[str], typer.Option()] = None,
+    memory: Annotated[Optional[int], typer.Option()] = None,
+    timeout: Annotated[Optional[float], typer.Option()] = None,
+    concurrency: Annotated[Optional[int], typer.Option()] = None,
+    idle_s: Annotated[Optional[float], typer.Option()] = None,
+    env: Annotated[Optional[list[str]], typer.Option()] = None,
+) -> None:
+    """Change a function: new code and/or settings (a new revision)."""
+    common = settings()
+    _require_broker(common)
+    spec = _current(common, name)
+    if spec is None:
+        raise fail(f"no function named {name!r}")
+    changes: dict[str, Any] = {"revision": spec.revision + 1, "updated_ms": int(time.time() * 1000)}
+    try:
+        if code is not None:
+            changes["source"] = package_code(common, code)
+        for key, value in (("entrypoint", entrypoint), ("memory_mb", memory), ("timeout_s", timeout),
+                           ("concurrency", concurrency), ("idle_s", idle_s)):
+            if value is not None:
+                changes[key] = value
+        if env:
+            changes["env"] = _parse_env(env)
+        new = FunctionSpec.model_validate({**spec.model_dump(), **changes})
+    except (ArtifactError, ValueError) as exc:
+        raise fail(str(exc)) from None
+    _put(common, new)
+    console.print(f"updated [bold]{name}[/bold] to revision {new.revision}, version {new.code_version}")
+
+
+@fn_app.command("get")
+def fn_get(name: str) -> None:
+    """Print a function's spec as JSON."""
+    common = settings()
+    _require_broker(common)
+    spec = _current(common, name)
+    if spec is None:
+        raise fail(f"no function named {name!r}")
+    print_json(spec.model_dump(mode="json"))
+
+
+@fn_app.command("list")
+def fn_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List functions."""
+    common = settings()
+    _require_broker(common)
+
+    async def go() -> dict[str, FunctionSpec]:
+        async with StokerClient(common) as client:
+            return await client.functions()
+
+    specs = asyncio.run(go())
+    if as_json:
+        print_json([s.model_dump(mode="json") for s in sorted(specs.values(), key=lambda s: s.name)])
+        return
+    table = Table("name", "version", "revision", "entrypoint", "timeout", "memory", "concurrency")
+    for s in sorted(specs.values(), key=lambda s: s.name):
+        table.add_row(s.name, s.code_version, str(s.revision), s.entrypoint, f"{s.timeout_s:g}s",
+                      f"{s.memory_mb}MB", str(s.concurrency))
+    console.print(table)
+
+
+@fn_app.command("delete")
+def fn_delete(name: str) -> None:
+    """Delete a function (a tombstone on the function topic)."""
+    common = settings()
+    _require_broker(common)
+    if _current(common, name) is None:
+        raise fail(f"no function named {name!r}")
+
+    async def go() -> None:
+        async with StokerClient(common) as client:
+            await client.delete_function(name)
+
+    asyncio.run(go())
+    console.print(f"deleted [bold]{name}[/bold]")
+
+
+@fn_app.command("invoke")
+def fn_invoke(
+    name: str,
+    data: Annotated[str, typer.Option("--data", "-d", help="JSON payload.")] = "null",
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the result.")] = 60.0,
+) -> None:
+    """Invoke a function over Kafka; prints the result JSON, exits non-zero unless it is ok."""
+    common = settings()
+    _require_broker(common)
+    try:
+        payload = loads(data)
+    except DecodeError as exc:
+        raise fail(f"--data is not JSON: {exc.reason}") from None
+    from services.common.telemetry import setup_tracing
+
+    provider = setup_tracing("cli", common)
+
+    async def go() -> Any:
+        async with StokerClient(common) as client:
+            return await client.invoke(name, payload, timeout_s=timeout, deadline_ms=deadline_in(timeout))
+
+    try:
+        result = asyncio.run(go())
+    except asyncio.TimeoutError:
+        raise fail(f"no result within {timeout:g}s") from None
+    finally:
+        provider.shutdown()
+    print_json(result.model_dump(mode="json", exclude_none=True))
+    raise typer.Exit(0 if result.status == "ok" else 1)
+
+
+# ----- observing ------------------------------------------------------------------------------------
+
+
+@app.command("trace")
+def trace_cmd(ident: Annotated[str, typer.Argument(help="Invocation id (or trace id).")]) -> None:
+    """Print the span tree of one invocation's trace, with durations."""
+    from services.cli.tracefile import build_tree, load_spans, trace_ids_for
+
+    common = settings()
+    spans = load_spans(common.traces_dir)
+    ids = trace_ids_for(spans, ident)
+    if not ids:
+        raise fail(f"no spans for {ident!r} in {common.traces_dir} (spans are written within a second)")
+    for trace_id in ids:
+        console.print(build_tree(spans, trace_id))
+
+
+@app.command()
+def monitor(
+    topics: Annotated[Optional[list[str]], typer.Argument(help="Topics (default: every Stoker topic).")] = None,
+    from_beginning: Annotated[bool, typer.Option(help="Start at the oldest record.")] = False,
+    limit: Annotated[Optional[int], typer.Option(help="Stop after this many records.")] = None,
+    duration: Annotated[Optional[float], typer.Option(help="Stop after this many seconds.")] = None,
+    heartbeats: Annotated[bool, typer.Option(help="Show node heartbeats too.")] = False,
+) -> None:
+    """Tail Stoker topics as readable lines (short names like `result` get the prefix)."""
+    from services.cli.monitor import run_tail
+
+    common = settings()
+    _require_broker(common)
+    names = [t if t.startswith(common.topic_prefix) else common.topic_prefix + t for t in topics or []]
+    try:
+        run_tail(settings=common, topics=names, from_beginning=from_beginning, limit=limit, duration_s=duration,
+                 console=console, include_heartbeats=heartbeats)
+    except KeyboardInterrupt:
+        pass
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

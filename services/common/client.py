@@ -1,0 +1,120 @@
+"""StokerClient: what the CLI, tests and benchmarks use to talk to a platform over Kafka.
+
+It writes function specs to the compacted ``function`` topic, publishes invocations exactly as
+any Kafka client may, and matches results from the ``result`` topic by invocation id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+from opentelemetry import propagate, trace
+from opentelemetry.trace import SpanKind
+
+from events import FunctionSpec, InvocationCompleted, InvocationRequested, NodeHeartbeat, NodeStopped, now_ms
+from events.codec import encode
+from events.function import CodeSource
+from services.common import telemetry
+from services.common.artifacts import LocalArtifactStore, package_directory
+from services.common.settings import CommonSettings
+from services.common.table import CompactedTable, TopicTail
+
+tracer = trace.get_tracer("stoker.client")
+
+
+def package_code(settings: CommonSettings, code_dir: Path) -> CodeSource:
+    """Package a directory into the artifact store; returns the spec's code source."""
+    blob, digest = package_directory(code_dir)
+    uri = LocalArtifactStore(settings.artifacts_dir).put(blob, digest)
+    return CodeSource(kind="archive", digest=digest, uri=uri, size=len(blob))
+
+
+class StokerClient:
+    """An async client of one Stoker platform (``async with StokerClient(settings) as c``)."""
+
+    def __init__(self, settings: CommonSettings) -> None:
+        self.settings = settings
+        self.topics = settings.topics
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=settings.bootstrap, acks="all", enable_idempotence=True, linger_ms=0,
+            request_timeout_ms=15_000,
+        )
+        self._results: TopicTail | None = None
+        self._waiting: dict[str, asyncio.Future[InvocationCompleted]] = {}
+
+    async def __aenter__(self) -> StokerClient:
+        await self._producer.start()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        if self._results is not None:
+            await self._results.stop()
+        await self._producer.stop()
+
+    # ----- functions ----------------------------------------------------------------------------
+
+    async def put_function(self, spec: FunctionSpec) -> None:
+        await self._producer.send_and_wait(self.topics.function, encode(spec), key=spec.name.encode())
+
+    async def delete_function(self, name: str) -> None:
+        await self._producer.send_and_wait(self.topics.function, None, key=name.encode())
+
+    async def functions(self) -> dict[str, FunctionSpec]:
+        table: CompactedTable[FunctionSpec] = CompactedTable(self.settings.bootstrap, self.topics.function, (FunctionSpec,))
+        await table.start()
+        await table.stop()
+        return dict(table.rows)
+
+    async def nodes(self) -> dict[str, NodeHeartbeat | NodeStopped]:
+        table: CompactedTable[Any] = CompactedTable(self.settings.bootstrap, self.topics.node, (NodeHeartbeat, NodeStopped))
+        await table.start()
+        await table.stop()
+        return dict(table.rows)
+
+    # ----- invocations --------------------------------------------------------------------------
+
+    async def _ensure_results(self) -> None:
+        if self._results is None:
+            self._results = TopicTail(self.settings.bootstrap, self.topics.result, (InvocationCompleted,), self._resolve)
+            await self._results.start()
+
+    def _resolve(self, result: InvocationCompleted) -> None:
+        future = self._waiting.pop(result.id, None)
+        if future is not None and not future.done():
+            future.set_result(result)
+
+    async def publish(self, inv: InvocationRequested) -> None:
+        """Publish one invocation record; returns once the broker confirmed it."""
+        headers: dict[str, str] = {}
+        propagate.inject(headers)
+        await self._producer.send_and_wait(
+            self.topics.invocation, encode(inv), key=inv.function.encode(),
+            headers=[(k, v.encode()) for k, v in headers.items()],
+        )
+
+    async def invoke(self, function: str, payload: Any = None, *, timeout_s: float = 60.0,
+                     deadline_ms: int | None = None) -> InvocationCompleted:
+        """Invoke a function over Kafka and wait for its terminal result."""
+        await self._ensure_results()
+        inv = InvocationRequested(function=function, payload=payload, deadline_ms=deadline_ms)
+        future = asyncio.get_running_loop().create_future()
+        self._waiting[inv.id] = future
+        with tracer.start_as_current_span(f"{self.topics.invocation} publish", kind=SpanKind.PRODUCER,
+                                          attributes={telemetry.INVOCATION_ID: inv.id, telemetry.FUNCTION: function,
+                                                      "messaging.system": "kafka",
+                                                      "messaging.destination.name": self.topics.invocation,
+                                                      "messaging.operation.type": "send"}):
+            try:
+                await self.publish(inv)
+                return await asyncio.wait_for(future, timeout_s)
+            finally:
+                self._waiting.pop(inv.id, None)
+
+
+def deadline_in(seconds: float) -> int:
+    return now_ms() + int(seconds * 1000)

@@ -1,0 +1,67 @@
+"""Composition root of the dispatcher."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from events import FunctionSpec, InvocationCompleted, NodeHeartbeat, NodeStopped
+from events.base import Record
+from services.common.broker import make_broker
+from services.common.runner import configure_logging, serve
+from services.common.table import CompactedTable, TopicTail
+from services.common.telemetry import setup_tracing
+from services.dispatcher import handlers
+from services.dispatcher.core import Dispatcher
+from services.dispatcher.settings import DispatcherSettings
+
+
+async def run(settings: DispatcherSettings) -> None:
+    configure_logging(settings.common)
+    common = settings.common
+    provider = setup_tracing("dispatcher", common)
+    broker = make_broker(common, "dispatcher", provider)
+
+    async def publish(record: Record, topic: str, key: str | None) -> Any:
+        return await broker.publish(record, topic, key=key.encode() if key else None)
+
+    functions: CompactedTable[FunctionSpec] = CompactedTable(common.bootstrap, common.topics.function, (FunctionSpec,))
+
+    async def lookup(name: str) -> FunctionSpec | None:
+        spec = functions.get(name)
+        if spec is None and await functions.wait_caught_up(timeout_s=2.0):
+            spec = functions.get(name)  # read-your-writes: the spec may have just been published
+        return spec
+
+    dispatcher = Dispatcher(settings, publish, lookup)
+    node_events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+    nodes: CompactedTable[Any] = CompactedTable(
+        common.bootstrap, common.topics.node, (NodeHeartbeat, NodeStopped),
+        on_change=lambda name, rec: node_events.put_nowait((name, rec)),
+    )
+    results = TopicTail(common.bootstrap, common.topics.result, (InvocationCompleted,), dispatcher.on_result)
+    handlers.register(broker, dispatcher)
+
+    async def start_views() -> None:
+        # Results first: every Execute sent from now on must have its result seen.
+        await results.start()
+        await functions.start()
+        await nodes.start()
+
+    async def apply_node_events() -> None:
+        while True:
+            name, record = await node_events.get()
+            await dispatcher.on_node(name, record)
+
+    async def tick() -> None:
+        while True:
+            await asyncio.sleep(settings.tick_s)
+            await dispatcher.tick()
+
+    async def stop_views() -> None:
+        for view in (results, functions, nodes):
+            await view.stop()
+
+    await serve("dispatcher", common, broker, on_start=[start_views],
+                background=[apply_node_events, tick], on_stop=[stop_views])
+    provider.shutdown()

@@ -1,0 +1,177 @@
+"""The dispatcher's state and actions around the pure routing and ledger modules."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from opentelemetry import trace
+
+from events import (
+    ErrorInfo,
+    Execute,
+    FunctionSpec,
+    InvocationCompleted,
+    InvocationRequested,
+    NodeHeartbeat,
+    NodeStopped,
+    Record,
+    Timings,
+    now_ms,
+)
+from services.common import telemetry
+from services.dispatcher.ledger import InFlight, Ledger, Waiting
+from services.dispatcher.routing import NodeView, choose_node
+from services.dispatcher.settings import DispatcherSettings
+
+log = logging.getLogger("stoker.dispatcher")
+
+Publish = Callable[[Record, str, str | None], Awaitable[Any]]
+FunctionLookup = Callable[[str], Awaitable[FunctionSpec | None]]
+
+
+class Dispatcher:
+    """Routes invocations to nodes and keeps the promise of one terminal result each."""
+
+    def __init__(self, settings: DispatcherSettings, publish: Publish, lookup: FunctionLookup) -> None:
+        self.settings = settings
+        self.topics = settings.common.topics
+        self.ledger = Ledger()
+        self.nodes: dict[str, NodeView] = {}
+        self._affinity: dict[str, str] = {}
+        self._publish = publish
+        self._lookup = lookup
+
+    # ----- invocations ------------------------------------------------------------------------
+
+    async def on_invocation(self, inv: InvocationRequested) -> None:
+        span = trace.get_current_span()
+        span.set_attribute(telemetry.INVOCATION_ID, inv.id)
+        span.set_attribute(telemetry.FUNCTION, inv.function)
+        if not self.ledger.first_sight(inv.id):
+            log.info("duplicate invocation %s ignored", inv.id)
+            return
+        spec = await self._lookup(inv.function)
+        if spec is None:
+            await self._finish(inv, "rejected", ErrorInfo(
+                kind="unknown_function", message=f"no function named {inv.function!r}"))
+            return
+        if inv.expired(now_ms()):
+            await self._finish(inv, "timeout", ErrorInfo(
+                kind="deadline_passed", message="deadline passed before it was dispatched"))
+            return
+        await self._route(Waiting(inv, spec, since_ms=now_ms()))
+
+    async def _route(self, item: Waiting) -> None:
+        if not self.ledger.has_room(item.spec):
+            self.ledger.wait(item)
+            return
+        inv, spec = item.invocation, item.spec
+        live = {name: view for name, view in self.nodes.items() if not self._stale(view)}
+        choice = choose_node(spec.name, spec.code_version, live, affinity=self._affinity.get(spec.name))
+        if choice is None:
+            self.ledger.wait(item)  # no eligible node now; retried on every tick until the deadline
+            return
+        view = self.nodes[choice.node]
+        cmd = Execute(invocation=inv, spec=spec, incarnation=view.heartbeat.incarnation, attempt=item.attempt)
+        trace.get_current_span().set_attribute(telemetry.NODE, choice.node)
+        entry = InFlight(inv, spec, choice.node, view.heartbeat.incarnation, item.attempt, now_ms())
+        self.ledger.add(entry)
+        view.in_flight[spec.name] = view.in_flight.get(spec.name, 0) + 1
+        self._affinity[spec.name] = choice.node
+        try:
+            await self._publish(cmd, self.topics.work(choice.node), inv.function)
+        except Exception:
+            self._forget(inv.id)
+            raise
+
+    # ----- results ----------------------------------------------------------------------------
+
+    async def on_result(self, result: InvocationCompleted) -> None:
+        if self._forget(result.id) is None:
+            return
+        await self._drain(result.function)
+
+    def _forget(self, invocation_id: str) -> InFlight | None:
+        entry = self.ledger.complete(invocation_id)
+        if entry is not None:
+            view = self.nodes.get(entry.node)
+            if view is not None and view.in_flight.get(entry.invocation.function):
+                view.in_flight[entry.invocation.function] -= 1
+        return entry
+
+    async def _drain(self, function: str) -> None:
+        while True:
+            queue = self.ledger.waiting.get(function)
+            if not queue or not self.ledger.has_room(queue[0].spec):
+                return
+            item = self.ledger.next_waiting(function)
+            assert item is not None
+            before = self.ledger.running(function)
+            await self._route(item)
+            if self.ledger.running(function) == before:
+                return  # it went back to waiting (no eligible node): stop here
+
+    async def _finish(self, inv: InvocationRequested, status: str, error: ErrorInfo, **extra: Any) -> None:
+        result = InvocationCompleted(
+            id=inv.id, function=inv.function, status=status, error=error,  # type: ignore[arg-type]
+            timings_ms=Timings(total=float(max(0, now_ms() - inv.requested_ms))), **extra,
+        )
+        writes = [self._publish(result, self.topics.result, inv.id)]
+        if inv.reply_to:
+            writes.append(self._publish(result, inv.reply_to, inv.id))
+        for write in writes:
+            await write
+
+    # ----- nodes ------------------------------------------------------------------------------
+
+    async def on_node(self, name: str, record: NodeHeartbeat | NodeStopped | None) -> None:
+        if isinstance(record, NodeHeartbeat):
+            view = self.nodes.get(name)
+            if view is not None and view.heartbeat.incarnation != record.incarnation:
+                await self._node_lost(name, f"node {name} restarted", keep_incarnation=record.incarnation)
+            if view is None:
+                view = NodeView(record, record.at_ms)
+                # Carry over this dispatcher's own counts if the node comes back.
+                for entry in self.ledger.on_node(name):
+                    view.in_flight[entry.invocation.function] = view.in_flight.get(entry.invocation.function, 0) + 1
+                self.nodes[name] = view
+            view.heartbeat, view.last_seen_ms = record, record.at_ms
+            if not self._stale(view):
+                for function in list(self.ledger.waiting):
+                    await self._drain(function)
+        else:
+            await self._node_lost(name, f"node {name} stopped")
+
+    def _stale(self, view: NodeView) -> bool:
+        return now_ms() - view.last_seen_ms > self.settings.node_timeout_s * 1000
+
+    async def _node_lost(self, name: str, reason: str, keep_incarnation: str | None = None) -> None:
+        if keep_incarnation is None:
+            self.nodes.pop(name, None)
+        lost = self.ledger.on_node(name, except_incarnation=keep_incarnation)
+        for entry in lost:
+            self._forget(entry.invocation.id)
+            inv = entry.invocation
+            if entry.attempt < self.settings.max_attempts and not inv.expired(now_ms()):
+                log.warning("%s: retrying invocation %s elsewhere", reason, inv.id)
+                await self._route(Waiting(inv, entry.spec, since_ms=now_ms(), attempt=entry.attempt + 1))
+            else:
+                log.warning("%s: invocation %s lost", reason, inv.id)
+                await self._finish(inv, "lost", ErrorInfo(
+                    kind="node_lost", message=f"{reason} while running it (attempt {entry.attempt})"),
+                    node=name, attempt=entry.attempt)
+
+    async def tick(self) -> None:
+        """Periodic duties: declare silent nodes down, expire what waited too long."""
+        for name, view in list(self.nodes.items()):
+            if self._stale(view):
+                log.warning("node %s missed its heartbeats", name)
+                await self._node_lost(name, f"node {name} missed its heartbeats")
+        now = now_ms()
+        for item in list(self.ledger.expired_waiting(now, int(self.settings.max_queue_s * 1000))):
+            await self._finish(item.invocation, "rejected", ErrorInfo(
+                kind="no_capacity", message="no eligible node had capacity before the deadline"))
+        for function in list(self.ledger.waiting):
+            await self._drain(function)

@@ -1,0 +1,224 @@
+"""The HTTP gateway: invocations and the function API over HTTP, turned into Kafka records.
+
+A request is answered 2xx only after the broker confirmed the write; a broker that cannot be
+reached gives 503. Synchronous calls wait on this gateway's own reply topic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+
+from events import FunctionSpec, InvocationCompleted, InvocationRequested, now_ms
+from events.codec import DecodeError, encode_value, loads
+from services.common import telemetry
+from services.common.admin import ensure_topics
+from services.common.broker import make_broker
+from services.common.runner import clear_ready, configure_logging, mark_ready
+from services.common.table import CompactedTable, TopicTail
+from services.common.telemetry import setup_tracing
+from services.gateway.results import ResultBook
+from services.gateway.settings import GatewaySettings
+
+log = logging.getLogger("stoker.gateway")
+tracer = trace.get_tracer("stoker.gateway")
+
+REQUESTS = Counter("stoker_gateway_requests_total", "HTTP requests", ["route", "status"])
+LATENCY = Histogram("stoker_gateway_request_seconds", "HTTP request latency", ["route"],
+                    buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30))
+
+STATUS_HTTP = {"ok": 200, "error": 500, "timeout": 504, "lost": 502}
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status, self.message, self.extra = status, message, extra
+
+
+def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> Response:
+    return Response(encode_value(body), status_code=status, media_type="application/json", headers=headers)
+
+
+def result_response(result: InvocationCompleted) -> Response:
+    """The HTTP answer for a terminal result: the output itself on success."""
+    t = result.timings_ms
+    headers = {
+        "X-Stoker-Invocation-Id": result.id,
+        "X-Stoker-Status": result.status,
+        "Server-Timing": f"queue;dur={t.queue}, start;dur={t.start}, exec;dur={t.exec}, total;dur={t.total}",
+    }
+    if result.start:
+        headers["X-Stoker-Start"] = result.start
+    if result.node:
+        headers["X-Stoker-Node"] = result.node
+    if result.status == "ok":
+        return _json(200, result.output, headers)
+    if result.status == "rejected":
+        kind = result.error.kind if result.error else ""
+        status = 404 if kind == "unknown_function" else 429
+    else:
+        status = STATUS_HTTP[result.status]
+    return _json(status, result.model_dump(mode="json", exclude={"output"}), headers)
+
+
+def create_app(settings: GatewaySettings) -> FastAPI:
+    common = settings.common
+    topics = common.topics
+    provider = setup_tracing("gateway", common)
+    broker = make_broker(common, "gateway", provider)
+    functions: CompactedTable[FunctionSpec] = CompactedTable(common.bootstrap, topics.function, (FunctionSpec,))
+    book = ResultBook()
+    reply_topic = topics.reply(settings.gateway_id)
+    replies = TopicTail(common.bootstrap, reply_topic, (InvocationCompleted,), book.resolve)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await ensure_topics(common.bootstrap, [topics.reply_spec(settings.gateway_id)])
+        await replies.start()
+        await functions.start()
+        await broker.start()
+        mark_ready(common, "gateway", url=f"http://{settings.host}:{settings.port}")
+        try:
+            yield
+        finally:
+            clear_ready(common, "gateway")
+            await broker.stop()
+            await functions.stop()
+            await replies.stop()
+            provider.shutdown()
+
+    app = FastAPI(title="Stoker gateway", lifespan=lifespan)
+
+    @app.exception_handler(HttpError)
+    async def http_error(_: Request, exc: HttpError) -> Response:
+        return _json(exc.status, {"error": exc.message, **exc.extra})
+
+    @app.middleware("http")
+    async def count(request: Request, call_next: Any) -> Response:
+        started = time.perf_counter()
+        response: Response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        REQUESTS.labels(path, str(response.status_code)).inc()
+        LATENCY.labels(path).observe(time.perf_counter() - started)
+        return response
+
+    async def read_payload(request: Request) -> Any:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > settings.max_body_bytes:
+            raise HttpError(413, f"body of {declared} bytes is over the limit of {settings.max_body_bytes}")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > settings.max_body_bytes:
+                raise HttpError(413, f"body is over the limit of {settings.max_body_bytes} bytes")
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        if not body.strip():
+            return None
+        try:
+            return loads(body)
+        except DecodeError as exc:
+            raise HttpError(400, f"the body is not valid JSON: {exc.reason}") from exc
+
+    async def known_function(name: str) -> FunctionSpec:
+        spec = functions.get(name)
+        if spec is None and await functions.wait_caught_up(timeout_s=1.0):
+            spec = functions.get(name)
+        if spec is None:
+            raise HttpError(404, f"no function named {name!r}")
+        return spec
+
+    async def publish(inv: InvocationRequested) -> None:
+        try:
+            await asyncio.wait_for(
+                broker.publish(inv, topics.invocation, key=inv.function.encode()), settings.publish_timeout_s
+            )
+        except Exception as exc:  # noqa: BLE001 - whatever failed, the record is not known to be written
+            log.warning("could not publish invocation %s: %r", inv.id, exc)
+            raise HttpError(503, "the broker did not confirm the invocation; it was not accepted") from exc
+
+    async def accept(request: Request, name: str, sync: bool) -> tuple[InvocationRequested, FunctionSpec]:
+        payload = await read_payload(request)
+        spec = await known_function(name)
+        deadline = now_ms() + int((spec.timeout_s + settings.sync_queue_s) * 1000) if sync else None
+        inv = InvocationRequested(function=name, payload=payload, reply_to=reply_topic, deadline_ms=deadline)
+        trace.get_current_span().set_attribute(telemetry.INVOCATION_ID, inv.id)
+        return inv, spec
+
+    @app.post("/fn/{name}")
+    async def invoke_sync(name: str, request: Request) -> Response:
+        with tracer.start_as_current_span(f"POST /fn/{name}", kind=SpanKind.SERVER,
+                                          attributes={"http.request.method": "POST", "http.route": "/fn/{name}",
+                                                      telemetry.FUNCTION: name}):
+            inv, _spec = await accept(request, name, sync=True)
+            waiter = book.expect(inv.id)
+            try:
+                await publish(inv)
+                assert inv.deadline_ms is not None
+                wait_s = (inv.deadline_ms - now_ms()) / 1000 + 5.0
+                result = await asyncio.wait_for(waiter, timeout=wait_s)
+            except asyncio.TimeoutError:
+                book.accepted(inv.id)
+                raise HttpError(504, "no result in time; poll /invocations/ID", id=inv.id) from None
+            finally:
+                book.forget(inv.id)
+            return result_response(result)
+
+    @app.post("/async/fn/{name}")
+    async def invoke_async(name: str, request: Request) -> Response:
+        with tracer.start_as_current_span(f"POST /async/fn/{name}", kind=SpanKind.SERVER,
+                                          attributes={"http.request.method": "POST",
+                                                      "http.route": "/async/fn/{name}", telemetry.FUNCTION: name}):
+            inv, _spec = await accept(request, name, sync=False)
+            book.accepted(inv.id)
+            await publish(inv)
+            return _json(202, {"id": inv.id, "status": "accepted"}, {"Location": f"/invocations/{inv.id}"})
+
+    @app.get("/invocations/{invocation_id}")
+    async def get_invocation(invocation_id: str) -> Response:
+        result = book.get(invocation_id)
+        if result is not None:
+            return _json(200, result.model_dump(mode="json"))
+        if book.is_pending(invocation_id):
+            return _json(202, {"id": invocation_id, "status": "pending"})
+        raise HttpError(404, f"no invocation {invocation_id!r} is known to this gateway")
+
+    @app.get("/functions")
+    async def list_functions() -> Response:
+        await functions.wait_caught_up(timeout_s=1.0)
+        return _json(200, [spec.model_dump(mode="json") for spec in sorted(functions.rows.values(), key=lambda s: s.name)])
+
+    @app.get("/functions/{name}")
+    async def get_function(name: str) -> Response:
+        return _json(200, (await known_function(name)).model_dump(mode="json"))
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        return _json(200, {"status": "ok", "gateway": settings.gateway_id})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def main() -> None:
+    import uvicorn
+
+    settings = GatewaySettings.from_env()
+    configure_logging(settings.common)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning",
+                access_log=False, timeout_graceful_shutdown=5)

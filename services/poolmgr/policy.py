@@ -1,0 +1,53 @@
+"""Pure pool policy: generic pool size per node, and which idle instances keep-alive ends.
+
+(The learned hybrid-histogram keep-alive of "Serverless in the Wild" replaces the fixed
+per-function ``idle_s`` here in a later issue; the interface stays: heartbeat in, commands out.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from events import FunctionSpec, NodeHeartbeat
+
+
+@dataclass(frozen=True)
+class PoolPolicy:
+    generic_per_node: int = 2
+    """Generic instances each runtime node keeps ready."""
+    default_idle_s: float = 600.0
+    """Keep-alive for instances whose function has no spec any more."""
+
+
+def generic_target(node: NodeHeartbeat, policy: PoolPolicy) -> int:
+    """How many generic instances ``node`` should keep: the policy's number, within capacity."""
+    return max(0, min(policy.generic_per_node, node.capacity.max_instances))
+
+
+@dataclass(frozen=True)
+class RecycleDecision:
+    instance: str
+    function: str | None
+    reason: str
+
+
+def keepalive_expired(
+    node: NodeHeartbeat, specs: Mapping[str, FunctionSpec], policy: PoolPolicy
+) -> list[RecycleDecision]:
+    """Idle specialized instances past their function's keep-alive (or of a deleted function)."""
+    decisions = []
+    for inst in node.instances:
+        if inst.state != "ready" or inst.function is None:
+            continue
+        spec = specs.get(inst.function)
+        if spec is None:
+            decisions.append(RecycleDecision(inst.instance, inst.function, "function deleted"))
+            continue
+        if spec.code_version != inst.function_version:
+            decisions.append(RecycleDecision(inst.instance, inst.function, "holds an old version"))
+            continue
+        idle_s = spec.idle_s if spec else policy.default_idle_s
+        if inst.idle_ms >= idle_s * 1000:
+            decisions.append(RecycleDecision(inst.instance, inst.function, f"idle for {inst.idle_ms / 1000:.1f}s >= idle_s={idle_s:g}"))
+    return decisions
