@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from typing import Literal
 
+from pydantic import Field
+
 from events.base import Record, now_ms
 from events.function import FunctionSpec
 from events.invocation import InvocationRequested
-from pydantic import Field
 
 
 class Execute(Record):

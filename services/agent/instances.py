@@ -76,7 +76,7 @@ class Instance:
                 self.writer.write(encode_frame(msg))
                 await self.writer.drain()
                 return await asyncio.wait_for(read_frame(self.reader), timeout_s)  # type: ignore[no-any-return]
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 await self.kill()
                 raise InstanceTimeout(f"no answer within {timeout_s:.3f}s") from None
             except (ChannelClosed, ConnectionError, BrokenPipeError) as exc:
@@ -88,7 +88,7 @@ class Instance:
             return None
         try:
             return await asyncio.wait_for(self.process.wait(), 2.0)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             await self.kill()
             return self.process.returncode
 
@@ -143,7 +143,7 @@ async def spawn_instance(base_dir: Path, python: str = sys.executable, start_tim
     inst.reader, inst.writer = await asyncio.open_connection(sock=parent_sock)
     try:
         hello = await asyncio.wait_for(read_frame(inst.reader), start_timeout_s)
-    except (asyncio.TimeoutError, ChannelClosed) as exc:
+    except (TimeoutError, ChannelClosed) as exc:
         await inst.kill()
         raise InstanceDied(f"instance did not start: {exc!r}; see {log_path}") from exc
     if hello.get("op") != "hello":

@@ -29,8 +29,8 @@ from events import (
     NodeCapacity,
     NodeHeartbeat,
     NodeStopped,
-    Recycle,
     Record,
+    Recycle,
     Specialize,
     Timings,
     now_ms,
@@ -242,7 +242,7 @@ class NodeAgent:
             async with self._freed:
                 try:
                     await asyncio.wait_for(self._freed.wait(), timeout=min(remaining or 1.0, 1.0))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
 
     async def _load(self, slot: _Slot, spec: FunctionSpec, code_dir: Path, kind: str) -> Any:
@@ -345,7 +345,7 @@ class NodeAgent:
             self._pool_wakeup.clear()
             try:
                 await asyncio.wait_for(self._pool_wakeup.wait(), timeout=1.0)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def _retire(self, inst: Instance, reason: str) -> None:

@@ -359,7 +359,7 @@ def fn_invoke(
 
     try:
         result = asyncio.run(go())
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise fail(f"no result within {timeout:g}s") from None
     finally:
         provider.shutdown()

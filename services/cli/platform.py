@@ -166,7 +166,7 @@ def wait_ready(common: CommonSettings, names: list[str], timeout_s: float = 60.0
         time.sleep(0.1)
 
 
-def up(config: PlatformConfig, on_step: "callable[[str], None] | None" = None) -> None:  # type: ignore[valid-type]
+def up(config: PlatformConfig, on_step: callable[[str], None] | None = None) -> None:  # type: ignore[valid-type]
     """Start the platform and return once every component reports healthy."""
     common = config.common
     say = on_step or (lambda _msg: None)

@@ -106,7 +106,7 @@ class CompactedTable(Generic[R]):
             self._progress.clear()
             try:
                 await asyncio.wait_for(self._progress.wait(), timeout=min(remaining, 0.2))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def _follow(self) -> None:

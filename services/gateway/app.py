@@ -14,9 +14,8 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from opentelemetry import trace
-from opentelemetry.trace import SpanKind
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 
 from events import FunctionSpec, InvocationCompleted, InvocationRequested, now_ms
@@ -31,7 +30,6 @@ from services.gateway.results import ResultBook
 from services.gateway.settings import GatewaySettings
 
 log = logging.getLogger("stoker.gateway")
-tracer = trace.get_tracer("stoker.gateway")
 
 REQUESTS = Counter("stoker_gateway_requests_total", "HTTP requests", ["route", "status"])
 LATENCY = Histogram("stoker_gateway_request_seconds", "HTTP request latency", ["route"],
@@ -154,37 +152,34 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         spec = await known_function(name)
         deadline = now_ms() + int((spec.timeout_s + settings.sync_queue_s) * 1000) if sync else None
         inv = InvocationRequested(function=name, payload=payload, reply_to=reply_topic, deadline_ms=deadline)
-        trace.get_current_span().set_attribute(telemetry.INVOCATION_ID, inv.id)
+        # FastAPI opens the server span of the request; it gets the ids that `stoker trace` looks up.
+        span = trace.get_current_span()
+        span.set_attribute(telemetry.INVOCATION_ID, inv.id)
+        span.set_attribute(telemetry.FUNCTION, name)
         return inv, spec
 
     @app.post("/fn/{name}")
     async def invoke_sync(name: str, request: Request) -> Response:
-        with tracer.start_as_current_span(f"POST /fn/{name}", kind=SpanKind.SERVER,
-                                          attributes={"http.request.method": "POST", "http.route": "/fn/{name}",
-                                                      telemetry.FUNCTION: name}):
-            inv, _spec = await accept(request, name, sync=True)
-            waiter = book.expect(inv.id)
-            try:
-                await publish(inv)
-                assert inv.deadline_ms is not None
-                wait_s = (inv.deadline_ms - now_ms()) / 1000 + 5.0
-                result = await asyncio.wait_for(waiter, timeout=wait_s)
-            except asyncio.TimeoutError:
-                book.accepted(inv.id)
-                raise HttpError(504, "no result in time; poll /invocations/ID", id=inv.id) from None
-            finally:
-                book.forget(inv.id)
-            return result_response(result)
+        inv, _spec = await accept(request, name, sync=True)
+        waiter = book.expect(inv.id)
+        try:
+            await publish(inv)
+            assert inv.deadline_ms is not None
+            wait_s = (inv.deadline_ms - now_ms()) / 1000 + 5.0
+            result = await asyncio.wait_for(waiter, timeout=wait_s)
+        except TimeoutError:
+            book.accepted(inv.id)
+            raise HttpError(504, "no result in time; poll /invocations/ID", id=inv.id) from None
+        finally:
+            book.forget(inv.id)
+        return result_response(result)
 
     @app.post("/async/fn/{name}")
     async def invoke_async(name: str, request: Request) -> Response:
-        with tracer.start_as_current_span(f"POST /async/fn/{name}", kind=SpanKind.SERVER,
-                                          attributes={"http.request.method": "POST",
-                                                      "http.route": "/async/fn/{name}", telemetry.FUNCTION: name}):
-            inv, _spec = await accept(request, name, sync=False)
-            book.accepted(inv.id)
-            await publish(inv)
-            return _json(202, {"id": inv.id, "status": "accepted"}, {"Location": f"/invocations/{inv.id}"})
+        inv, _spec = await accept(request, name, sync=False)
+        book.accepted(inv.id)
+        await publish(inv)
+        return _json(202, {"id": inv.id, "status": "accepted"}, {"Location": f"/invocations/{inv.id}"})
 
     @app.get("/invocations/{invocation_id}")
     async def get_invocation(invocation_id: str) -> Response:

@@ -17,9 +17,9 @@ import socket
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
-
+from typing import Any
 
 from services.runtime.protocol import ChannelClosed, encode_frame, read_frame_sync
 

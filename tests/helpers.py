@@ -1,0 +1,155 @@
+"""Shared test helpers: free ports, waiting on conditions, a real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from services.cli import broker as kafka
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+T = TypeVar("T")
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free loopback ports."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def shared_libs_dir() -> Path:
+    """The Kafka jar cache `make setup` fills, shared by every test broker."""
+    env = os.environ.get("STOKER_KAFKA_LIBS")
+    return Path(env) if env else REPO_ROOT / ".stoker" / "kafka" / "libs"
+
+
+def assert_eventually(check: Callable[[], T], timeout_s: float = 20.0, interval_s: float = 0.05,
+                      message: str = "") -> T:
+    """Retry ``check`` until it returns a truthy value (or stops raising AssertionError)."""
+    deadline = time.monotonic() + timeout_s
+    last: Any = None
+    while True:
+        try:
+            value = check()
+            if value:
+                return value
+            last = value
+        except AssertionError as exc:
+            last = exc
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true within {timeout_s}s: {message} (last: {last!r})")
+        time.sleep(interval_s)
+
+
+async def eventually(check: Callable[[], Awaitable[T]], timeout_s: float = 20.0, interval_s: float = 0.05,
+                     message: str = "") -> T:
+    """Async ``assert_eventually``."""
+    deadline = time.monotonic() + timeout_s
+    last: Any = None
+    while True:
+        try:
+            value = await check()
+            if value:
+                return value
+            last = value
+        except AssertionError as exc:
+            last = exc
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true within {timeout_s}s: {message} (last: {last!r})")
+        await asyncio.sleep(interval_s)
+
+
+@dataclass
+class RunningBroker:
+    cfg: kafka.BrokerConfig
+    proc: Any
+
+    @property
+    def bootstrap(self) -> str:
+        return self.cfg.bootstrap
+
+
+def start_test_broker(home: Path) -> RunningBroker:
+    """Start a real single-node KRaft broker on free ports; fails loudly with its log."""
+    port, controller = free_ports(2)
+    libs = kafka.fetch_artifacts(home, REPO_ROOT, shared_libs_dir())
+    cfg = kafka.BrokerConfig(home=home, port=port, controller_port=controller, libs_dir=libs)
+    proc = kafka.launch(cfg, REPO_ROOT, timeout_s=90)
+    return RunningBroker(cfg, proc)
+
+
+class ServiceProcess:
+    """A Stoker service run as its own process, the way `stoker up` runs it."""
+
+    def __init__(self, module: str, component: str, settings: Any, extra_env: dict[str, str] | None = None) -> None:
+        import subprocess
+        import sys
+
+        self.component = component
+        self.settings = settings
+        settings.logs_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = settings.logs_dir / f"{component}.log"
+        env = {
+            **os.environ,
+            "STOKER_HOME": str(settings.home),
+            "STOKER_BOOTSTRAP": settings.bootstrap,
+            "STOKER_TOPIC_PREFIX": settings.topic_prefix,
+            **(extra_env or {}),
+        }
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", module], stdout=log, stderr=log, env=env,
+                                         start_new_session=True)
+
+    @property
+    def ready_file(self) -> Path:
+        return Path(self.settings.run_dir) / f"{self.component}.ready"
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-6000:]
+        except OSError:
+            return "(no log)"
+
+    def wait_ready(self, timeout_s: float = 30.0) -> dict[str, Any]:
+        import orjson
+
+        deadline = time.monotonic() + timeout_s
+        while not self.ready_file.exists():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.component} exited with {self.proc.returncode}:\n{self.log()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.component} not ready in {timeout_s}s:\n{self.log()}")
+            time.sleep(0.05)
+        return orjson.loads(self.ready_file.read_bytes())  # type: ignore[no-any-return]
+
+    def stop(self, timeout_s: float = 20.0) -> int:
+        import signal
+
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except Exception:  # noqa: BLE001
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        import signal
+
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
