@@ -71,6 +71,8 @@ async def tail(settings: CommonSettings, topics: list[str], *, from_beginning: b
                     console.print(f"[dim]{ts}[/dim] [cyan]{rec.topic}[/cyan] [yellow]{escape(key)}[/yellow] {escape(line)}",
                                   highlight=False, markup=True, soft_wrap=True)
                     seen += 1
+                    if limit is not None and seen >= limit:
+                        return seen
         return seen
     finally:
         await consumer.stop()

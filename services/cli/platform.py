@@ -110,8 +110,10 @@ def log_tail(common: CommonSettings, name: str, lines: int = 30) -> str:
 def broker_config(common: CommonSettings) -> kafka.BrokerConfig:
     host, _, port = common.bootstrap.rpartition(":")
     libs = os.environ.get("STOKER_KAFKA_LIBS")
+    controller = os.environ.get("STOKER_CONTROLLER_PORT")
     return kafka.BrokerConfig(
-        home=common.home, host=host or "127.0.0.1", port=int(port), controller_port=int(port) + 1,
+        home=common.home, host=host or "127.0.0.1", port=int(port),
+        controller_port=int(controller) if controller else int(port) + 1,
         libs_dir=Path(libs) if libs else None,
     )
 
