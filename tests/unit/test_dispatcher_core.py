@@ -1,0 +1,655 @@
+"""Unit tests of services.dispatcher.core.Dispatcher with a recording fake publish (no broker).
+
+The dispatcher's clock (``services.dispatcher.core.now_ms``) is replaced by a manual clock, so
+heartbeat ages and queueing limits are exact and nothing sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from events import (
+    CodeSource,
+    Execute,
+    FunctionSpec,
+    InstanceSummary,
+    InvocationCompleted,
+    InvocationRequested,
+    NodeHeartbeat,
+    NodeStopped,
+    Record,
+    Taint,
+    now_ms,
+)
+from services.common.settings import CommonSettings
+from services.dispatcher import core
+from services.dispatcher.core import Dispatcher
+from services.dispatcher.settings import DispatcherSettings
+
+PREFIX = "ut."
+RESULT = f"{PREFIX}result"
+DIGEST = "sha256:" + "cd" * 32
+
+
+class Clock:
+    def __init__(self, start: int) -> None:
+        self.t = start
+
+    def __call__(self) -> int:
+        return self.t
+
+    def advance(self, ms: int) -> None:
+        self.t += ms
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    c = Clock(now_ms())
+    monkeypatch.setattr(core, "now_ms", c)
+    return c
+
+
+def _spec(name: str = "hello", concurrency: int = 100) -> FunctionSpec:
+    return FunctionSpec(name=name, entrypoint="handler:main", source=CodeSource(digest=DIGEST),
+                        concurrency=concurrency)
+
+
+class Harness:
+    def __init__(self, tmp_path: Path, clock: Clock, specs: list[FunctionSpec] | None = None,
+                 **settings: Any) -> None:
+        self.clock = clock
+        self.sent: list[tuple[Record, str, str | None]] = []
+        self.specs = {s.name: s for s in (specs if specs is not None else [_spec()])}
+        self.settings = DispatcherSettings(CommonSettings(home=tmp_path, topic_prefix=PREFIX), **settings)
+        self.d = Dispatcher(self.settings, self.publish, self.lookup)
+
+    async def publish(self, record: Record, topic: str, key: str | None) -> None:
+        self.sent.append((record, topic, key))
+
+    async def lookup(self, name: str) -> FunctionSpec | None:
+        return self.specs.get(name)
+
+    # helpers
+
+    def heartbeat(self, node: str, incarnation: str | None = None, *, at_ms: int | None = None,
+                  instances: list[InstanceSummary] | None = None, taints: list[Taint] | None = None) -> NodeHeartbeat:
+        return NodeHeartbeat(node=node, incarnation=incarnation or f"{node}-1",
+                             at_ms=self.clock.t if at_ms is None else at_ms,
+                             instances=instances or [], taints=taints or [])
+
+    async def beat(self, node: str, incarnation: str | None = None, **kw: Any) -> None:
+        await self.d.on_node(node, self.heartbeat(node, incarnation, **kw))
+
+    def executes(self) -> list[tuple[Execute, str, str | None]]:
+        return [(r, t, k) for r, t, k in self.sent if isinstance(r, Execute)]
+
+    def results(self) -> list[tuple[InvocationCompleted, str, str | None]]:
+        return [(r, t, k) for r, t, k in self.sent if isinstance(r, InvocationCompleted)]
+
+    def ok(self, inv: InvocationRequested) -> InvocationCompleted:
+        return InvocationCompleted(id=inv.id, function=inv.function, status="ok")
+
+
+def run(scenario: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(scenario())
+
+
+def warm(fn: str = "hello", version: str = DIGEST.removeprefix("sha256:")[:12]) -> InstanceSummary:
+    return InstanceSummary(instance=f"warm-{fn}", state="ready", function=fn, function_version=version)
+
+
+# ----- rejections before routing -------------------------------------------------------------
+
+
+def test_unknown_function_is_rejected_once(tmp_path: Path, clock: Clock) -> None:
+    h = Harness(tmp_path, clock)
+
+    async def scenario() -> None:
+        await h.beat("a")
+        inv = InvocationRequested(function="nope")
+        await h.d.on_invocation(inv)
+        assert h.executes() == []
+        assert len(h.sent) == 1
+        result, topic, key = h.sent[0]
+        assert isinstance(result, InvocationCompleted)
+        assert (topic, key) == (RESULT, inv.id)
+        assert (result.id, result.function, result.status) == (inv.id, "nope", "rejected")
+        assert result.error is not None and result.error.kind == "unknown_function"
+        assert "nope" in result.error.message
+        # A redelivery of the same request produces nothing new.
+        await h.d.on_invocation(inv)
+        assert len(h.sent) == 1
+
+    run(scenario)
+
+
+def test_unknown_function_also_answers_reply_to(tmp_path: Path, clock: Clock) -> None:
+    h = Harness(tmp_path, clock)
+
+    async def scenario() -> None:
+        inv = InvocationRequested(function="nope", reply_to=f"{PREFIX}reply.gw1")
+        await h.d.on_invocation(inv)
+        topics = sorted(t for _, t, _ in h.results())
+        assert topics == sorted([RESULT, f"{PREFIX}reply.gw1"])
+        assert all(k == inv.id and r.status == "rejected" for r, _, k in h.results())
+        assert len(h.sent) == 2
+
+    run(scenario)
+
+
+def test_expired_deadline_is_a_timeout(tmp_path: Path, clock: Clock) -> None:
+    h = Harness(tmp_path, clock)
+
+    async def scenario() -> None:
+        await h.beat("a")
+        inv = InvocationRequested(function="hello", deadline_ms=clock.t - 1, reply_to="ut.reply.g")
+        await h.d.on_invocation(inv)
+        assert h.executes() == []
+        results = h.results()
+        assert sorted(t for _, t, _ in results) == sorted([RESULT, "ut.reply.g"])
+        for r, _, k in results:
+            assert (r.id, r.status, k) == (inv.id, "timeout", inv.id)
+            assert r.error is not None and r.error.kind == "deadline_passed"
+        assert h.d.ledger.in_flight == {}
+
+    run(scenario)
+
+
+def test_deadline_exactly_now_is_expired(tmp_path: Path, clock: Clock) -> None:
+    h = Harness(tmp_path, clock)
+
+    async def scenario() -> None:
+        await h.beat("a")
+        await h.d.on_invocation(InvocationRequested(function="hello", deadline_ms=clock.t))
+        assert [r.status for r, _, _ in h.results()] == ["timeout"]
+
+    run(scenario)
+
+
+# ----- dispatch --------------------------------------------------------------------------------
+
+
+def test_normal_invocation_goes_to_the_live_node(tmp_path: Path, clock: Clock) -> None:
+    h = Harness(tmp_path, clock)
+
+    async def scenario() -> None:
+        await h.beat("a", "inc-a")
+        inv = InvocationRequested(function="hello", payload={"x": 1}, deadline_ms=clock.t + 60_000)
+        await h.d.on_invocation(inv)
+        assert h.results() == []
+        [(cmd, topic, key)] = h.executes()
+        assert topic == f"{PREFIX}work.a"
+        assert key == "hello"
+        assert cmd.incarnation == "inc-a"
+        assert cmd.attempt == 1
+        assert cmd.invocation == inv
+        assert cmd.spec == h.specs["hello"]
+        entry = h.d.ledger.in_flight[inv.id]
+        assert (entry.node, entry.incarnation, entry.attempt) == ("a", "inc-a", 1)
+        assert h.d.nodes["a"].in_flight == {"hello": 1}
+        assert h.d.ledger.running("hello") == 1
+
+    run(scenario)
+
+
+def test_result_clears_in_flight(tmp_path: Path, clock: Clock) -> None:
+    h = Harness(tmp_path, clock)
+
+    async def scenario() -> None:
+        await h.beat("a")
+        inv = InvocationRequested(function="hello")
+        await h.d.on_invocation(inv)
+        await h.d.on_result(h.ok(inv))
+        assert h.d.ledger.in_flight == {}
+        assert h.d.ledger.running("hello") == 0
+        assert h.d.nodes["a"].in_flight_total == 0
+        # A repeated or unknown result changes nothing and publishes nothing.
+        before = list(h.sent)
+        await h.d.on_result(h.ok(inv))
+        await h.d.on_result(InvocationCompleted(id="unknown", function="hello", status="ok"))
+        assert h.sent == before
+        assert h.d.ledger.running("hello") == 0
+
+    run(scenario)
+
+
+def test_duplicate_invocation_id_dispatched_once(tmp_path: Path, clock: Clock) -> None:
+    h = Harness(tmp_path, clock)
+
+    async def scenario() -> None:
+        await h.beat("a")
+        inv = InvocationRequested(function="hello")
+        await h.d.on_invocation(inv)
+        await h.d.on_invocation(inv)
+        await h.d.on_invocation(InvocationRequested(id=inv.id, function="hello", payload="different"))
+        assert len(h.executes()) == 1
+        assert h.results() == []
+        # Even after it completed, the id is not run again.
+        await h.d.on_result(h.ok(inv))
+        await h.d.on_invocation(inv)
+        assert len(h.executes()) == 1
+
+    run(scenario)
+
+
+def test_no_node_waits_then_dispatched_when_a_node_appears(tmp_path: Path, clock: Clock) -> None:
+    h = Harness(tmp_path, clock)
+
+    async def scenario() -> None:
+        inv = InvocationRequested(function="hello")
+        await h.d.on_invocation(inv)
+        assert h.sent == []
+        assert [w.invocation.id for w in h.d.ledger.waiting["hello"]] == [inv.id]
+        await h.beat("a")
+        [(cmd, topic, _)] = h.executes()
+        assert (cmd.invocation.id, topic, cmd.incarnation) == (inv.id, f"{PREFIX}work.a", "a-1")
+        assert h.d.ledger.waiting == {}
+
+    run(scenario)
+
+
+def test_stale_heartbeat_gets_no_work(tmp_path: Path, clock: Clock) -> None:
+    h = Harness(tmp_path, clock, node_timeout_s=3.0)
+
+    async def scenario() -> None:
+        await h.beat("old", at_ms=clock.t - 10_000)
+        await h.d.on_invocation(InvocationRequested(function="hello"))
+        assert h.executes() == []
+        await h.beat("fresh")
+        assert [t for _, t, _ in h.executes()] == [f"{PREFIX}work.fresh"]
+
+    run(scenario)
+
+
+def test_untolerated_taint_node_never_gets_work(tmp_path: Path, clock: Clock) -> None:
+    h = Harness(tmp_path, clock)
+    iso = Taint(key="stoker.io/dedicated", value="isolated", effect="NoSchedule")
+
+    async def scenario() -> None:
+        await h.beat("iso", taints=[iso], instances=[warm()])
+        inv = InvocationRequested(function="hello")
+        await h.d.on_invocation(inv)
+        assert h.executes() == []
+        await h.beat("rt", taints=[Taint(key="stoker.io/dedicated", value="runtime", effect="NoSchedule")])
+        assert [t for _, t, _ in h.executes()] == [f"{PREFIX}work.rt"]
+
+    run(scenario)
+
+
+def test_warm_node_preferred(tmp_path: Path, clock: Clock) -> None:
+    h = Harness(tmp_path, clock)
+
+    async def scenario() -> None:
+        await h.beat("a")
+        await h.beat("b", instances=[warm()])
+        await h.d.on_invocation(InvocationRequested(function="hello"))
+        assert [t for _, t, _ in h.executes()] == [f"{PREFIX}work.b"]
+
+    run(scenario)
+
+
+# ----- concurrency -----------------------------------------------------------------------------
+
+
+def test_concurrency_limit_queues_and_drains_on_result(tmp_path: Path, clock: Clock) -> None:
+    h = Harness(tmp_path, clock, specs=[_spec(concurrency=1)])
+
+    async def scenario() -> None:
+        await h.beat("a")
+        first, second = InvocationRequested(function="hello"), InvocationRequested(function="hello")
+        await h.d.on_invocation(first)
+        await h.d.on_invocation(second)
+        assert [c.invocation.id for c, _, _ in h.executes()] == [first.id]
+        assert [w.invocation.id for w in h.d.ledger.waiting["hello"]] == [second.id]
+        # A heartbeat or tick does not break the limit.
+        await h.beat("a")
+        await h.d.tick()
+        assert len(h.executes()) == 1
+        await h.d.on_result(h.ok(first))
+        assert [c.invocation.id for c, _, _ in h.executes()] == [first.id, second.id]
+        assert h.d.ledger.waiting == {}
+        assert h.d.ledger.running("hello") == 1
+        assert h.results() == []
+
+    run(scenario)
+
+
+def test_concurrency_is_per_function(tmp_path: Path, clock: Clock) -> None:
+    h = Harness(tmp_path, clock, specs=[_spec("one", concurrency=1), _spec("two", concurrency=1)])
+
+    async def scenario() -> None:
+        await h.beat("a")
+        await h.d.on_invocation(InvocationRequested(function="one"))
+        await h.d.on_invocation(InvocationRequested(function="two"))
+        await h.d.on_invocation(InvocationRequested(function="one"))
+        assert sorted(c.invocation.function for c, _, _ in h.executes()) == ["one", "two"]
+        assert list(h.d.ledger.waiting) == ["one"]
+
+    run(scenario)
+
+
+def test_waiting_invocations_are_dispatched_in_arrival_order(tmp_path: Path, clock: Clock) -> None:
+    """FIFO per function must survive ticks that find no eligible node.
+
+    Exposes a bug: ``Dispatcher._drain`` pops the head of the queue and ``_route`` puts it back
+    at the *tail* when no node is eligible, so every tick without nodes rotates the queue.
+    """
+    h = Harness(tmp_path, clock, specs=[_spec(concurrency=1)])
+
+    async def scenario() -> None:
+        ids = ["first", "second", "third"]
+        for i in ids:
+            await h.d.on_invocation(InvocationRequested(id=i, function="hello"))
+        await h.d.tick()  # no node yet: nothing can be dispatched
+        assert [w.invocation.id for w in h.d.ledger.waiting["hello"]] == ids
+        await h.beat("a")
+        assert [c.invocation.id for c, _, _ in h.executes()] == ["first"]
+
+    run(scenario)
+
+
+# ----- lost nodes ------------------------------------------------------------------------------
+
+
+def test_node_stopped_retries_on_another_node(tmp_path: Path, clock: Clock) -> None:
+    h = Harness(tmp_path, clock, max_attempts=2)
+
+    async def scenario() -> None:
+        await h.beat("a")
+        await h.beat("b", "b-7")
+        inv = InvocationRequested(function="hello")
+        await h.d.on_invocation(inv)
+        assert [t for _, t, _ in h.executes()] == [f"{PREFIX}work.a"]  # tie broken by name
+        await h.d.on_node("a", NodeStopped(node="a", incarnation="a-1"))
+        assert "a" not in h.d.nodes
+        [_, (retry, topic, _)] = h.executes()
+        assert topic == f"{PREFIX}work.b"
+        assert (retry.invocation.id, retry.attempt, retry.incarnation) == (inv.id, 2, "b-7")
+        entry = h.d.ledger.in_flight[inv.id]
+        assert (entry.node, entry.attempt) == ("b", 2)
+        assert h.d.ledger.running("hello") == 1
+        assert h.results() == []
+
+    run(scenario)
+
+
+def test_node_tombstone_counts_as_stopped(tmp_path: Path, clock: Clock) -> None:
+    h = Harness(tmp_path, clock)
+
+    async def scenario() -> None:
+        await h.beat("a")
+        await h.beat("b")
+        await h.d.on_invocation(InvocationRequested(function="hello"))
+        await h.d.on_node("a", None)
+        assert "a" not in h.d.nodes
+        assert [t for _, t, _ in h.executes()] == [f"{PREFIX}work.a", f"{PREFIX}work.b"]
+
+    run(scenario)
+
+
+def test_new_incarnation_retries_on_another_node(tmp_path: Path, clock: Clock) -> None:
+    h = Harness(tmp_path, clock, max_attempts=2)
+
+    async def scenario() -> None:
+        await h.beat("a", "a-1")
+        await h.beat("b", "b-1")
+        inv = InvocationRequested(function="hello")
+        await h.d.on_invocation(inv)
+        assert [t for _, t, _ in h.executes()] == [f"{PREFIX}work.a"]
+        await h.beat("b", "b-1", instances=[warm()])  # b now has a warm instance
+        await h.beat("a", "a-2")  # a restarted: what a-1 held is gone
+        [_, (retry, topic, _)] = h.executes()
+        assert topic == f"{PREFIX}work.b"
+        assert (retry.invocation.id, retry.attempt, retry.incarnation) == (inv.id, 2, "b-1")
+        assert h.d.nodes["a"].heartbeat.incarnation == "a-2"
+        assert h.results() == []
+
+    run(scenario)
+
+
+def test_new_incarnation_retry_is_addressed_to_the_new_incarnation(tmp_path: Path, clock: Clock) -> None:
+    """A retry must never be addressed to the incarnation that was just declared dead.
+
+    Exposes a bug: ``Dispatcher.on_node`` calls ``_node_lost`` (which re-routes the lost work)
+    *before* it stores the new heartbeat, so the retry is routed using the old view and the
+    Execute carries the dead incarnation ``a-1``. The restarted agent skips commands for other
+    incarnations, and no later heartbeat changes incarnation again: the invocation never ends.
+    """
+    h = Harness(tmp_path, clock, max_attempts=2)
+
+    async def scenario() -> None:
+        await h.beat("a", "a-1")
+        inv = InvocationRequested(function="hello")
+        await h.d.on_invocation(inv)
+        await h.beat("a", "a-2")
+        executes = h.executes()
+        assert len(executes) == 2
+        retry, topic, _ = executes[1]
+        assert (retry.invocation.id, retry.attempt, topic) == (inv.id, 2, f"{PREFIX}work.a")
+        assert retry.incarnation == "a-2"
+        assert h.d.ledger.in_flight[inv.id].incarnation == "a-2"
+
+    run(scenario)
+
+
+def test_same_incarnation_heartbeat_changes_nothing(tmp_path: Path, clock: Clock) -> None:
+    h = Harness(tmp_path, clock)
+
+    async def scenario() -> None:
+        await h.beat("a", "a-1")
+        inv = InvocationRequested(function="hello")
+        await h.d.on_invocation(inv)
+        clock.advance(500)
+        await h.beat("a", "a-1")
+        assert len(h.executes()) == 1
+        assert h.results() == []
+        assert h.d.ledger.in_flight[inv.id].attempt == 1
+
+    run(scenario)
+
+
+def test_lost_after_max_attempts(tmp_path: Path, clock: Clock) -> None:
+    h = Harness(tmp_path, clock, max_attempts=2)
+
+    async def scenario() -> None:
+        await h.beat("a")
+        await h.beat("b")
+        inv = InvocationRequested(function="hello", reply_to=f"{PREFIX}reply.gw")
+        await h.d.on_invocation(inv)
+        await h.d.on_node("a", NodeStopped(node="a", incarnation="a-1"))
+        assert [c.attempt for c, _, _ in h.executes()] == [1, 2]
+        await h.d.on_node("b", NodeStopped(node="b", incarnation="b-1"))
+        assert len(h.executes()) == 2  # no third attempt
+        results = h.results()
+        assert sorted(t for _, t, _ in results) == sorted([RESULT, f"{PREFIX}reply.gw"])
+        for r, _, key in results:
+            assert (r.id, r.status, r.attempt, r.node, key) == (inv.id, "lost", 2, "b", inv.id)
+            assert r.error is not None and r.error.kind == "node_lost"
+        assert h.d.ledger.in_flight == {}
+        assert h.d.ledger.running("hello") == 0
+        # Nothing more happens later.
+        await h.beat("c")
+        await h.d.tick()
+        assert len(h.sent) == 4
+
+    run(scenario)
+
+
+def test_lost_immediately_with_one_attempt(tmp_path: Path, clock: Clock) -> None:
+    h = Harness(tmp_path, clock, max_attempts=1)
+
+    async def scenario() -> None:
+        await h.beat("a")
+        await h.beat("b")
+        inv = InvocationRequested(function="hello")
+        await h.d.on_invocation(inv)
+        await h.d.on_node("a", NodeStopped(node="a", incarnation="a-1"))
+        assert len(h.executes()) == 1
+        [(r, topic, _)] = h.results()
+        assert (topic, r.id, r.status, r.attempt, r.node) == (RESULT, inv.id, "lost", 1, "a")
+
+    run(scenario)
+
+
+def test_lost_when_deadline_passed_no_retry(tmp_path: Path, clock: Clock) -> None:
+    h = Harness(tmp_path, clock, max_attempts=3)
+
+    async def scenario() -> None:
+        await h.beat("a")
+        await h.beat("b")
+        inv = InvocationRequested(function="hello", deadline_ms=clock.t + 1_000)
+        await h.d.on_invocation(inv)
+        clock.advance(2_000)
+        await h.beat("b")
+        await h.d.on_node("a", NodeStopped(node="a", incarnation="a-1"))
+        assert len(h.executes()) == 1  # not worth retrying
+        [(r, _, _)] = h.results()
+        assert (r.id, r.status) == (inv.id, "lost")
+
+    run(scenario)
+
+
+def test_restart_with_max_attempts_one_is_lost(tmp_path: Path, clock: Clock) -> None:
+    h = Harness(tmp_path, clock, max_attempts=1)
+
+    async def scenario() -> None:
+        await h.beat("a", "a-1")
+        inv = InvocationRequested(function="hello")
+        await h.d.on_invocation(inv)
+        await h.beat("a", "a-2")
+        [(r, _, _)] = h.results()
+        assert (r.id, r.status, r.node) == (inv.id, "lost", "a")
+        assert "restarted" in r.error.message  # type: ignore[union-attr]
+        assert len(h.executes()) == 1
+
+    run(scenario)
+
+
+def test_tick_declares_silent_node_lost_and_retries(tmp_path: Path, clock: Clock) -> None:
+    h = Harness(tmp_path, clock, node_timeout_s=3.0, max_attempts=2)
+
+    async def scenario() -> None:
+        await h.beat("a")
+        await h.beat("b")
+        inv = InvocationRequested(function="hello")
+        await h.d.on_invocation(inv)
+        assert [t for _, t, _ in h.executes()] == [f"{PREFIX}work.a"]
+        clock.advance(2_000)
+        await h.d.tick()
+        assert set(h.d.nodes) == {"a", "b"}  # not silent long enough yet
+        await h.beat("b")  # b keeps beating, a does not
+        clock.advance(1_500)
+        await h.d.tick()
+        assert set(h.d.nodes) == {"b"}
+        [_, (retry, topic, _)] = h.executes()
+        assert (topic, retry.attempt, retry.invocation.id) == (f"{PREFIX}work.b", 2, inv.id)
+        assert h.results() == []
+
+    run(scenario)
+
+
+def test_tick_silent_only_node_with_last_attempt_is_lost(tmp_path: Path, clock: Clock) -> None:
+    h = Harness(tmp_path, clock, node_timeout_s=1.0, max_attempts=1)
+
+    async def scenario() -> None:
+        await h.beat("a")
+        inv = InvocationRequested(function="hello")
+        await h.d.on_invocation(inv)
+        clock.advance(1_001)
+        await h.d.tick()
+        assert h.d.nodes == {}
+        [(r, _, _)] = h.results()
+        assert (r.id, r.status) == (inv.id, "lost")
+        await h.d.tick()
+        assert len(h.results()) == 1
+
+    run(scenario)
+
+
+def test_node_returning_after_loss_gets_work_again(tmp_path: Path, clock: Clock) -> None:
+    h = Harness(tmp_path, clock, node_timeout_s=1.0)
+
+    async def scenario() -> None:
+        await h.beat("a")
+        clock.advance(5_000)
+        await h.d.tick()
+        assert h.d.nodes == {}
+        await h.d.on_invocation(InvocationRequested(function="hello"))
+        assert h.executes() == []
+        await h.beat("a", "a-2")
+        [(cmd, topic, _)] = h.executes()
+        assert (topic, cmd.incarnation) == (f"{PREFIX}work.a", "a-2")
+
+    run(scenario)
+
+
+# ----- queueing limit --------------------------------------------------------------------------
+
+
+def test_waiting_past_max_queue_is_rejected_no_capacity(tmp_path: Path, clock: Clock) -> None:
+    h = Harness(tmp_path, clock, max_queue_s=2.0)
+
+    async def scenario() -> None:
+        inv = InvocationRequested(function="hello", reply_to=f"{PREFIX}reply.gw")
+        await h.d.on_invocation(inv)
+        clock.advance(1_999)
+        await h.d.tick()
+        assert h.sent == []
+        clock.advance(1)
+        await h.d.tick()
+        results = h.results()
+        assert sorted(t for _, t, _ in results) == sorted([RESULT, f"{PREFIX}reply.gw"])
+        for r, _, _ in results:
+            assert (r.id, r.status) == (inv.id, "rejected")
+            assert r.error is not None and r.error.kind == "no_capacity"
+        assert h.d.ledger.waiting == {}
+        await h.d.tick()
+        await h.beat("a")
+        assert len(h.sent) == 2  # exactly one result per topic, and never dispatched afterwards
+        assert h.executes() == []
+
+    run(scenario)
+
+
+def test_waiting_for_concurrency_past_max_queue_is_rejected(tmp_path: Path, clock: Clock) -> None:
+    h = Harness(tmp_path, clock, specs=[_spec(concurrency=1)], max_queue_s=1.0)
+
+    async def scenario() -> None:
+        await h.beat("a")
+        first, second = InvocationRequested(function="hello"), InvocationRequested(function="hello")
+        await h.d.on_invocation(first)
+        await h.d.on_invocation(second)
+        clock.advance(1_000)
+        await h.beat("a")
+        await h.d.tick()
+        [(r, _, _)] = h.results()
+        assert (r.id, r.status, r.error.kind) == (second.id, "rejected", "no_capacity")  # type: ignore[union-attr]
+        assert [c.invocation.id for c, _, _ in h.executes()] == [first.id]
+        await h.d.on_result(h.ok(first))
+        assert len(h.executes()) == 1  # the rejected one is not dispatched later
+
+    run(scenario)
+
+
+def test_waiting_past_deadline_gets_exactly_one_result(tmp_path: Path, clock: Clock) -> None:
+    h = Harness(tmp_path, clock, max_queue_s=60.0)
+
+    async def scenario() -> None:
+        inv = InvocationRequested(function="hello", deadline_ms=clock.t + 500)
+        await h.d.on_invocation(inv)
+        clock.advance(499)
+        await h.d.tick()
+        assert h.sent == []
+        clock.advance(1)
+        await h.d.tick()
+        await h.d.tick()
+        [(r, topic, _)] = h.results()
+        assert (topic, r.id) == (RESULT, inv.id)
+        assert r.status in ("timeout", "rejected")
+
+    run(scenario)
