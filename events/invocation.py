@@ -35,7 +35,8 @@ class InvocationRequested(Record):
     reply_to: str | None = None
     """A topic that also receives the result (besides ``result``)."""
     deadline_ms: int | None = None
-    """Epoch ms after which the request is not worth running: it ends as ``timeout``."""
+    """Epoch ms after which the request is not worth running: not yet started, it ends as
+    ``timeout``; still waiting for capacity, ``rejected``; on a node that died, ``lost``."""
     requested_ms: int = Field(default_factory=now_ms)
 
     def expired(self, at_ms: int) -> bool:

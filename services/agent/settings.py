@@ -17,9 +17,9 @@ def parse_labels(raw: str) -> dict[str, str]:
     labels: dict[str, str] = {}
     for part in filter(None, (p.strip() for p in raw.split(","))):
         key, sep, value = part.partition("=")
-        if not sep or not key:
+        if not sep or not key.strip():
             raise ValueError(f"label {part!r} is not key=value")
-        labels[key] = value
+        labels[key.strip()] = value.strip()
     return labels
 
 
@@ -31,6 +31,8 @@ def parse_taints(raw: str) -> list[Taint]:
         if not sep:
             raise ValueError(f"taint {part!r} is not key[=value]:Effect")
         key, _, value = kv.partition("=")
+        if not key.strip():
+            raise ValueError(f"taint {part!r} has no key")
         taints.append(Taint(key=key, value=value, effect=effect))  # type: ignore[arg-type]
     return taints
 

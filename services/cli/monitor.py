@@ -32,11 +32,14 @@ def summarize(value: bytes | None) -> str:
         if obj.get(key) not in (None, "", []):
             parts.append(f"{key}={obj[key]}")
     if obj.get("type") == "invocation.completed":
-        parts.append(f"total={obj.get('timings_ms', {}).get('total')}ms")
+        timings = obj.get("timings_ms")
+        parts.append(f"total={timings.get('total') if isinstance(timings, dict) else '?'}ms")
     if obj.get("type") == "node.heartbeat":
         states: dict[str, int] = {}
-        for inst in obj.get("instances", []):
-            states[inst.get("state")] = states.get(inst.get("state"), 0) + 1
+        instances = obj.get("instances")
+        for inst in instances if isinstance(instances, list) else []:
+            if isinstance(inst, dict):
+                states[str(inst.get("state"))] = states.get(str(inst.get("state")), 0) + 1
         parts.append("instances=" + (",".join(f"{k}:{v}" for k, v in sorted(states.items())) or "0"))
     if obj.get("type") == "record.dead-lettered":
         parts.append(f"from={obj.get('source_topic')}[{obj.get('partition')}]@{obj.get('offset')}")

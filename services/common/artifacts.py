@@ -15,7 +15,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 from typing import Protocol
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 SKIP_DIRS = frozenset({"__pycache__", ".git", ".venv", "venv", "node_modules", ".mypy_cache", ".pytest_cache"})
 MAX_ARTIFACT_BYTES = 256 * 1024 * 1024
@@ -131,6 +131,6 @@ class LocalArtifactStore:
         if parsed.scheme != "file":
             raise ArtifactError(f"the local artifact store cannot fetch {uri!r}")
         try:
-            return Path(parsed.path).read_bytes()
+            return Path(unquote(parsed.path)).read_bytes()
         except OSError as exc:
             raise ArtifactError(f"cannot read artifact {uri}: {exc}") from exc

@@ -63,15 +63,19 @@ class Dispatcher:
             return
         await self._route(Waiting(inv, spec, since_ms=now_ms()))
 
-    async def _route(self, item: Waiting) -> None:
+    async def _route(self, item: Waiting, *, requeue_front: bool = False) -> None:
+        def wait() -> None:
+            # An item taken from the head of its queue goes back to the head: arrival order holds.
+            (self.ledger.wait_front if requeue_front else self.ledger.wait)(item)
+
         if not self.ledger.has_room(item.spec):
-            self.ledger.wait(item)
+            wait()
             return
         inv, spec = item.invocation, item.spec
         live = {name: view for name, view in self.nodes.items() if not self._stale(view)}
         choice = choose_node(spec.name, spec.code_version, live, affinity=self._affinity.get(spec.name))
         if choice is None:
-            self.ledger.wait(item)  # no eligible node now; retried on every tick until the deadline
+            wait()  # no eligible node now; retried on every tick until the deadline
             return
         view = self.nodes[choice.node]
         cmd = Execute(invocation=inv, spec=spec, incarnation=view.heartbeat.incarnation, attempt=item.attempt)
@@ -109,7 +113,7 @@ class Dispatcher:
             item = self.ledger.next_waiting(function)
             assert item is not None
             before = self.ledger.running(function)
-            await self._route(item)
+            await self._route(item, requeue_front=True)
             if self.ledger.running(function) == before:
                 return  # it went back to waiting (no eligible node): stop here
 
@@ -130,6 +134,8 @@ class Dispatcher:
         if isinstance(record, NodeHeartbeat):
             view = self.nodes.get(name)
             if view is not None and view.heartbeat.incarnation != record.incarnation:
+                # Learn the new incarnation first: retries must be addressed to it, not the dead one.
+                view.heartbeat, view.last_seen_ms = record, record.at_ms
                 await self._node_lost(name, f"node {name} restarted", keep_incarnation=record.incarnation)
             if view is None:
                 view = NodeView(record, record.at_ms)

@@ -79,6 +79,10 @@ class Ledger:
     def wait(self, item: Waiting) -> None:
         self.waiting.setdefault(item.invocation.function, deque()).append(item)
 
+    def wait_front(self, item: Waiting) -> None:
+        """Put an item taken from the head of its queue back at the head."""
+        self.waiting.setdefault(item.invocation.function, deque()).appendleft(item)
+
     def next_waiting(self, function: str) -> Waiting | None:
         queue = self.waiting.get(function)
         if not queue:

@@ -37,6 +37,7 @@ class ResultBook:
         if result.id in self._done:
             return  # duplicates are dropped: the first terminal result stands
         self._done[result.id] = result
+        self._accepted.pop(result.id, None)
         while len(self._done) > self._capacity:
             self._done.popitem(last=False)
         future = self._waiting.pop(result.id, None)
@@ -47,4 +48,4 @@ class ResultBook:
         return self._done.get(invocation_id)
 
     def is_pending(self, invocation_id: str) -> bool:
-        return invocation_id in self._accepted and invocation_id not in self._done
+        return invocation_id in self._accepted

@@ -10,7 +10,7 @@ from typing import Any
 from events import EnsurePool, FunctionSpec, NodeHeartbeat, NodeStopped, Recycle, now_ms
 from services.common.broker import make_broker
 from services.common.runner import configure_logging, serve
-from services.common.settings import CommonSettings, env_float, env_int
+from services.common.settings import CommonSettings, env_int
 from services.common.table import CompactedTable
 from services.common.telemetry import setup_tracing
 from services.poolmgr.policy import PoolPolicy, generic_target, keepalive_expired
@@ -72,6 +72,5 @@ def main() -> None:
     env = os.environ
     policy = PoolPolicy(
         generic_per_node=env_int(env, "STOKER_POOL_SIZE", 2),
-        default_idle_s=env_float(env, "STOKER_DEFAULT_IDLE_S", 600.0),
     )
     asyncio.run(run(CommonSettings.from_env(), policy))

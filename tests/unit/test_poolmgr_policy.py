@@ -73,7 +73,7 @@ def test_generic_and_transitional_instances_never_recycled() -> None:
              _inst("s", state="starting", fn=None, ver=None, idle_ms=10**9),
              _inst("sp", state="specializing", idle_ms=10**9),
              _inst("r", state="recycling", idle_ms=10**9))
-    assert keepalive_expired(hb, {"hello": _spec(idle_s=1.0)}, PoolPolicy(default_idle_s=1.0)) == []
+    assert keepalive_expired(hb, {"hello": _spec(idle_s=1.0)}, PoolPolicy()) == []
 
 
 def test_nothing_to_do() -> None:

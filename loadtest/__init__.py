@@ -1,0 +1,1 @@
+"""Benchmark programs: they print and save figures; they are not timed tests."""
