@@ -82,7 +82,7 @@ def from_object(obj: Any, expected: tuple[type[R], ...] | None = None) -> Record
         raise DecodeError(f"a record is a JSON object, got {type(obj).__name__}")
     kind = obj.get("type")
     model = MODELS.get(kind) if isinstance(kind, str) else None
-    if model is None:
+    if model is None or not isinstance(kind, str):
         raise DecodeError(f"unknown record type {kind!r}")
     version = obj.get("version", 1)
     if not isinstance(version, int) or version < 1 or version > SUPPORTED_VERSIONS[kind]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import subprocess
 import sys
 import tempfile
@@ -26,11 +25,11 @@ from rich.progress import Progress
 from rich.table import Table
 
 from events import FunctionSpec, TopicSpec
+from loadtest.stats import machine_facts, summary
 from services.cli.broker import KAFKA_VERSION, broker_is_reachable
 from services.common.admin import ensure_topics
 from services.common.client import StokerClient, package_code
 from services.common.settings import CommonSettings
-from loadtest.stats import machine_facts, summary
 
 console = Console()
 NOOP = "def main(event):\n    return None\n"
@@ -40,10 +39,8 @@ async def bare_round_trip(settings: CommonSettings, n: int) -> list[float]:
     """Produce -> consume on the same broker, with the platform's producer settings (1 hop)."""
     topic = f"{settings.topic_prefix}bench.bare"
     await ensure_topics(settings.bootstrap, [TopicSpec(topic, retention_ms=3_600_000)])
-    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap, acks="all", enable_idempotence=True,
-                                linger_ms=0)
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap, enable_auto_commit=False,
-                                fetch_max_wait_ms=100)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap, acks="all", enable_idempotence=True, linger_ms=0)
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap, enable_auto_commit=False, fetch_max_wait_ms=100)
     await producer.start()
     await consumer.start()
     tp = TopicPartition(topic, 0)
@@ -171,13 +168,16 @@ def main(argv: list[str] | None = None) -> int:
         "first_invocation_start_kinds": cold_kinds,
     }
     table = Table("measure", "n", "p50 ms", "p90 ms", "p99 ms", "max ms", title="Stoker spine benchmark")
-    for label, key in (("bare Kafka produce->consume (1 hop)", "bare_kafka_round_trip_ms"),
-                       ("warm invocation over Kafka (client->result)", "warm_invocation_ms"),
-                       ("first invocation (pool specialization)", "first_invocation_ms"),
-                       ("  of which: specializing the instance", "first_invocation_start_phase_ms")):
+    for label, key in (
+        ("bare Kafka produce->consume (1 hop)", "bare_kafka_round_trip_ms"),
+        ("warm invocation over Kafka (client->result)", "warm_invocation_ms"),
+        ("first invocation (pool specialization)", "first_invocation_ms"),
+        ("  of which: specializing the instance", "first_invocation_start_phase_ms"),
+    ):
         s = report[key]
-        table.add_row(label, str(s.get("n")), str(s.get("p50")), str(s.get("p90")), str(s.get("p99")),
-                      str(s.get("max")))
+        table.add_row(
+            label, str(s.get("n")), str(s.get("p50")), str(s.get("p90")), str(s.get("p99")), str(s.get("max"))
+        )
     console.print(table)
     console.print(f"start kinds: warm run {warm_kinds}, first invocations {cold_kinds}")
     ratio = report["warm_invocation_ms"]["p50"] / max(report["bare_kafka_round_trip_ms"]["p50"], 1e-9)

@@ -37,8 +37,9 @@ def shared_libs_dir() -> Path:
     return Path(env) if env else REPO_ROOT / ".stoker" / "kafka" / "libs"
 
 
-def assert_eventually(check: Callable[[], T], timeout_s: float = 20.0, interval_s: float = 0.05,
-                      message: str = "") -> T:
+def assert_eventually(
+    check: Callable[[], T], timeout_s: float = 20.0, interval_s: float = 0.05, message: str = ""
+) -> T:
     """Retry ``check`` until it returns a truthy value (or stops raising AssertionError)."""
     deadline = time.monotonic() + timeout_s
     last: Any = None
@@ -55,8 +56,9 @@ def assert_eventually(check: Callable[[], T], timeout_s: float = 20.0, interval_
         time.sleep(interval_s)
 
 
-async def eventually(check: Callable[[], Awaitable[T]], timeout_s: float = 20.0, interval_s: float = 0.05,
-                     message: str = "") -> T:
+async def eventually(
+    check: Callable[[], Awaitable[T]], timeout_s: float = 20.0, interval_s: float = 0.05, message: str = ""
+) -> T:
     """Async ``assert_eventually``."""
     deadline = time.monotonic() + timeout_s
     last: Any = None
@@ -111,8 +113,9 @@ class ServiceProcess:
             **(extra_env or {}),
         }
         with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", module], stdout=log, stderr=log, env=env,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", module], stdout=log, stderr=log, env=env, start_new_session=True
+            )
 
     @property
     def ready_file(self) -> Path:

@@ -133,9 +133,18 @@ async def spawn_instance(base_dir: Path, python: str = sys.executable, start_tim
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     with log_path.open("ab") as log:
         inst.process = await asyncio.create_subprocess_exec(
-            python, "-m", "services.runtime", "--fd", str(child_sock.fileno()),
-            stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
-            pass_fds=(child_sock.fileno(),), cwd=workdir, env=env, start_new_session=True,
+            python,
+            "-m",
+            "services.runtime",
+            "--fd",
+            str(child_sock.fileno()),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            pass_fds=(child_sock.fileno(),),
+            cwd=workdir,
+            env=env,
+            start_new_session=True,
             preexec_fn=_die_with_agent,
         )
     child_sock.close()

@@ -32,6 +32,8 @@ from events import (
     Record,
     Recycle,
     Specialize,
+    StartKind,
+    Status,
     Timings,
     now_ms,
 )
@@ -89,7 +91,7 @@ class NodeAgent:
             return  # a redelivered command; the first copy owns the result
         task = asyncio.create_task(self._execute(cmd), name=f"exec:{cmd.invocation.id}")
         self._in_flight[key] = task
-        task.add_done_callback(lambda _t, key=key: self._finished(key))
+        task.add_done_callback(lambda _task: self._finished(key))
 
     def _finished(self, key: tuple[str, int]) -> None:
         self._in_flight.pop(key, None)
@@ -117,90 +119,66 @@ class NodeAgent:
 
     async def _execute(self, cmd: Execute) -> None:
         inv, spec = cmd.invocation, cmd.spec
-        version = spec.code_version
-        base = {"id": inv.id, "function": inv.function, "node": self.settings.node,
-                "function_version": version, "attempt": cmd.attempt}
+        outcome = _Outcome(cmd, self.settings.node)
         try:
             if inv.expired(now_ms()):
-                await self._complete(inv.reply_to, InvocationCompleted(
-                    **base, status="timeout",
-                    error=ErrorInfo(kind="deadline_passed", message="deadline passed before it could run"),
-                    timings_ms=_timings(inv.requested_ms)))
+                outcome.fail("timeout", "deadline_passed", "deadline passed before it could run")
                 return
             started = time.perf_counter()
-            with tracer.start_as_current_span("stoker start", attributes={
-                telemetry.INVOCATION_ID: inv.id, telemetry.FUNCTION: inv.function, telemetry.NODE: self.settings.node,
-            }) as span:
-                acquired_ms = now_ms()
+            attributes = {
+                telemetry.INVOCATION_ID: inv.id,
+                telemetry.FUNCTION: inv.function,
+                telemetry.NODE: self.settings.node,
+            }
+            with tracer.start_as_current_span("stoker start", attributes=attributes) as span:
+                outcome.queue_ms = max(0.0, now_ms() - inv.requested_ms)
                 slot, kind = await self._acquire(spec, inv.deadline_ms)
-                span.set_attribute(telemetry.START_KIND, kind)
-            start_ms = (time.perf_counter() - started) * 1000
+                span.set_attribute(telemetry.START_KIND, kind if isinstance(kind, str) else "failed")
+            outcome.start_ms = (time.perf_counter() - started) * 1000
             if slot is None:
-                await self._complete(inv.reply_to, InvocationCompleted(
-                    **base, status="timeout",
-                    error=ErrorInfo(kind="deadline_passed", message="no instance became free before the deadline"),
-                    timings_ms=_timings(inv.requested_ms, queue=start_ms)))
-                return
-            if isinstance(kind, ErrorInfo):
-                await self._complete(inv.reply_to, InvocationCompleted(
-                    **base, status="error", error=kind, instance=slot.instance.id,
-                    timings_ms=_timings(inv.requested_ms, start=start_ms)))
-                return
-            await self._run(cmd, slot, kind, base, queue_ms=max(0.0, acquired_ms - inv.requested_ms), start_ms=start_ms)
+                outcome.fail("timeout", "deadline_passed", "no instance became free before the deadline")
+            elif isinstance(kind, ErrorInfo):
+                outcome.instance = slot.instance.id
+                outcome.fail("error", kind.kind, kind.message, kind.traceback)
+            else:
+                outcome.start, outcome.instance = kind, slot.instance.id
+                await self._run(cmd, slot, outcome)
         except Exception as exc:  # noqa: BLE001 - every accepted invocation must end with a result
             log.exception("invocation %s failed inside the agent", inv.id)
-            await self._complete(inv.reply_to, InvocationCompleted(
-                **base, status="error", error=ErrorInfo(kind="agent_error", message=repr(exc)),
-                timings_ms=_timings(inv.requested_ms)))
+            outcome.fail("error", "agent_error", repr(exc))
+        finally:
+            await self._complete(inv.reply_to, outcome.result())
 
-    async def _run(
-        self, cmd: Execute, slot: _Slot, kind: str, base: dict[str, Any], *, queue_ms: float, start_ms: float
-    ) -> None:
+    async def _run(self, cmd: Execute, slot: _Slot, outcome: _Outcome) -> None:
         inv, spec = cmd.invocation, cmd.spec
         inst = slot.instance
         timeout_s = spec.timeout_s
         if inv.deadline_ms is not None:
             timeout_s = max(0.001, min(timeout_s, (inv.deadline_ms - now_ms()) / 1000))
         msg = {"op": "invoke", "id": inv.id, "payload": inv.payload, "deadline_ms": inv.deadline_ms}
-        logs: str | None = None
-        with tracer.start_as_current_span("stoker exec", attributes={
-            telemetry.INVOCATION_ID: inv.id, telemetry.FUNCTION: inv.function, "stoker.instance": inst.id,
-        }):
+        attributes = {telemetry.INVOCATION_ID: inv.id, telemetry.FUNCTION: inv.function, "stoker.instance": inst.id}
+        with tracer.start_as_current_span("stoker exec", attributes=attributes):
             try:
                 reply = await inst.request(msg, timeout_s)
             except InstanceTimeout:
                 await self._gone(inst, f"killed after timeout of {timeout_s:.3f}s")
-                result = InvocationCompleted(
-                    **base, status="timeout", start=kind, instance=inst.id,  # type: ignore[arg-type]
-                    error=ErrorInfo(kind="timeout", message=f"ran past its timeout of {timeout_s:.3f}s; instance killed"),
-                    timings_ms=_timings(inv.requested_ms, queue=queue_ms, start=start_ms, exec=timeout_s * 1000))
-                await self._complete(inv.reply_to, result)
+                outcome.exec_ms = timeout_s * 1000
+                outcome.fail("timeout", "timeout", f"ran past its timeout of {timeout_s:.3f}s; instance killed")
                 return
             except InstanceDied as exc:
                 await self._gone(inst, str(exc))
-                result = InvocationCompleted(
-                    **base, status="error", start=kind, instance=inst.id,  # type: ignore[arg-type]
-                    error=ErrorInfo(kind="instance_died", message=str(exc)),
-                    timings_ms=_timings(inv.requested_ms, queue=queue_ms, start=start_ms))
-                await self._complete(inv.reply_to, result)
+                outcome.fail("error", "instance_died", str(exc))
                 return
         inst.uses += 1
         inst.last_used_at = time.monotonic()
-        logs = reply.get("logs")
-        exec_ms = float(reply.get("exec_ms", 0.0))
+        outcome.logs = reply.get("logs")
+        outcome.exec_ms = float(reply.get("exec_ms", 0.0))
         if reply.get("ok"):
-            result = InvocationCompleted(
-                **base, status="ok", output=reply.get("output"), start=kind, instance=inst.id,  # type: ignore[arg-type]
-                logs=logs, timings_ms=_timings(inv.requested_ms, queue=queue_ms, start=start_ms, exec=exec_ms))
+            outcome.status, outcome.output = "ok", reply.get("output")
         else:
             err = reply.get("error") or {}
-            result = InvocationCompleted(
-                **base, status="error", start=kind, instance=inst.id, logs=logs,  # type: ignore[arg-type]
-                error=ErrorInfo(kind=err.get("kind", "Error"), message=err.get("message", ""),
-                                traceback=err.get("traceback")),
-                timings_ms=_timings(inv.requested_ms, queue=queue_ms, start=start_ms, exec=exec_ms))
+            outcome.fail("error", err.get("kind", "Error"), err.get("message", ""), err.get("traceback"))
         await self._release(inst, spec)
-        await self._complete(inv.reply_to, result)
 
     async def _complete(self, reply_to: str | None, result: InvocationCompleted) -> None:
         writes = [self._publish(result, self.topics.result, result.id)]
@@ -214,8 +192,11 @@ class NodeAgent:
         version = spec.code_version
         while True:
             plan = pool.plan_start(
-                self._facts(), spec.name, version,
-                max_instances=self.settings.max_instances, starting=self._starting,
+                self._facts(),
+                spec.name,
+                version,
+                max_instances=self.settings.max_instances,
+                starting=self._starting,
             )
             if plan.kind in ("warm", "prewarmed"):
                 slot = self._slots[plan.instance]  # type: ignore[index]
@@ -230,11 +211,11 @@ class NodeAgent:
             if plan.kind in ("spawn", "evict"):
                 if plan.kind == "evict":
                     await self._retire(self._slots[plan.instance].instance, "evicted for another function")  # type: ignore[index]
-                slot = await self._start_instance()
-                if slot is None:
+                fresh = await self._start_instance()
+                if fresh is None:
                     continue
-                self._set_state(slot.instance, "specializing", spec)
-                return slot, await self._load(slot, spec, code_dir, "spawn")
+                self._set_state(fresh.instance, "specializing", spec)
+                return fresh, await self._load(fresh, spec, code_dir, "spawn")
             # wait: every slot is busy
             remaining = None if deadline_ms is None else (deadline_ms - now_ms()) / 1000
             if remaining is not None and remaining <= 0:
@@ -247,8 +228,14 @@ class NodeAgent:
 
     async def _load(self, slot: _Slot, spec: FunctionSpec, code_dir: Path, kind: str) -> Any:
         inst = slot.instance
-        msg = {"op": "load", "code_dir": str(code_dir), "entrypoint": spec.entrypoint, "env": spec.env,
-               "function": spec.name, "version": spec.code_version}
+        msg = {
+            "op": "load",
+            "code_dir": str(code_dir),
+            "entrypoint": spec.entrypoint,
+            "env": spec.env,
+            "function": spec.name,
+            "version": spec.code_version,
+        }
         try:
             reply = await inst.request(msg, max(5.0, spec.timeout_s))
         except (InstanceTimeout, InstanceDied) as exc:
@@ -258,8 +245,11 @@ class NodeAgent:
             err = reply.get("error") or {}
             # A failed import can leave half a module behind: this interpreter is not reused.
             await self._retire(inst, "code failed to load")
-            return ErrorInfo(kind=f"load_failed:{err.get('kind', 'Error')}", message=err.get("message", ""),
-                             traceback=err.get("traceback"))
+            return ErrorInfo(
+                kind=f"load_failed:{err.get('kind', 'Error')}",
+                message=err.get("message", ""),
+                traceback=err.get("traceback"),
+            )
         inst.function, inst.function_version = spec.name, spec.code_version
         self._set_state(inst, "busy", spec)
         self._emit(inst, "ready", reason=f"specialized ({kind}) in {reply.get('load_ms', 0):.1f} ms")
@@ -271,8 +261,7 @@ class NodeAgent:
             return
         self._set_state(inst, "ready")
         facts = self._facts_of(self._slots[inst.id]) if inst.id in self._slots else None
-        reason = facts and pool.due_for_recycling(
-            facts, pool.RecyclePolicy(spec.max_invocations, spec.max_age_s))
+        reason = facts and pool.due_for_recycling(facts, pool.RecyclePolicy(spec.max_invocations, spec.max_age_s))
         if reason:
             await self._retire(inst, reason)
         async with self._freed:
@@ -280,7 +269,9 @@ class NodeAgent:
 
     async def _prewarm(self, spec: FunctionSpec) -> None:
         code_dir = await self._code_dir(spec)
-        plan = pool.plan_start(self._facts(), "", "", max_instances=self.settings.max_instances, starting=self._starting)
+        plan = pool.plan_start(
+            self._facts(), "", "", max_instances=self.settings.max_instances, starting=self._starting
+        )
         if plan.kind == "pool":
             slot = self._slots[plan.instance]  # type: ignore[index]
         elif plan.kind == "spawn":
@@ -331,8 +322,10 @@ class NodeAgent:
         """Keep ``pool_target`` generic instances; runs until cancelled."""
         while True:
             deficit = pool.generic_deficit(
-                self._facts(), target=self.pool_target,
-                max_instances=self.settings.max_instances, starting=self._starting,
+                self._facts(),
+                target=self.pool_target,
+                max_instances=self.settings.max_instances,
+                starting=self._starting,
             )
             if deficit:
                 await asyncio.gather(*(self._start_instance() for _ in range(deficit)))
@@ -340,7 +333,7 @@ class NodeAgent:
                     self._freed.notify_all()
                 continue
             generic = [s.instance for s in self._slots.values() if s.instance.state == "generic"]
-            for inst in generic[self.pool_target:]:
+            for inst in generic[self.pool_target :]:
                 await self._retire(inst, "pool shrunk")
             self._pool_wakeup.clear()
             try:
@@ -365,7 +358,9 @@ class NodeAgent:
         async with self._freed:
             self._freed.notify_all()
 
-    def _set_state(self, inst: Instance, state: InstanceState, spec: FunctionSpec | None = None, reason: str = "") -> None:
+    def _set_state(
+        self, inst: Instance, state: InstanceState, spec: FunctionSpec | None = None, reason: str = ""
+    ) -> None:
         inst.state = state
         if spec is not None:
             inst.function, inst.function_version = spec.name, spec.code_version
@@ -375,9 +370,15 @@ class NodeAgent:
 
     def _emit(self, inst: Instance, state: InstanceState, reason: str = "") -> None:
         event = InstanceChanged(
-            node=self.settings.node, incarnation=self.incarnation, instance=inst.id, state=state,
-            pid=inst.pid, function=inst.function, function_version=inst.function_version,
-            uses=inst.uses, reason=reason,
+            node=self.settings.node,
+            incarnation=self.incarnation,
+            instance=inst.id,
+            state=state,
+            pid=inst.pid,
+            function=inst.function,
+            function_version=inst.function_version,
+            uses=inst.uses,
+            reason=reason,
         )
         self._spawn_task(self._publish(event, self.topics.instance, self.settings.node))
 
@@ -390,8 +391,13 @@ class NodeAgent:
         inst = slot.instance
         now = now or time.monotonic()
         return pool.InstanceFacts(
-            id=inst.id, state=inst.state, function=inst.function, function_version=inst.function_version,
-            uses=inst.uses, idle_ms=inst.idle_ms(now), age_ms=int((now - inst.created_at) * 1000),
+            id=inst.id,
+            state=inst.state,
+            function=inst.function,
+            function_version=inst.function_version,
+            uses=inst.uses,
+            idle_ms=inst.idle_ms(now),
+            age_ms=int((now - inst.created_at) * 1000),
             prewarmed=slot.prewarmed,
         )
 
@@ -405,15 +411,25 @@ class NodeAgent:
         self._seq += 1
         now = time.monotonic()
         return NodeHeartbeat(
-            node=self.settings.node, incarnation=self.incarnation,
-            labels=self.settings.labels, taints=self.settings.taints,
+            node=self.settings.node,
+            incarnation=self.incarnation,
+            labels=self.settings.labels,
+            taints=self.settings.taints,
             capacity=NodeCapacity(max_instances=self.settings.max_instances),
-            pool_target=self.pool_target, in_flight=len(self._in_flight), seq=self._seq,
+            pool_target=self.pool_target,
+            in_flight=len(self._in_flight),
+            seq=self._seq,
             interval_ms=int(self.settings.heartbeat_interval_s * 1000),
             instances=[
-                InstanceSummary(instance=s.instance.id, state=s.instance.state, pid=s.instance.pid,
-                                function=s.instance.function, function_version=s.instance.function_version,
-                                uses=s.instance.uses, idle_ms=s.instance.idle_ms(now))
+                InstanceSummary(
+                    instance=s.instance.id,
+                    state=s.instance.state,
+                    pid=s.instance.pid,
+                    function=s.instance.function,
+                    function_version=s.instance.function_version,
+                    uses=s.instance.uses,
+                    idle_ms=s.instance.idle_ms(now),
+                )
                 for s in self._slots.values()
             ],
         )
@@ -435,12 +451,47 @@ class NodeAgent:
             await slot.instance.kill()
         self._slots.clear()
         try:
-            await self._publish(NodeStopped(node=self.settings.node, incarnation=self.incarnation),
-                                self.topics.node, self.settings.node)
+            await self._publish(
+                NodeStopped(node=self.settings.node, incarnation=self.incarnation), self.topics.node, self.settings.node
+            )
         except Exception:  # noqa: BLE001
             log.exception("could not announce the shutdown")
 
 
-def _timings(requested_ms: int, *, queue: float = 0.0, start: float = 0.0, exec: float = 0.0) -> Timings:
-    return Timings(queue=round(queue, 3), start=round(start, 3), exec=round(exec, 3),
-                   total=round(max(0.0, time.time() * 1000 - requested_ms), 3))
+class _Outcome:
+    """What one Execute came to; every path through ``_execute`` ends in exactly one result."""
+
+    def __init__(self, cmd: Execute, node: str) -> None:
+        self.cmd, self.node = cmd, node
+        self.status: Status = "error"
+        self.output: Any = None
+        self.error: ErrorInfo | None = None
+        self.start: StartKind | None = None
+        self.instance: str | None = None
+        self.logs: str | None = None
+        self.queue_ms = self.start_ms = self.exec_ms = 0.0
+
+    def fail(self, status: Status, kind: str, message: str, traceback: str | None = None) -> None:
+        self.status, self.error = status, ErrorInfo(kind=kind, message=message, traceback=traceback)
+
+    def result(self) -> InvocationCompleted:
+        inv = self.cmd.invocation
+        return InvocationCompleted(
+            id=inv.id,
+            function=inv.function,
+            status=self.status,
+            output=self.output,
+            error=self.error,
+            start=self.start,
+            node=self.node,
+            instance=self.instance,
+            function_version=self.cmd.spec.code_version,
+            attempt=self.cmd.attempt,
+            logs=self.logs,
+            timings_ms=Timings(
+                queue=round(self.queue_ms, 3),
+                start=round(self.start_ms, 3),
+                exec=round(self.exec_ms, 3),
+                total=round(max(0.0, time.time() * 1000 - inv.requested_ms), 3),
+            ),
+        )

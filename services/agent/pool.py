@@ -49,10 +49,7 @@ def plan_start(
     starting: int = 0,
 ) -> StartPlan:
     """Choose the fastest way to an instance of ``function@version``."""
-    ready = [
-        i for i in instances
-        if i.state == "ready" and i.function == function and i.function_version == version
-    ]
+    ready = [i for i in instances if i.state == "ready" and i.function == function and i.function_version == version]
     if ready:
         # Prefer an instance already used (warm caches) and the most recently used one, so the
         # others go idle and can be recycled by keep-alive; a prewarmed one is taken otherwise.
@@ -71,9 +68,7 @@ def plan_start(
     return StartPlan("wait")
 
 
-def generic_deficit(
-    instances: Sequence[InstanceFacts], *, target: int, max_instances: int, starting: int = 0
-) -> int:
+def generic_deficit(instances: Sequence[InstanceFacts], *, target: int, max_instances: int, starting: int = 0) -> int:
     """How many generic instances to start now to keep ``target`` of them, within capacity."""
     generic = sum(1 for i in instances if i.state == "generic")
     want = max(0, target - generic - starting)

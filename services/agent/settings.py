@@ -65,8 +65,11 @@ class AgentSettings:
             pool_size=env_int(env, "STOKER_POOL_SIZE", 2),
             max_instances=env_int(env, "STOKER_MAX_INSTANCES", 8),
             heartbeat_interval_s=env_float(env, "STOKER_HEARTBEAT_S", 0.5),
-            labels={"stoker.io/role": "runtime", "kubernetes.io/hostname": node,
-                    **parse_labels(env_str(env, "STOKER_NODE_LABELS", ""))},
+            labels={
+                "stoker.io/role": "runtime",
+                "kubernetes.io/hostname": node,
+                **parse_labels(env_str(env, "STOKER_NODE_LABELS", "")),
+            },
             taints=parse_taints(env_str(env, "STOKER_NODE_TAINTS", "")),
             python=env_str(env, "STOKER_RUNTIME_PYTHON", sys.executable),
             drain_timeout_s=env_float(env, "STOKER_DRAIN_TIMEOUT_S", 10.0),

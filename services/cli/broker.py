@@ -405,7 +405,8 @@ def _check_ready_to_run(cfg: BrokerConfig) -> None:
     version = libs_version(cfg.libs)
     if version != KAFKA_VERSION:
         raise BrokerError(
-            f"Kafka {KAFKA_VERSION} jars are not in {cfg.libs} (found {version or 'nothing'}); run fetch_artifacts first"
+            f"Kafka {KAFKA_VERSION} jars are not in {cfg.libs} (found {version or 'nothing'}); "
+            "run `stoker setup` (fetch_artifacts) first"
         )
     if not cfg.log4j_path.is_file():
         raise BrokerError(f"log4j2 config not found at {cfg.log4j_path}")

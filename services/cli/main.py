@@ -23,8 +23,11 @@ from services.common.artifacts import ArtifactError
 from services.common.client import StokerClient, deadline_in, package_code
 from services.common.settings import CommonSettings
 
-app = typer.Typer(help="Stoker: a private functions-as-a-service platform on Kafka.", no_args_is_help=True,
-                  pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="Stoker: a private functions-as-a-service platform on Kafka.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 fn_app = typer.Typer(help="Create, change, inspect and invoke functions.", no_args_is_help=True)
 app.add_typer(fn_app, name="fn")
 console = Console()
@@ -37,8 +40,13 @@ EXAMPLE = REPO_ROOT / "examples" / "hello"
 def settings(bootstrap: str | None = None) -> CommonSettings:
     common = CommonSettings.from_env()
     if bootstrap:
-        common = CommonSettings(home=common.home, bootstrap=bootstrap, topic_prefix=common.topic_prefix,
-                                otlp_endpoint=common.otlp_endpoint, log_level=common.log_level)
+        common = CommonSettings(
+            home=common.home,
+            bootstrap=bootstrap,
+            topic_prefix=common.topic_prefix,
+            otlp_endpoint=common.otlp_endpoint,
+            log_level=common.log_level,
+        )
     return common
 
 
@@ -72,8 +80,12 @@ def setup() -> None:
 
 @app.command()
 def up(
-    detach: Annotated[bool, typer.Option("--detach", "-d", help="Return once healthy; stop with `stoker down`.")] = False,
-    bootstrap: Annotated[Optional[str], typer.Option(help="Use this Kafka (HOST:PORT) instead of starting one.")] = None,
+    detach: Annotated[
+        bool, typer.Option("--detach", "-d", help="Return once healthy; stop with `stoker down`.")
+    ] = False,
+    bootstrap: Annotated[
+        Optional[str], typer.Option(help="Use this Kafka (HOST:PORT) instead of starting one.")
+    ] = None,
     nodes: Annotated[int, typer.Option(help="Runtime nodes (node agents) to start.", min=1, max=16)] = 2,
     pool_size: Annotated[int, typer.Option(help="Generic instances per node.", min=0, max=64)] = 2,
     http_port: Annotated[Optional[int], typer.Option(help="Gateway port (default $STOKER_HTTP_PORT or 8080).")] = None,
@@ -82,19 +94,24 @@ def up(
     """Start the embedded platform: Kafka, gateway, dispatcher, poolmgr and node agents."""
     common = settings(bootstrap)
     port = http_port or int(os.environ.get("STOKER_HTTP_PORT") or 8080)
-    config = platform.PlatformConfig(common=common, embedded_broker=bootstrap is None, http_port=port,
-                                     nodes=nodes, pool_size=pool_size)
+    config = platform.PlatformConfig(
+        common=common, embedded_broker=bootstrap is None, http_port=port, nodes=nodes, pool_size=pool_size
+    )
     started = time.monotonic()
     try:
         platform.up(config, on_step=lambda msg: console.print(f"[dim]•[/dim] {msg}"))
     except (platform.PlatformError, BrokerError) as exc:
         raise fail(str(exc)) from None
-    console.print(f"[green]Stoker is up[/green] in {time.monotonic() - started:.1f}s "
-                  f"(state in {common.home}, Kafka at {common.bootstrap})")
+    console.print(
+        f"[green]Stoker is up[/green] in {time.monotonic() - started:.1f}s "
+        f"(state in {common.home}, Kafka at {common.bootstrap})"
+    )
     if example and EXAMPLE.is_dir():
         _run_example(common)
-    console.print(f"HTTP API: [bold]http://127.0.0.1:{port}[/bold]  (try: curl -d '{{\"name\": \"you\"}}' "
-                  f"http://127.0.0.1:{port}/fn/hello)")
+    console.print(
+        f'HTTP API: [bold]http://127.0.0.1:{port}[/bold]  (try: curl -d \'{{"name": "you"}}\' '
+        f"http://127.0.0.1:{port}/fn/hello)"
+    )
     if detach:
         console.print("Running in the background; `stoker status` to look, `stoker down` to stop.")
         return
@@ -145,13 +162,19 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readabl
     host, _, port = common.bootstrap.rpartition(":")
     reachable = broker_is_reachable(host or "127.0.0.1", int(port))
     running = platform.running_components(common)
-    services = {name: {"pid": pid, "ready": platform.is_ready(common, name)}
-                for name, pid in running.items() if name != "broker"}
+    services = {
+        name: {"pid": pid, "ready": platform.is_ready(common, name)}
+        for name, pid in running.items()
+        if name != "broker"
+    }
     report: dict[str, Any] = {
         "broker": {"bootstrap": common.bootstrap, "reachable": reachable, "embedded_pid": running.get("broker")},
-        "services": services, "nodes": {}, "functions": {},
+        "services": services,
+        "nodes": {},
+        "functions": {},
     }
     if reachable:
+
         async def views() -> tuple[dict[str, Any], dict[str, FunctionSpec]]:
             async with StokerClient(common) as client:
                 return await client.nodes(), await client.functions()
@@ -163,22 +186,31 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readabl
             if rec.type == "node.heartbeat":
                 hb: Any = rec
                 entry.update(
-                    up=now - hb.at_ms < 3 * max(hb.interval_ms, 500), last_seen_s=round((now - hb.at_ms) / 1000, 1),
-                    labels=hb.labels, in_flight=hb.in_flight, pool_target=hb.pool_target,
+                    up=now - hb.at_ms < 3 * max(hb.interval_ms, 500),
+                    last_seen_s=round((now - hb.at_ms) / 1000, 1),
+                    labels=hb.labels,
+                    in_flight=hb.in_flight,
+                    pool_target=hb.pool_target,
                     instances=[i.model_dump(mode="json") for i in hb.instances],
                 )
             else:
                 entry["up"] = False
             report["nodes"][name] = entry
         for name, spec in sorted(functions.items()):
-            report["functions"][name] = {"version": spec.code_version, "revision": spec.revision,
-                                         "entrypoint": spec.entrypoint, "reuse": spec.reuse}
+            report["functions"][name] = {
+                "version": spec.code_version,
+                "revision": spec.revision,
+                "entrypoint": spec.entrypoint,
+                "reuse": spec.reuse,
+            }
     if as_json:
         print_json(report)
         return
     broker_line = "[green]reachable[/green]" if reachable else "[red]unreachable[/red]"
-    console.print(f"broker {common.bootstrap}: {broker_line}"
-                  + (f" (embedded, pid {running['broker']})" if "broker" in running else ""))
+    console.print(
+        f"broker {common.bootstrap}: {broker_line}"
+        + (f" (embedded, pid {running['broker']})" if "broker" in running else "")
+    )
     table = Table("service", "pid", "ready", title="services")
     for name, info in services.items():
         table.add_row(name, str(info["pid"]), "yes" if info["ready"] else "no")
@@ -245,9 +277,17 @@ def fn_create(
         raise fail(f"function {name!r} exists; use `stoker fn update`")
     try:
         source = package_code(common, code)
-        spec = FunctionSpec(name=name, entrypoint=entrypoint, source=source, runtime=runtime,  # type: ignore[arg-type]
-                            memory_mb=memory, timeout_s=timeout, concurrency=concurrency, idle_s=idle_s,
-                            env=_parse_env(env))
+        spec = FunctionSpec(
+            name=name,
+            entrypoint=entrypoint,
+            source=source,
+            runtime=runtime,  # type: ignore[arg-type]
+            memory_mb=memory,
+            timeout_s=timeout,
+            concurrency=concurrency,
+            idle_s=idle_s,
+            env=_parse_env(env),
+        )
     except (ArtifactError, ValueError) as exc:
         raise fail(str(exc)) from None
     _put(common, spec)
@@ -275,8 +315,13 @@ def fn_update(
     try:
         if code is not None:
             changes["source"] = package_code(common, code)
-        for key, value in (("entrypoint", entrypoint), ("memory_mb", memory), ("timeout_s", timeout),
-                           ("concurrency", concurrency), ("idle_s", idle_s)):
+        for key, value in (
+            ("entrypoint", entrypoint),
+            ("memory_mb", memory),
+            ("timeout_s", timeout),
+            ("concurrency", concurrency),
+            ("idle_s", idle_s),
+        ):
             if value is not None:
                 changes[key] = value
         if env:
@@ -315,8 +360,15 @@ def fn_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
         return
     table = Table("name", "version", "revision", "entrypoint", "timeout", "memory", "concurrency")
     for s in sorted(specs.values(), key=lambda s: s.name):
-        table.add_row(s.name, s.code_version, str(s.revision), s.entrypoint, f"{s.timeout_s:g}s",
-                      f"{s.memory_mb}MB", str(s.concurrency))
+        table.add_row(
+            s.name,
+            s.code_version,
+            str(s.revision),
+            s.entrypoint,
+            f"{s.timeout_s:g}s",
+            f"{s.memory_mb}MB",
+            str(s.concurrency),
+        )
     console.print(table)
 
 
@@ -399,8 +451,15 @@ def monitor(
     _require_broker(common)
     names = [t if t.startswith(common.topic_prefix) else common.topic_prefix + t for t in topics or []]
     try:
-        run_tail(settings=common, topics=names, from_beginning=from_beginning, limit=limit, duration_s=duration,
-                 console=console, include_heartbeats=heartbeats)
+        run_tail(
+            settings=common,
+            topics=names,
+            from_beginning=from_beginning,
+            limit=limit,
+            duration_s=duration,
+            console=console,
+            include_heartbeats=heartbeats,
+        )
     except KeyboardInterrupt:
         pass
 

@@ -46,10 +46,19 @@ def summarize(value: bytes | None) -> str:
     return " ".join(parts)
 
 
-async def tail(settings: CommonSettings, topics: list[str], *, from_beginning: bool, limit: int | None,
-               duration_s: float | None, console: Console, include_heartbeats: bool) -> int:
+async def tail(
+    settings: CommonSettings,
+    topics: list[str],
+    *,
+    from_beginning: bool,
+    limit: int | None,
+    duration_s: float | None,
+    console: Console,
+    include_heartbeats: bool,
+) -> int:
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.bootstrap, enable_auto_commit=False,
+        bootstrap_servers=settings.bootstrap,
+        enable_auto_commit=False,
         auto_offset_reset="earliest" if from_beginning else "latest",
     )
     await consumer.start()
@@ -71,8 +80,12 @@ async def tail(settings: CommonSettings, topics: list[str], *, from_beginning: b
                         continue
                     ts = datetime.fromtimestamp(rec.timestamp / 1000).strftime("%H:%M:%S.%f")[:-3]
                     key = rec.key.decode(errors="replace") if rec.key else "-"
-                    console.print(f"[dim]{ts}[/dim] [cyan]{rec.topic}[/cyan] [yellow]{escape(key)}[/yellow] {escape(line)}",
-                                  highlight=False, markup=True, soft_wrap=True)
+                    console.print(
+                        f"[dim]{ts}[/dim] [cyan]{rec.topic}[/cyan] [yellow]{escape(key)}[/yellow] {escape(line)}",
+                        highlight=False,
+                        markup=True,
+                        soft_wrap=True,
+                    )
                     seen += 1
                     if limit is not None and seen >= limit:
                         return seen

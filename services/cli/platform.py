@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,12 +87,12 @@ def alive(pid: int | None) -> bool:
 
 def running_components(common: CommonSettings) -> dict[str, int]:
     """Every component with a pid file whose process is alive."""
-    found = {}
+    found: dict[str, int] = {}
     if common.run_dir.is_dir():
         for path in sorted(common.run_dir.glob("*.pid")):
             pid = read_pid(common, path.stem)
-            if alive(pid):
-                found[path.stem] = pid  # type: ignore[assignment]
+            if pid is not None and alive(pid):
+                found[path.stem] = pid
     return found
 
 
@@ -112,7 +113,9 @@ def broker_config(common: CommonSettings) -> kafka.BrokerConfig:
     libs = os.environ.get("STOKER_KAFKA_LIBS")
     controller = os.environ.get("STOKER_CONTROLLER_PORT")
     return kafka.BrokerConfig(
-        home=common.home, host=host or "127.0.0.1", port=int(port),
+        home=common.home,
+        host=host or "127.0.0.1",
+        port=int(port),
         controller_port=int(controller) if controller else int(port) + 1,
         libs_dir=Path(libs) if libs else None,
     )
@@ -146,8 +149,13 @@ def start_component(config: PlatformConfig, comp: Component) -> int:
     }
     with (common.logs_dir / f"{comp.name}.log").open("ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", comp.module], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-            env=env, cwd=common.home, start_new_session=True,
+            [sys.executable, "-m", comp.module],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            env=env,
+            cwd=common.home,
+            start_new_session=True,
         )
     pid_path(common, comp.name).write_text(str(proc.pid))
     return proc.pid
@@ -168,14 +176,15 @@ def wait_ready(common: CommonSettings, names: list[str], timeout_s: float = 60.0
         time.sleep(0.1)
 
 
-def up(config: PlatformConfig, on_step: callable[[str], None] | None = None) -> None:  # type: ignore[valid-type]
+def up(config: PlatformConfig, on_step: Callable[[str], None] | None = None) -> None:
     """Start the platform and return once every component reports healthy."""
     common = config.common
     say = on_step or (lambda _msg: None)
     already = running_components(common)
     if already:
-        raise PlatformError(f"a platform is already running from {common.home} ({', '.join(already)}); "
-                            "run `stoker down` first")
+        raise PlatformError(
+            f"a platform is already running from {common.home} ({', '.join(already)}); run `stoker down` first"
+        )
     try:
         if config.embedded_broker:
             say(f"fetching Kafka {kafka.KAFKA_VERSION} (cached after the first time)")
@@ -199,8 +208,9 @@ def down(common: CommonSettings, timeout_s: float = 20.0) -> list[str]:
     """Stop every component (services first, the broker last); returns what was stopped."""
     stopped = []
     running = running_components(common)
-    order = [n for n in running if n.startswith("gateway")] + \
-            [n for n in running if n not in ("broker",) and not n.startswith("gateway")]
+    order = [n for n in running if n.startswith("gateway")] + [
+        n for n in running if n not in ("broker",) and not n.startswith("gateway")
+    ]
     for group in (order, ["broker"] if "broker" in running else []):
         for name in group:
             _signal_group(running[name], signal.SIGTERM)

@@ -47,8 +47,9 @@ def build_tree(spans: list[dict[str, Any]], trace_id: str) -> Tree:
         dur = (s["end_ns"] - s["start_ns"]) / 1e6
         at = (s["start_ns"] - t0) / 1e6
         attrs = s.get("attributes", {})
-        extra = " ".join(f"{k.split('.')[-1]}={attrs[k]}" for k in ("stoker.node", "stoker.start", "stoker.instance")
-                         if k in attrs)
+        extra = " ".join(
+            f"{k.split('.')[-1]}={attrs[k]}" for k in ("stoker.node", "stoker.start", "stoker.instance") if k in attrs
+        )
         status = "" if s.get("status") in ("UNSET", "OK") else f" [red]{s.get('status')}[/red]"
         return f"[bold]{s['name']}[/bold] [dim]{s.get('service')}[/dim] +{at:.2f}ms {dur:.2f}ms {extra}{status}"
 

@@ -51,8 +51,14 @@ class StokerCodec:
 
 
 def dead_letter_for(
-    *, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None,
-    reason: str, consumer: str,
+    *,
+    topic: str,
+    partition: int,
+    offset: int,
+    key: bytes | None,
+    value: bytes | None,
+    reason: str,
+    consumer: str,
 ) -> DeadLettered:
     """Build the dead letter for one record."""
     raw = value or b""
@@ -89,8 +95,13 @@ def make_dead_letter_middleware(dlq_topic: str, consumer: str, broker_ref: list[
                 reason = str(exc)
             raw = msg.raw_message
             letter = dead_letter_for(
-                topic=raw.topic, partition=raw.partition, offset=raw.offset,
-                key=raw.key, value=raw.value, reason=reason, consumer=consumer,
+                topic=raw.topic,
+                partition=raw.partition,
+                offset=raw.offset,
+                key=raw.key,
+                value=raw.value,
+                reason=reason,
+                consumer=consumer,
             )
             log.warning("dead-lettering %s[%s]@%s: %s", raw.topic, raw.partition, raw.offset, reason)
             await broker_ref[0].publish(letter, dlq_topic, key=raw.key)
@@ -99,9 +110,7 @@ def make_dead_letter_middleware(dlq_topic: str, consumer: str, broker_ref: list[
     return DeadLetterMiddleware
 
 
-def make_broker(
-    settings: CommonSettings, service: str, tracer_provider: TracerProvider | None = None
-) -> KafkaBroker:
+def make_broker(settings: CommonSettings, service: str, tracer_provider: TracerProvider | None = None) -> KafkaBroker:
     """Build a service's broker. Subscribers are added by the service's app module."""
     ref: list[KafkaBroker] = []
     middlewares: list[Any] = [make_dead_letter_middleware(settings.topics.dlq, service, ref)]

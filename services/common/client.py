@@ -40,7 +40,10 @@ class StokerClient:
         self.settings = settings
         self.topics = settings.topics
         self._producer = AIOKafkaProducer(
-            bootstrap_servers=settings.bootstrap, acks="all", enable_idempotence=True, linger_ms=0,
+            bootstrap_servers=settings.bootstrap,
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=0,
             request_timeout_ms=15_000,
         )
         self._results: TopicTail | None = None
@@ -50,8 +53,9 @@ class StokerClient:
         await self._producer.start()
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if self._results is not None:
             await self._results.stop()
         await self._producer.stop()
@@ -65,13 +69,17 @@ class StokerClient:
         await self._producer.send_and_wait(self.topics.function, None, key=name.encode())
 
     async def functions(self) -> dict[str, FunctionSpec]:
-        table: CompactedTable[FunctionSpec] = CompactedTable(self.settings.bootstrap, self.topics.function, (FunctionSpec,))
+        table: CompactedTable[FunctionSpec] = CompactedTable(
+            self.settings.bootstrap, self.topics.function, (FunctionSpec,)
+        )
         await table.start()
         await table.stop()
         return dict(table.rows)
 
     async def nodes(self) -> dict[str, NodeHeartbeat | NodeStopped]:
-        table: CompactedTable[Any] = CompactedTable(self.settings.bootstrap, self.topics.node, (NodeHeartbeat, NodeStopped))
+        table: CompactedTable[Any] = CompactedTable(
+            self.settings.bootstrap, self.topics.node, (NodeHeartbeat, NodeStopped)
+        )
         await table.start()
         await table.stop()
         return dict(table.rows)
@@ -80,7 +88,9 @@ class StokerClient:
 
     async def _ensure_results(self) -> None:
         if self._results is None:
-            self._results = TopicTail(self.settings.bootstrap, self.topics.result, (InvocationCompleted,), self._resolve)
+            self._results = TopicTail(
+                self.settings.bootstrap, self.topics.result, (InvocationCompleted,), self._resolve
+            )
             await self._results.start()
 
     def _resolve(self, result: InvocationCompleted) -> None:
@@ -93,22 +103,31 @@ class StokerClient:
         headers: dict[str, str] = {}
         propagate.inject(headers)
         await self._producer.send_and_wait(
-            self.topics.invocation, encode(inv), key=inv.function.encode(),
+            self.topics.invocation,
+            encode(inv),
+            key=inv.function.encode(),
             headers=[(k, v.encode()) for k, v in headers.items()],
         )
 
-    async def invoke(self, function: str, payload: Any = None, *, timeout_s: float = 60.0,
-                     deadline_ms: int | None = None) -> InvocationCompleted:
+    async def invoke(
+        self, function: str, payload: Any = None, *, timeout_s: float = 60.0, deadline_ms: int | None = None
+    ) -> InvocationCompleted:
         """Invoke a function over Kafka and wait for its terminal result."""
         await self._ensure_results()
         inv = InvocationRequested(function=function, payload=payload, deadline_ms=deadline_ms)
         future = asyncio.get_running_loop().create_future()
         self._waiting[inv.id] = future
-        with tracer.start_as_current_span(f"{self.topics.invocation} publish", kind=SpanKind.PRODUCER,
-                                          attributes={telemetry.INVOCATION_ID: inv.id, telemetry.FUNCTION: function,
-                                                      "messaging.system": "kafka",
-                                                      "messaging.destination.name": self.topics.invocation,
-                                                      "messaging.operation.type": "send"}):
+        with tracer.start_as_current_span(
+            f"{self.topics.invocation} publish",
+            kind=SpanKind.PRODUCER,
+            attributes={
+                telemetry.INVOCATION_ID: inv.id,
+                telemetry.FUNCTION: function,
+                "messaging.system": "kafka",
+                "messaging.destination.name": self.topics.invocation,
+                "messaging.operation.type": "send",
+            },
+        ):
             try:
                 await self.publish(inv)
                 return await asyncio.wait_for(future, timeout_s)

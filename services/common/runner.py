@@ -11,15 +11,16 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
+from typing import Any
 
 import orjson
 from faststream.kafka import KafkaBroker
 
 from services.common.settings import CommonSettings
 
-Hook = Callable[[], Awaitable[None]]
+Hook = Callable[[], Coroutine[Any, Any, None]]
 
 
 def configure_logging(settings: CommonSettings) -> None:

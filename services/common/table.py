@@ -118,9 +118,7 @@ class CompactedTable(Generic[R]):
                     self._apply(rec.topic, rec.partition, rec.offset, rec.key, rec.value)
             self._progress.set()
 
-    def _apply(
-        self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None
-    ) -> None:
+    def _apply(self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None) -> None:
         if key is None:
             self._bad(topic, partition, offset, key, value, "record without a key on a compacted topic")
             return
@@ -174,7 +172,9 @@ class TopicTail:
 
     async def start(self) -> None:
         self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=self._bootstrap, enable_auto_commit=False, fetch_max_wait_ms=100,
+            bootstrap_servers=self._bootstrap,
+            enable_auto_commit=False,
+            fetch_max_wait_ms=100,
         )
         await self._consumer.start()
         tps = await partitions_of(self._consumer, self.topic)

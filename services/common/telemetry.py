@@ -60,9 +60,7 @@ class JsonLinesSpanExporter(SpanExporter):
         self._lock = threading.Lock()
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        lines = b"".join(
-            orjson.dumps(span_to_dict(s, self._service), default=str) + b"\n" for s in spans
-        )
+        lines = b"".join(orjson.dumps(span_to_dict(s, self._service), default=str) + b"\n" for s in spans)
         with self._lock:
             self._file.write(lines)
             self._file.flush()
@@ -82,9 +80,7 @@ def setup_tracing(service: str, settings: CommonSettings) -> TracerProvider:
 
         exporter = OTLPSpanExporter(endpoint=settings.otlp_endpoint)
     else:
-        exporter = JsonLinesSpanExporter(
-            settings.traces_dir / f"{service}-{os.getpid()}.jsonl", service
-        )
+        exporter = JsonLinesSpanExporter(settings.traces_dir / f"{service}-{os.getpid()}.jsonl", service)
     # Export off the hot path: a background thread batches spans every 200 ms.
     provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=200))
     trace.set_tracer_provider(provider)

@@ -36,7 +36,9 @@ async def run(settings: DispatcherSettings) -> None:
     dispatcher = Dispatcher(settings, publish, lookup)
     node_events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
     nodes: CompactedTable[Any] = CompactedTable(
-        common.bootstrap, common.topics.node, (NodeHeartbeat, NodeStopped),
+        common.bootstrap,
+        common.topics.node,
+        (NodeHeartbeat, NodeStopped),
         on_change=lambda name, rec: node_events.put_nowait((name, rec)),
     )
     results = TopicTail(common.bootstrap, common.topics.result, (InvocationCompleted,), dispatcher.on_result)
@@ -62,6 +64,7 @@ async def run(settings: DispatcherSettings) -> None:
         for view in (results, functions, nodes):
             await view.stop()
 
-    await serve("dispatcher", common, broker, on_start=[start_views],
-                background=[apply_node_events, tick], on_stop=[stop_views])
+    await serve(
+        "dispatcher", common, broker, on_start=[start_views], background=[apply_node_events, tick], on_stop=[stop_views]
+    )
     provider.shutdown()

@@ -17,6 +17,7 @@ from events import (
     NodeHeartbeat,
     NodeStopped,
     Record,
+    Status,
     Timings,
     now_ms,
 )
@@ -54,12 +55,14 @@ class Dispatcher:
             return
         spec = await self._lookup(inv.function)
         if spec is None:
-            await self._finish(inv, "rejected", ErrorInfo(
-                kind="unknown_function", message=f"no function named {inv.function!r}"))
+            await self._finish(
+                inv, "rejected", ErrorInfo(kind="unknown_function", message=f"no function named {inv.function!r}")
+            )
             return
         if inv.expired(now_ms()):
-            await self._finish(inv, "timeout", ErrorInfo(
-                kind="deadline_passed", message="deadline passed before it was dispatched"))
+            await self._finish(
+                inv, "timeout", ErrorInfo(kind="deadline_passed", message="deadline passed before it was dispatched")
+            )
             return
         await self._route(Waiting(inv, spec, since_ms=now_ms()))
 
@@ -117,10 +120,14 @@ class Dispatcher:
             if self.ledger.running(function) == before:
                 return  # it went back to waiting (no eligible node): stop here
 
-    async def _finish(self, inv: InvocationRequested, status: str, error: ErrorInfo, **extra: Any) -> None:
+    async def _finish(self, inv: InvocationRequested, status: Status, error: ErrorInfo, **extra: Any) -> None:
         result = InvocationCompleted(
-            id=inv.id, function=inv.function, status=status, error=error,  # type: ignore[arg-type]
-            timings_ms=Timings(total=float(max(0, now_ms() - inv.requested_ms))), **extra,
+            id=inv.id,
+            function=inv.function,
+            status=status,
+            error=error,  # type: ignore[arg-type]
+            timings_ms=Timings(total=float(max(0, now_ms() - inv.requested_ms))),
+            **extra,
         )
         writes = [self._publish(result, self.topics.result, inv.id)]
         if inv.reply_to:
@@ -165,9 +172,13 @@ class Dispatcher:
                 await self._route(Waiting(inv, entry.spec, since_ms=now_ms(), attempt=entry.attempt + 1))
             else:
                 log.warning("%s: invocation %s lost", reason, inv.id)
-                await self._finish(inv, "lost", ErrorInfo(
-                    kind="node_lost", message=f"{reason} while running it (attempt {entry.attempt})"),
-                    node=name, attempt=entry.attempt)
+                await self._finish(
+                    inv,
+                    "lost",
+                    ErrorInfo(kind="node_lost", message=f"{reason} while running it (attempt {entry.attempt})"),
+                    node=name,
+                    attempt=entry.attempt,
+                )
 
     async def tick(self) -> None:
         """Periodic duties: declare silent nodes down, expire what waited too long."""
@@ -177,7 +188,10 @@ class Dispatcher:
                 await self._node_lost(name, f"node {name} missed its heartbeats")
         now = now_ms()
         for item in list(self.ledger.expired_waiting(now, int(self.settings.max_queue_s * 1000))):
-            await self._finish(item.invocation, "rejected", ErrorInfo(
-                kind="no_capacity", message="no eligible node had capacity before the deadline"))
+            await self._finish(
+                item.invocation,
+                "rejected",
+                ErrorInfo(kind="no_capacity", message="no eligible node had capacity before the deadline"),
+            )
         for function in list(self.ledger.waiting):
             await self._drain(function)

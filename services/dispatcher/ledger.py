@@ -72,7 +72,8 @@ class Ledger:
     def on_node(self, node: str, *, except_incarnation: str | None = None) -> list[InFlight]:
         """In-flight entries held by ``node`` (optionally only older incarnations)."""
         return [
-            e for e in self.in_flight.values()
+            e
+            for e in self.in_flight.values()
             if e.node == node and (except_incarnation is None or e.incarnation != except_incarnation)
         ]
 
@@ -96,7 +97,7 @@ class Ledger:
         """Remove and yield waiting invocations whose deadline (or the queueing limit) passed."""
         for function in list(self.waiting):
             queue = self.waiting[function]
-            keep = deque()
+            keep: deque[Waiting] = deque()
             for item in queue:
                 limit = item.invocation.deadline_ms or (item.since_ms + max_wait_ms)
                 if now_ms >= limit:

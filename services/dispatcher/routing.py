@@ -45,10 +45,12 @@ def eligible(node: NodeHeartbeat, tolerations: Iterable[Taint] = (RUNTIME_TAINT,
     return all(tolerated(t, tols) for t in node.taints)
 
 
-def _count(instances: Iterable[InstanceSummary], state: str, function: str | None = None,
-           version: str | None = None) -> int:
+def _count(
+    instances: Iterable[InstanceSummary], state: str, function: str | None = None, version: str | None = None
+) -> int:
     return sum(
-        1 for i in instances
+        1
+        for i in instances
         if i.state == state and (function is None or (i.function == function and i.function_version == version))
     )
 
@@ -90,8 +92,8 @@ def choose_node(
     if warm:
         best = max(warm, key=lambda v: (warm_idle(v), v.name == affinity, -load(v)))
         return Choice(best.name, "warm")
-    if affinity in nodes and nodes[affinity] in candidates and load(nodes[affinity]) <= 1.0:
-        return Choice(affinity, "affinity")  # type: ignore[arg-type]
+    if affinity is not None and affinity in nodes and nodes[affinity] in candidates and load(nodes[affinity]) <= 1.0:
+        return Choice(affinity, "affinity")
     generic = [v for v in candidates if generic_idle(v) > 0]
     if generic:
         best = max(generic, key=lambda v: (generic_idle(v), -load(v)))

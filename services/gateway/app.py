@@ -32,8 +32,12 @@ from services.gateway.settings import GatewaySettings
 log = logging.getLogger("stoker.gateway")
 
 REQUESTS = Counter("stoker_gateway_requests_total", "HTTP requests", ["route", "status"])
-LATENCY = Histogram("stoker_gateway_request_seconds", "HTTP request latency", ["route"],
-                    buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30))
+LATENCY = Histogram(
+    "stoker_gateway_request_seconds",
+    "HTTP request latency",
+    ["route"],
+    buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30),
+)
 
 STATUS_HTTP = {"ok": 200, "error": 500, "timeout": 504, "lost": 502}
 
@@ -193,7 +197,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     @app.get("/functions")
     async def list_functions() -> Response:
         await functions.wait_caught_up(timeout_s=1.0)
-        return _json(200, [spec.model_dump(mode="json") for spec in sorted(functions.rows.values(), key=lambda s: s.name)])
+        return _json(
+            200, [spec.model_dump(mode="json") for spec in sorted(functions.rows.values(), key=lambda s: s.name)]
+        )
 
     @app.get("/functions/{name}")
     async def get_function(name: str) -> Response:
@@ -215,5 +221,11 @@ def main() -> None:
 
     settings = GatewaySettings.from_env()
     configure_logging(settings.common)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning",
-                access_log=False, timeout_graceful_shutdown=5)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )

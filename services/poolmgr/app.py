@@ -25,7 +25,9 @@ async def run(common: CommonSettings, policy: PoolPolicy) -> None:
     functions: CompactedTable[FunctionSpec] = CompactedTable(common.bootstrap, common.topics.function, (FunctionSpec,))
     beats: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
     nodes: CompactedTable[Any] = CompactedTable(
-        common.bootstrap, common.topics.node, (NodeHeartbeat, NodeStopped),
+        common.bootstrap,
+        common.topics.node,
+        (NodeHeartbeat, NodeStopped),
         on_change=lambda name, rec: beats.put_nowait((name, rec)),
     )
     told: dict[str, tuple[str, int]] = {}  # node -> (incarnation, target) last commanded
@@ -40,8 +42,9 @@ async def run(common: CommonSettings, policy: PoolPolicy) -> None:
             return  # a replayed heartbeat of a node long gone
         target = generic_target(hb, policy)
         if told.get(name) != (hb.incarnation, target) and hb.pool_target != target:
-            await broker.publish(EnsurePool(incarnation=hb.incarnation, generic=target),
-                                 common.topics.work(name), key=b"pool")
+            await broker.publish(
+                EnsurePool(incarnation=hb.incarnation, generic=target), common.topics.work(name), key=b"pool"
+            )
         told[name] = (hb.incarnation, target)
         for decision in keepalive_expired(hb, functions.rows, policy):
             if now_ms() - recycling.get(decision.instance, 0) < 10_000:
@@ -50,7 +53,9 @@ async def run(common: CommonSettings, policy: PoolPolicy) -> None:
             log.info("recycling %s on %s: %s", decision.instance, name, decision.reason)
             await broker.publish(
                 Recycle(incarnation=hb.incarnation, instance=decision.instance, reason=decision.reason),
-                common.topics.work(name), key=(decision.function or "").encode())
+                common.topics.work(name),
+                key=(decision.function or "").encode(),
+            )
 
     async def follow_nodes() -> None:
         while True:

@@ -89,7 +89,8 @@ class Runtime:
             if not callable(handler):
                 raise TypeError(f"{msg['entrypoint']} is not callable")
             params = [
-                p for p in inspect.signature(handler).parameters.values()
+                p
+                for p in inspect.signature(handler).parameters.values()
                 if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
             ]
             if not 1 <= len(params) <= 2:

@@ -10,11 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import pytest
 from aiokafka import AIOKafkaConsumer
 
-from events import InvocationRequested, Topics, now_ms
-from services.common.admin import ensure_topics
+from events import InvocationRequested, now_ms
 from services.common.client import StokerClient
 from tests.e2e.conftest import processes_under, start_platform
 from tests.helpers import RunningBroker, eventually
@@ -29,12 +27,14 @@ def test_killed_agent_in_flight_work_is_retried_or_lost_exactly_once(
     prefix = f"nf{uuid.uuid4().hex[:6]}."
     # An existing Kafka (`--bootstrap`), with this test's own topic prefix.
     platform, _ = start_platform(
-        home, "--bootstrap", kafka_broker.bootstrap, "--no-example",
+        home,
+        "--bootstrap",
+        kafka_broker.bootstrap,
+        "--no-example",
         env_extra={"STOKER_TOPIC_PREFIX": prefix, "STOKER_BOOTSTRAP": kafka_broker.bootstrap},
     )
     try:
-        platform.stoker("fn", "create", "slow", "--code", str(PROBE), "--entrypoint", "handler:main",
-                        "--timeout", "30")
+        platform.stoker("fn", "create", "slow", "--code", str(PROBE), "--entrypoint", "handler:main", "--timeout", "30")
         outcome = asyncio.run(_kill_during_work(platform.settings, platform.pids()))
     finally:
         platform.stoker("down", check=False)
@@ -64,9 +64,14 @@ async def _kill_during_work(
     settings: Any, pids: dict[str, int]
 ) -> tuple[list[str], set[str], list[str], dict[str, list[Any]], str]:
     topics = settings.topics
-    consumer = AIOKafkaConsumer(topics.result, topics.work("runtime-0"), topics.work("runtime-1"),
-                                bootstrap_servers=settings.bootstrap, auto_offset_reset="earliest",
-                                enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        topics.result,
+        topics.work("runtime-0"),
+        topics.work("runtime-1"),
+        bootstrap_servers=settings.bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
     await consumer.start()
     results: dict[str, list[Any]] = {}
     sent: dict[str, set[str]] = {"runtime-0": set(), "runtime-1": set()}
@@ -82,11 +87,16 @@ async def _kill_during_work(
 
     try:
         async with StokerClient(settings) as client:
-            no_deadline = [InvocationRequested(function="slow", payload={"action": "sleep", "seconds": 3})
-                           for _ in range(3)]
+            no_deadline = [
+                InvocationRequested(function="slow", payload={"action": "sleep", "seconds": 3}) for _ in range(3)
+            ]
             # These may not be retried: their deadline passes before the node is declared dead.
-            short = [InvocationRequested(function="slow", payload={"action": "sleep", "seconds": 3},
-                                         deadline_ms=now_ms() + 2500) for _ in range(3)]
+            short = [
+                InvocationRequested(
+                    function="slow", payload={"action": "sleep", "seconds": 3}, deadline_ms=now_ms() + 2500
+                )
+                for _ in range(3)
+            ]
             for inv in no_deadline + short:
                 await client.publish(inv)
 

@@ -13,7 +13,6 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from events import codec
 from tests.e2e.conftest import Platform
 from tests.helpers import assert_eventually, eventually
 
@@ -42,10 +41,24 @@ def test_status_shows_broker_services_nodes_instances_and_functions(platform: Pl
 
 
 def test_function_lifecycle(platform: Platform) -> None:
-    platform.stoker("fn", "create", "lifecycle", "--code", str(PROBE), "--entrypoint", "handler:main",
-                    "--memory", "128", "--timeout", "5", "--concurrency", "4")
-    again = platform.stoker("fn", "create", "lifecycle", "--code", str(PROBE), "--entrypoint", "handler:main",
-                            check=False)
+    platform.stoker(
+        "fn",
+        "create",
+        "lifecycle",
+        "--code",
+        str(PROBE),
+        "--entrypoint",
+        "handler:main",
+        "--memory",
+        "128",
+        "--timeout",
+        "5",
+        "--concurrency",
+        "4",
+    )
+    again = platform.stoker(
+        "fn", "create", "lifecycle", "--code", str(PROBE), "--entrypoint", "handler:main", check=False
+    )
     assert again.returncode != 0 and "exists" in again.stderr
     spec = orjson.loads(platform.stoker("fn", "get", "lifecycle").stdout)
     assert (spec["memory_mb"], spec["timeout_s"], spec["concurrency"], spec["revision"]) == (128, 5.0, 4, 1)
@@ -86,8 +99,17 @@ def test_four_ways_to_invoke_give_the_same_result(platform: Platform) -> None:
         assert http.get("/invocations/does-not-exist").status_code == 404
 
     raw_id = uuid.uuid4().hex
-    raw = orjson.dumps({"type": "invocation.requested", "version": 1, "id": raw_id, "function": "echo",
-                        "payload": payload, "reply_to": None, "deadline_ms": None})
+    raw = orjson.dumps(
+        {
+            "type": "invocation.requested",
+            "version": 1,
+            "id": raw_id,
+            "function": "echo",
+            "payload": payload,
+            "reply_to": None,
+            "deadline_ms": None,
+        }
+    )
     results = asyncio.run(_publish_and_collect(platform, raw, raw_id))
     assert len(results) == 1, results  # exactly one terminal record
     assert results[0]["status"] == "ok" and results[0]["output"]["echo"] == payload
@@ -95,8 +117,12 @@ def test_four_ways_to_invoke_give_the_same_result(platform: Platform) -> None:
 
 async def _publish_and_collect(platform: Platform, raw: bytes, inv_id: str) -> list[dict[str, Any]]:
     settings = platform.settings
-    consumer = AIOKafkaConsumer(settings.topics.result, bootstrap_servers=settings.bootstrap,
-                                auto_offset_reset="earliest", enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        settings.topics.result,
+        bootstrap_servers=settings.bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
     await consumer.start()
     producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap)
     await producer.start()
@@ -125,14 +151,18 @@ def test_bad_http_input_gets_the_right_4xx_and_publishes_nothing(platform: Platf
         consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap)
         await consumer.start()
         try:
-            parts = [TopicPartition(settings.topics.invocation, p)
-                     for p in consumer.partitions_for_topic(settings.topics.invocation) or []]
+            parts = [
+                TopicPartition(settings.topics.invocation, p)
+                for p in consumer.partitions_for_topic(settings.topics.invocation) or []
+            ]
             if not parts:
                 await consumer.topics()
                 consumer._client.add_topic(settings.topics.invocation)  # noqa: SLF001
                 await consumer._client.force_metadata_update()  # noqa: SLF001
-                parts = [TopicPartition(settings.topics.invocation, p)
-                         for p in consumer.partitions_for_topic(settings.topics.invocation) or []]
+                parts = [
+                    TopicPartition(settings.topics.invocation, p)
+                    for p in consumer.partitions_for_topic(settings.topics.invocation) or []
+                ]
             return dict(await consumer.end_offsets(parts))
         finally:
             await consumer.stop()
@@ -149,8 +179,7 @@ def test_bad_http_input_gets_the_right_4xx_and_publishes_nothing(platform: Platf
 
 
 def test_function_faults_each_get_a_terminal_result(platform: Platform) -> None:
-    platform.stoker("fn", "create", "faulty", "--code", str(PROBE), "--entrypoint", "handler:main",
-                    "--timeout", "1")
+    platform.stoker("fn", "create", "faulty", "--code", str(PROBE), "--entrypoint", "handler:main", "--timeout", "1")
     with platform.client() as http:
         raised = http.post("/fn/faulty", json={"action": "raise"})
         assert raised.status_code == 500
@@ -171,8 +200,15 @@ def test_trace_links_every_stage_of_an_invocation(platform: Platform) -> None:
 
     def tree() -> str:
         out = platform.stoker("trace", inv_id, check=False).stdout
-        wanted = ("POST /fn/{name}", "invocation publish", "invocation process", "work.runtime-",
-                  "stoker start", "stoker exec", "result publish")
+        wanted = (
+            "POST /fn/{name}",
+            "invocation publish",
+            "invocation process",
+            "work.runtime-",
+            "stoker start",
+            "stoker exec",
+            "result publish",
+        )
         return out if all(w in out for w in wanted) else ""
 
     out = assert_eventually(tree, timeout_s=15, message="a complete span tree")

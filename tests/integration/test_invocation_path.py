@@ -23,13 +23,18 @@ FNS = Path(__file__).parent / "fns"
 @pytest.fixture(scope="module")
 def platform(kafka_broker: RunningBroker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CommonSettings]:
     prefix = f"ip{uuid.uuid4().hex[:6]}."
-    settings = CommonSettings(home=tmp_path_factory.mktemp("home"), bootstrap=kafka_broker.bootstrap,
-                              topic_prefix=prefix)
+    settings = CommonSettings(
+        home=tmp_path_factory.mktemp("home"), bootstrap=kafka_broker.bootstrap, topic_prefix=prefix
+    )
     topics = Topics(prefix)
     asyncio.run(ensure_topics(settings.bootstrap, topics.catalogue(invocation_partitions=2)))
     dispatcher = ServiceProcess("services.dispatcher", "dispatcher", settings)
-    agent = ServiceProcess("services.agent", "agent-runtime-0", settings,
-                           {"STOKER_NODE_NAME": "runtime-0", "STOKER_POOL_SIZE": "1", "STOKER_MAX_INSTANCES": "3"})
+    agent = ServiceProcess(
+        "services.agent",
+        "agent-runtime-0",
+        settings,
+        {"STOKER_NODE_NAME": "runtime-0", "STOKER_POOL_SIZE": "1", "STOKER_MAX_INSTANCES": "3"},
+    )
     try:
         dispatcher.wait_ready()
         agent.wait_ready()
@@ -37,10 +42,10 @@ def platform(kafka_broker: RunningBroker, tmp_path_factory: pytest.TempPathFacto
         async def deploy() -> None:
             async with StokerClient(settings) as client:
                 source = package_code(settings, FNS / "probe")
-                await client.put_function(FunctionSpec(name="probe", entrypoint="handler:main", source=source,
-                                                       timeout_s=1.0))
-                await client.put_function(FunctionSpec(name="probe-async", entrypoint="handler:amain",
-                                                       source=source))
+                await client.put_function(
+                    FunctionSpec(name="probe", entrypoint="handler:main", source=source, timeout_s=1.0)
+                )
+                await client.put_function(FunctionSpec(name="probe-async", entrypoint="handler:amain", source=source))
 
         asyncio.run(deploy())
         yield settings
@@ -110,11 +115,16 @@ def test_unknown_function_is_rejected(platform: CommonSettings) -> None:
 
 async def _results_for(settings: CommonSettings, ids: set[str], settle_s: float, expect: int) -> list[Any]:
     """Every result record with one of ``ids`` on the result topic (read from the beginning)."""
-    consumer = AIOKafkaConsumer(settings.topics.result, bootstrap_servers=settings.bootstrap,
-                                auto_offset_reset="earliest", enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        settings.topics.result,
+        bootstrap_servers=settings.bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
     await consumer.start()
     found: list[Any] = []
     try:
+
         async def enough() -> bool:
             batches = await consumer.getmany(timeout_ms=200)
             for records in batches.values():
@@ -134,8 +144,11 @@ async def _results_for(settings: CommonSettings, ids: set[str], settle_s: float,
 def test_raw_kafka_client_and_duplicates_get_exactly_one_result(platform: CommonSettings) -> None:
     """Any Kafka client may publish the documented record; a repeated id runs once."""
     inv_id = uuid.uuid4().hex
-    raw = (b'{"type": "invocation.requested", "version": 1, "id": "' + inv_id.encode() +
-           b'", "function": "probe", "payload": {"action": "echo"}, "reply_to": null, "deadline_ms": null}')
+    raw = (
+        b'{"type": "invocation.requested", "version": 1, "id": "'
+        + inv_id.encode()
+        + b'", "function": "probe", "payload": {"action": "echo"}, "reply_to": null, "deadline_ms": null}'
+    )
 
     async def go() -> list[Any]:
         producer = AIOKafkaProducer(bootstrap_servers=platform.bootstrap)
@@ -154,15 +167,20 @@ def test_raw_kafka_client_and_duplicates_get_exactly_one_result(platform: Common
 
 def test_undecodable_records_go_to_the_dead_letter_topic(platform: CommonSettings) -> None:
     async def go() -> tuple[list[Any], InvocationCompleted]:
-        dlq = AIOKafkaConsumer(platform.topics.dlq, bootstrap_servers=platform.bootstrap,
-                               auto_offset_reset="earliest", enable_auto_commit=False)
+        dlq = AIOKafkaConsumer(
+            platform.topics.dlq,
+            bootstrap_servers=platform.bootstrap,
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+        )
         await dlq.start()
         producer = AIOKafkaProducer(bootstrap_servers=platform.bootstrap)
         await producer.start()
         try:
             garbage = await producer.send_and_wait(platform.topics.invocation, b"\xff not json", key=b"probe")
             invalid = await producer.send_and_wait(
-                platform.topics.invocation, b'{"type": "invocation.requested", "version": 1}', key=b"probe")
+                platform.topics.invocation, b'{"type": "invocation.requested", "version": 1}', key=b"probe"
+            )
             letters: list[Any] = []
 
             async def both() -> bool:
@@ -205,5 +223,12 @@ def test_concurrency_limit_queues_instead_of_failing(platform: CommonSettings) -
 
 def test_invocation_model_is_the_documented_contract() -> None:
     inv = InvocationRequested(function="hello", payload={"any": "json"})
-    assert set(codec.loads(codec.encode(inv))) >= {"type", "version", "id", "function", "payload", "reply_to",
-                                                    "deadline_ms"}
+    assert set(codec.loads(codec.encode(inv))) >= {
+        "type",
+        "version",
+        "id",
+        "function",
+        "payload",
+        "reply_to",
+        "deadline_ms",
+    }

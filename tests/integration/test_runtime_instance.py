@@ -15,8 +15,14 @@ FNS = Path(__file__).parent / "fns"
 
 
 def load_msg(fn: str = "probe", entrypoint: str = "handler:main", env: dict[str, str] | None = None) -> dict[str, Any]:
-    return {"op": "load", "code_dir": str(FNS / fn), "entrypoint": entrypoint, "env": env or {},
-            "function": fn, "version": "v1"}
+    return {
+        "op": "load",
+        "code_dir": str(FNS / fn),
+        "entrypoint": entrypoint,
+        "env": env or {},
+        "function": fn,
+        "version": "v1",
+    }
 
 
 def invoke_msg(payload: Any, invocation_id: str = "inv-1") -> dict[str, Any]:

@@ -69,16 +69,19 @@ def test_package_directory_is_deterministic_across_mtimes(tmp_path: Path) -> Non
 
 def test_package_directory_skips_caches_and_bytecode(tmp_path: Path) -> None:
     clean = _tree(tmp_path / "clean", FILES)
-    dirty = _tree(tmp_path / "dirty", {
-        **FILES,
-        "__pycache__/handler.cpython-311.pyc": b"\x00bytecode",
-        "lib/__pycache__/util.cpython-311.pyc": b"\x00bytecode",
-        "lib/stale.pyc": b"\x00",
-        "lib/stale.pyo": b"\x00",
-        ".git/HEAD": b"ref: refs/heads/main\n",
-        ".venv/lib/site.py": b"",
-        "node_modules/x/index.js": b"",
-    })
+    dirty = _tree(
+        tmp_path / "dirty",
+        {
+            **FILES,
+            "__pycache__/handler.cpython-311.pyc": b"\x00bytecode",
+            "lib/__pycache__/util.cpython-311.pyc": b"\x00bytecode",
+            "lib/stale.pyc": b"\x00",
+            "lib/stale.pyo": b"\x00",
+            ".git/HEAD": b"ref: refs/heads/main\n",
+            ".venv/lib/site.py": b"",
+            "node_modules/x/index.js": b"",
+        },
+    )
     blob_clean, digest_clean = package_directory(clean)
     blob_dirty, digest_dirty = package_directory(dirty)
     assert digest_dirty == digest_clean
@@ -134,8 +137,10 @@ def test_unpack_verified_round_trip(tmp_path: Path) -> None:
 
 def test_unpack_verified_rejects_tampered_zip(tmp_path: Path) -> None:
     _, digest = package_directory(_tree(tmp_path / "code", FILES))
-    tampered = _zip([(rel, data) for rel, data in FILES.items() if rel != "handler.py"]
-                    + [("handler.py", b"import os; os.system('evil')\n")])
+    tampered = _zip(
+        [(rel, data) for rel, data in FILES.items() if rel != "handler.py"]
+        + [("handler.py", b"import os; os.system('evil')\n")]
+    )
     dest = tmp_path / "cache" / "x"
     with pytest.raises(ArtifactError, match="digest mismatch"):
         unpack_verified(tampered, digest, dest)
@@ -192,8 +197,7 @@ def test_local_store_round_trip_in_a_folder_with_a_space(tmp_path: Path) -> None
     assert store.get(uri) == b"zip bytes"
 
 
-@pytest.mark.parametrize("uri", ["https://example.com/sha256-00.zip", "s3://bucket/sha256-00.zip",
-                                 "/plain/path.zip"])
+@pytest.mark.parametrize("uri", ["https://example.com/sha256-00.zip", "s3://bucket/sha256-00.zip", "/plain/path.zip"])
 def test_local_store_refuses_non_file_uris(tmp_path: Path, uri: str) -> None:
     with pytest.raises(ArtifactError, match="cannot fetch"):
         LocalArtifactStore(tmp_path).get(uri)

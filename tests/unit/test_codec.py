@@ -42,35 +42,72 @@ def _spec(**kw) -> FunctionSpec:
 
 
 def _samples() -> dict[str, object]:
-    inv = InvocationRequested(id="inv-1", function="hello", payload={"a": [1, 2.5, None, "x"]},
-                              reply_to="stoker.reply.gw", deadline_ms=123)
+    inv = InvocationRequested(
+        id="inv-1", function="hello", payload={"a": [1, 2.5, None, "x"]}, reply_to="stoker.reply.gw", deadline_ms=123
+    )
     spec = _spec(env={"K": "V"}, max_invocations=5, max_age_s=60.0)
     return {
         "function.spec": spec,
         "invocation.requested": inv,
         "invocation.completed": InvocationCompleted(
-            id="inv-1", function="hello", status="error", output={"o": 1},
-            error=ErrorInfo(kind="ValueError", message="bad", traceback="tb"), start="pool",
-            timings_ms=Timings(queue=1.5, start=2.0, exec=3.0, total=7.0), node="n1", instance="i1",
-            function_version="abababababab", attempt=2, logs="printed"),
+            id="inv-1",
+            function="hello",
+            status="error",
+            output={"o": 1},
+            error=ErrorInfo(kind="ValueError", message="bad", traceback="tb"),
+            start="pool",
+            timings_ms=Timings(queue=1.5, start=2.0, exec=3.0, total=7.0),
+            node="n1",
+            instance="i1",
+            function_version="abababababab",
+            attempt=2,
+            logs="printed",
+        ),
         "work.execute": Execute(invocation=inv, spec=spec, incarnation="inc-1", attempt=2, dispatched_ms=5),
         "work.specialize": Specialize(spec=spec, incarnation="inc-1", count=3),
         "work.ensure-pool": EnsurePool(incarnation="inc-1", generic=4),
         "work.recycle": Recycle(incarnation="inc-1", instance="i1", function="hello", reason="idle"),
-        "instance.changed": InstanceChanged(node="n1", incarnation="inc-1", instance="i1", state="ready", pid=42,
-                                            function="hello", function_version="v", uses=3, reason="r",
-                                            at_ms=9),
+        "instance.changed": InstanceChanged(
+            node="n1",
+            incarnation="inc-1",
+            instance="i1",
+            state="ready",
+            pid=42,
+            function="hello",
+            function_version="v",
+            uses=3,
+            reason="r",
+            at_ms=9,
+        ),
         "node.heartbeat": NodeHeartbeat(
-            node="n1", incarnation="inc-1", labels={"a": "b"},
+            node="n1",
+            incarnation="inc-1",
+            labels={"a": "b"},
             taints=[Taint(key="stoker.io/dedicated", value="runtime", effect="NoSchedule")],
-            capacity=NodeCapacity(max_instances=4, cpu_millis=1000, memory_mb=512), pool_target=2,
-            instances=[InstanceSummary(instance="i1", state="busy", pid=7, function="hello",
-                                       function_version="v", uses=1, idle_ms=0)],
-            in_flight=1, seq=17, interval_ms=250, at_ms=11),
+            capacity=NodeCapacity(max_instances=4, cpu_millis=1000, memory_mb=512),
+            pool_target=2,
+            instances=[
+                InstanceSummary(
+                    instance="i1", state="busy", pid=7, function="hello", function_version="v", uses=1, idle_ms=0
+                )
+            ],
+            in_flight=1,
+            seq=17,
+            interval_ms=250,
+            at_ms=11,
+        ),
         "node.stopped": NodeStopped(node="n1", incarnation="inc-1", at_ms=12),
-        "record.dead-lettered": DeadLettered(source_topic="stoker.invocation", partition=1, offset=99, key="k",
-                                             reason="not valid JSON", value="{", value_b64="ew==",
-                                             consumer="dispatcher", at_ms=13),
+        "record.dead-lettered": DeadLettered(
+            source_topic="stoker.invocation",
+            partition=1,
+            offset=99,
+            key="k",
+            reason="not valid JSON",
+            value="{",
+            value_b64="ew==",
+            consumer="dispatcher",
+            at_ms=13,
+        ),
     }
 
 
@@ -78,8 +115,17 @@ def _samples() -> dict[str, object]:
 
 
 def test_public_contract_example_decodes() -> None:
-    raw = orjson.dumps({"type": "invocation.requested", "version": 1, "id": "abc-123", "function": "hello",
-                        "payload": {"any": "json"}, "reply_to": None, "deadline_ms": None})
+    raw = orjson.dumps(
+        {
+            "type": "invocation.requested",
+            "version": 1,
+            "id": "abc-123",
+            "function": "hello",
+            "payload": {"any": "json"},
+            "reply_to": None,
+            "deadline_ms": None,
+        }
+    )
     rec = decode(raw)
     assert isinstance(rec, InvocationRequested)
     assert rec.id == "abc-123"
@@ -131,8 +177,17 @@ def test_missing_version_defaults_to_1() -> None:
 
 
 def test_unknown_extra_fields_are_ignored() -> None:
-    raw = orjson.dumps({"type": "invocation.requested", "version": 1, "id": "x", "function": "hello",
-                        "payload": None, "new_field_from_the_future": {"nested": True}, "priority": 7})
+    raw = orjson.dumps(
+        {
+            "type": "invocation.requested",
+            "version": 1,
+            "id": "x",
+            "function": "hello",
+            "payload": None,
+            "new_field_from_the_future": {"nested": True},
+            "priority": 7,
+        }
+    )
     rec = decode(raw)
     assert isinstance(rec, InvocationRequested)
     assert not hasattr(rec, "new_field_from_the_future")
@@ -268,8 +323,9 @@ def test_function_name_valid(name: str) -> None:
     assert _spec(name=name).name == name
 
 
-@pytest.mark.parametrize("name", ["Hello", "HELLO", "hello_world", "a" * 64, "-hello", "hello-", "", "he.llo",
-                                  "hello world"])
+@pytest.mark.parametrize(
+    "name", ["Hello", "HELLO", "hello_world", "a" * 64, "-hello", "hello-", "", "he.llo", "hello world"]
+)
 def test_function_name_invalid(name: str) -> None:
     with pytest.raises(ValidationError) as info:
         _spec(name=name)
@@ -289,8 +345,21 @@ def test_entrypoint_valid(entrypoint: str) -> None:
     assert _spec(entrypoint=entrypoint).entrypoint == entrypoint
 
 
-@pytest.mark.parametrize("entrypoint", ["handler", "handler:", ":main", "1mod:main", "handler:main.x",
-                                        "handler:ma-in", "mod:1f", "a:b:c", "", "han dler:main"])
+@pytest.mark.parametrize(
+    "entrypoint",
+    [
+        "handler",
+        "handler:",
+        ":main",
+        "1mod:main",
+        "handler:main.x",
+        "handler:ma-in",
+        "mod:1f",
+        "a:b:c",
+        "",
+        "han dler:main",
+    ],
+)
 def test_entrypoint_invalid(entrypoint: str) -> None:
     with pytest.raises(ValidationError) as info:
         _spec(entrypoint=entrypoint)
@@ -312,8 +381,17 @@ def test_code_version_falls_back_to_revision() -> None:
     assert _spec(source=CodeSource(), revision=7).code_version == "r7"
 
 
-@pytest.mark.parametrize("field,value", [("memory_mb", 8), ("timeout_s", 0), ("concurrency", 0),
-                                         ("idle_s", 0), ("max_invocations", 0), ("runtime", "python2.7")])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("memory_mb", 8),
+        ("timeout_s", 0),
+        ("concurrency", 0),
+        ("idle_s", 0),
+        ("max_invocations", 0),
+        ("runtime", "python2.7"),
+    ],
+)
 def test_function_spec_limits(field: str, value: object) -> None:
     with pytest.raises(ValidationError):
         _spec(**{field: value})
@@ -322,7 +400,12 @@ def test_function_spec_limits(field: str, value: object) -> None:
 def test_function_spec_defaults() -> None:
     spec = _spec()
     assert (spec.type, spec.runtime, spec.revision, spec.concurrency, spec.reuse) == (
-        "function.spec", "python3.11", 1, 100, "keep")
+        "function.spec",
+        "python3.11",
+        1,
+        100,
+        "keep",
+    )
     assert spec.idle_s == 600.0
 
 

@@ -55,13 +55,11 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
 
 
 def _spec(name: str = "hello", concurrency: int = 100) -> FunctionSpec:
-    return FunctionSpec(name=name, entrypoint="handler:main", source=CodeSource(digest=DIGEST),
-                        concurrency=concurrency)
+    return FunctionSpec(name=name, entrypoint="handler:main", source=CodeSource(digest=DIGEST), concurrency=concurrency)
 
 
 class Harness:
-    def __init__(self, tmp_path: Path, clock: Clock, specs: list[FunctionSpec] | None = None,
-                 **settings: Any) -> None:
+    def __init__(self, tmp_path: Path, clock: Clock, specs: list[FunctionSpec] | None = None, **settings: Any) -> None:
         self.clock = clock
         self.sent: list[tuple[Record, str, str | None]] = []
         self.specs = {s.name: s for s in (specs if specs is not None else [_spec()])}
@@ -76,11 +74,22 @@ class Harness:
 
     # helpers
 
-    def heartbeat(self, node: str, incarnation: str | None = None, *, at_ms: int | None = None,
-                  instances: list[InstanceSummary] | None = None, taints: list[Taint] | None = None) -> NodeHeartbeat:
-        return NodeHeartbeat(node=node, incarnation=incarnation or f"{node}-1",
-                             at_ms=self.clock.t if at_ms is None else at_ms,
-                             instances=instances or [], taints=taints or [])
+    def heartbeat(
+        self,
+        node: str,
+        incarnation: str | None = None,
+        *,
+        at_ms: int | None = None,
+        instances: list[InstanceSummary] | None = None,
+        taints: list[Taint] | None = None,
+    ) -> NodeHeartbeat:
+        return NodeHeartbeat(
+            node=node,
+            incarnation=incarnation or f"{node}-1",
+            at_ms=self.clock.t if at_ms is None else at_ms,
+            instances=instances or [],
+            taints=taints or [],
+        )
 
     async def beat(self, node: str, incarnation: str | None = None, **kw: Any) -> None:
         await self.d.on_node(node, self.heartbeat(node, incarnation, **kw))

@@ -7,8 +7,9 @@ from services.dispatcher.ledger import InFlight, Ledger, Waiting
 
 
 def _spec(name: str = "hello", concurrency: int = 2) -> FunctionSpec:
-    return FunctionSpec(name=name, entrypoint="handler:main", source=CodeSource(digest="sha256:" + "0" * 64),
-                        concurrency=concurrency)
+    return FunctionSpec(
+        name=name, entrypoint="handler:main", source=CodeSource(digest="sha256:" + "0" * 64), concurrency=concurrency
+    )
 
 
 def _inv(i: str, fn: str = "hello", deadline_ms: int | None = None) -> InvocationRequested:

@@ -41,10 +41,18 @@ def test_invocation_requested() -> None:
 
 
 def test_invocation_completed() -> None:
-    done = InvocationCompleted(id="abc", function="hello", status="ok", start="warm", node="runtime-0",
-                               instance="i-1", timings_ms=Timings(total=12.5))
+    done = InvocationCompleted(
+        id="abc",
+        function="hello",
+        status="ok",
+        start="warm",
+        node="runtime-0",
+        instance="i-1",
+        timings_ms=Timings(total=12.5),
+    )
     assert summarize(encode(done)) == (
-        "invocation.completed function=hello status=ok start=warm node=runtime-0 instance=i-1 id=abc total=12.5ms")
+        "invocation.completed function=hello status=ok start=warm node=runtime-0 instance=i-1 id=abc total=12.5ms"
+    )
 
 
 def test_empty_fields_are_left_out() -> None:
@@ -53,10 +61,16 @@ def test_empty_fields_are_left_out() -> None:
 
 
 def test_node_heartbeat_counts_instance_states() -> None:
-    hb = NodeHeartbeat(node="n", incarnation="inc", instances=[
-        InstanceSummary(instance="1", state="ready"), InstanceSummary(instance="2", state="busy"),
-        InstanceSummary(instance="3", state="ready"), InstanceSummary(instance="4", state="generic"),
-    ])
+    hb = NodeHeartbeat(
+        node="n",
+        incarnation="inc",
+        instances=[
+            InstanceSummary(instance="1", state="ready"),
+            InstanceSummary(instance="2", state="busy"),
+            InstanceSummary(instance="3", state="ready"),
+            InstanceSummary(instance="4", state="generic"),
+        ],
+    )
     assert summarize(encode(hb)) == "node.heartbeat node=n incarnation=inc instances=busy:1,generic:1,ready:2"
     empty = NodeHeartbeat(node="n", incarnation="inc")
     assert summarize(encode(empty)).endswith(" instances=0")
@@ -73,10 +87,13 @@ def test_object_without_type() -> None:
     assert summarize(b'{"function": "f"}') == "? function=f"
 
 
-@pytest.mark.parametrize("value", [
-    b'{"type": "invocation.completed", "id": "x", "timings_ms": null}',
-    b'{"type": "node.heartbeat", "node": "n", "instances": null}',
-])
+@pytest.mark.parametrize(
+    "value",
+    [
+        b'{"type": "invocation.completed", "id": "x", "timings_ms": null}',
+        b'{"type": "node.heartbeat", "node": "n", "instances": null}',
+    ],
+)
 def test_malformed_known_types_do_not_crash(value: bytes) -> None:
     """``summarize`` handles any bytes (it tails every topic, DLQ-bound garbage included).
 

@@ -9,8 +9,9 @@ from services.agent.pool import InstanceFacts, RecyclePolicy, StartPlan, due_for
 FN, VER = "hello", "v2"
 
 
-def ready(i: str, fn: str = FN, ver: str = VER, *, idle_ms: int = 0, prewarmed: bool = False,
-          uses: int = 1, age_ms: int = 0) -> InstanceFacts:
+def ready(
+    i: str, fn: str = FN, ver: str = VER, *, idle_ms: int = 0, prewarmed: bool = False, uses: int = 1, age_ms: int = 0
+) -> InstanceFacts:
     return InstanceFacts(i, "ready", fn, ver, uses=uses, idle_ms=idle_ms, age_ms=age_ms, prewarmed=prewarmed)
 
 
@@ -27,8 +28,7 @@ def plan(instances, max_instances: int = 8, starting: int = 0) -> StartPlan:
 
 
 def test_warm_takes_most_recently_used() -> None:
-    instances = [ready("old", idle_ms=9_000), ready("recent", idle_ms=10), ready("mid", idle_ms=500),
-                 generic("g")]
+    instances = [ready("old", idle_ms=9_000), ready("recent", idle_ms=10), ready("mid", idle_ms=500), generic("g")]
     assert plan(instances) == StartPlan("warm", "recent")
 
 
@@ -67,8 +67,12 @@ def test_starting_instances_count_against_capacity() -> None:
 
 
 def test_evict_longest_idle_other_function_when_full() -> None:
-    instances = [busy("b"), ready("x", fn="other", idle_ms=100), ready("y", fn="third", idle_ms=7_000),
-                 ready("z", ver="v1", idle_ms=50)]
+    instances = [
+        busy("b"),
+        ready("x", fn="other", idle_ms=100),
+        ready("y", fn="third", idle_ms=7_000),
+        ready("z", ver="v1", idle_ms=50),
+    ]
     assert plan(instances, max_instances=4) == StartPlan("evict", "y")
 
 
@@ -86,18 +90,21 @@ def test_wait_when_full_with_starting() -> None:
     assert plan([], max_instances=2, starting=2) == StartPlan("wait")
 
 
-@pytest.mark.parametrize("instances,target,max_instances,starting,expected", [
-    ([], 2, 8, 0, 2),
-    ([generic("g")], 2, 8, 0, 1),
-    ([generic("g1"), generic("g2")], 2, 8, 0, 0),
-    ([generic("g1"), generic("g2"), generic("g3")], 2, 8, 0, 0),  # never negative
-    ([], 2, 8, 1, 1),  # one is already starting
-    ([busy("b1"), busy("b2"), busy("b3")], 2, 4, 0, 1),  # capacity leaves room for one
-    ([busy("b1"), busy("b2"), busy("b3"), busy("b4")], 2, 4, 0, 0),  # full
-    ([busy("b1")], 3, 4, 2, 1),  # room 1 after the two starting ones
-    ([], 0, 8, 0, 0),
-    ([], 5, 2, 0, 2),
-])
+@pytest.mark.parametrize(
+    "instances,target,max_instances,starting,expected",
+    [
+        ([], 2, 8, 0, 2),
+        ([generic("g")], 2, 8, 0, 1),
+        ([generic("g1"), generic("g2")], 2, 8, 0, 0),
+        ([generic("g1"), generic("g2"), generic("g3")], 2, 8, 0, 0),  # never negative
+        ([], 2, 8, 1, 1),  # one is already starting
+        ([busy("b1"), busy("b2"), busy("b3")], 2, 4, 0, 1),  # capacity leaves room for one
+        ([busy("b1"), busy("b2"), busy("b3"), busy("b4")], 2, 4, 0, 0),  # full
+        ([busy("b1")], 3, 4, 2, 1),  # room 1 after the two starting ones
+        ([], 0, 8, 0, 0),
+        ([], 5, 2, 0, 2),
+    ],
+)
 def test_generic_deficit(instances, target: int, max_instances: int, starting: int, expected: int) -> None:
     assert generic_deficit(instances, target=target, max_instances=max_instances, starting=starting) == expected
 

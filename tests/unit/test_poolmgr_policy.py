@@ -14,12 +14,14 @@ def _spec(name: str = "hello", idle_s: float = 60.0, digest: str = DIGEST) -> Fu
 
 
 def _hb(*instances: InstanceSummary, max_instances: int = 8) -> NodeHeartbeat:
-    return NodeHeartbeat(node="n", incarnation="i", instances=list(instances),
-                         capacity=NodeCapacity(max_instances=max_instances))
+    return NodeHeartbeat(
+        node="n", incarnation="i", instances=list(instances), capacity=NodeCapacity(max_instances=max_instances)
+    )
 
 
-def _inst(i: str, state: str = "ready", fn: str | None = "hello", ver: str | None = VER,
-          idle_ms: int = 0) -> InstanceSummary:
+def _inst(
+    i: str, state: str = "ready", fn: str | None = "hello", ver: str | None = VER, idle_ms: int = 0
+) -> InstanceSummary:
     return InstanceSummary(instance=i, state=state, function=fn, function_version=ver, idle_ms=idle_ms)  # type: ignore[arg-type]
 
 
@@ -63,16 +65,21 @@ def test_old_version_is_recycled() -> None:
 
 
 def test_busy_instances_never_recycled() -> None:
-    hb = _hb(_inst("b1", state="busy", idle_ms=10**9), _inst("b2", state="busy", fn="gone", idle_ms=10**9),
-             _inst("b3", state="busy", ver="old", idle_ms=10**9))
+    hb = _hb(
+        _inst("b1", state="busy", idle_ms=10**9),
+        _inst("b2", state="busy", fn="gone", idle_ms=10**9),
+        _inst("b3", state="busy", ver="old", idle_ms=10**9),
+    )
     assert keepalive_expired(hb, {"hello": _spec(idle_s=1.0)}, PoolPolicy()) == []
 
 
 def test_generic_and_transitional_instances_never_recycled() -> None:
-    hb = _hb(_inst("g", state="generic", fn=None, ver=None, idle_ms=10**9),
-             _inst("s", state="starting", fn=None, ver=None, idle_ms=10**9),
-             _inst("sp", state="specializing", idle_ms=10**9),
-             _inst("r", state="recycling", idle_ms=10**9))
+    hb = _hb(
+        _inst("g", state="generic", fn=None, ver=None, idle_ms=10**9),
+        _inst("s", state="starting", fn=None, ver=None, idle_ms=10**9),
+        _inst("sp", state="specializing", idle_ms=10**9),
+        _inst("r", state="recycling", idle_ms=10**9),
+    )
     assert keepalive_expired(hb, {"hello": _spec(idle_s=1.0)}, PoolPolicy()) == []
 
 

@@ -18,10 +18,18 @@ def _generic(i: str) -> InstanceSummary:
     return InstanceSummary(instance=i, state="generic")
 
 
-def _view(name: str, instances=(), *, taints=(), in_flight=None, hb_in_flight: int = 0,
-          max_instances: int = 8) -> NodeView:
-    hb = NodeHeartbeat(node=name, incarnation=f"{name}-1", instances=list(instances), taints=list(taints),
-                       in_flight=hb_in_flight, capacity=NodeCapacity(max_instances=max_instances), at_ms=1)
+def _view(
+    name: str, instances=(), *, taints=(), in_flight=None, hb_in_flight: int = 0, max_instances: int = 8
+) -> NodeView:
+    hb = NodeHeartbeat(
+        node=name,
+        incarnation=f"{name}-1",
+        instances=list(instances),
+        taints=list(taints),
+        in_flight=hb_in_flight,
+        capacity=NodeCapacity(max_instances=max_instances),
+        at_ms=1,
+    )
     return NodeView(hb, last_seen_ms=1, in_flight=dict(in_flight or {}))
 
 
@@ -135,8 +143,7 @@ def test_affinity_ignored_when_unknown_or_ineligible() -> None:
 def test_untolerated_noschedule_taint_never_chosen() -> None:
     iso = Taint(key="stoker.io/dedicated", value="isolated", effect="NoSchedule")
     # The tainted node is the best on every count: warm, generic and idle.
-    nodes = _nodes(_view("a", [_ready("r1"), _ready("r2"), _generic("g")], taints=[iso]),
-                   _view("b", hb_in_flight=7))
+    nodes = _nodes(_view("a", [_ready("r1"), _ready("r2"), _generic("g")], taints=[iso]), _view("b", hb_in_flight=7))
     assert choose_node(FN, VER, nodes) == Choice("b", "least-loaded")
     assert choose_node(FN, VER, nodes, affinity="a") == Choice("b", "least-loaded")
 
@@ -165,14 +172,17 @@ def test_runtime_taint_with_other_effect_is_not_tolerated() -> None:
     assert not eligible(_view("a", taints=[execute]).heartbeat)
 
 
-@pytest.mark.parametrize("taints,ok", [
-    ([], True),
-    ([RUNTIME_TAINT], True),
-    ([Taint(key="x", effect="PreferNoSchedule")], True),
-    ([RUNTIME_TAINT, Taint(key="x", value="y", effect="NoSchedule")], False),
-    ([Taint(key="stoker.io/dedicated", value="isolated", effect="NoSchedule")], False),
-    ([Taint(key="stoker.io/dedicated", value="", effect="NoSchedule")], False),
-])
+@pytest.mark.parametrize(
+    "taints,ok",
+    [
+        ([], True),
+        ([RUNTIME_TAINT], True),
+        ([Taint(key="x", effect="PreferNoSchedule")], True),
+        ([RUNTIME_TAINT, Taint(key="x", value="y", effect="NoSchedule")], False),
+        ([Taint(key="stoker.io/dedicated", value="isolated", effect="NoSchedule")], False),
+        ([Taint(key="stoker.io/dedicated", value="", effect="NoSchedule")], False),
+    ],
+)
 def test_eligible(taints, ok: bool) -> None:
     assert eligible(_view("a", taints=taints).heartbeat) is ok
 

@@ -35,7 +35,8 @@ def test_parse_labels_rejects_non_key_value(raw: str) -> None:
 
 def test_parse_taints() -> None:
     assert parse_taints("stoker.io/dedicated=runtime:NoSchedule") == [
-        Taint(key="stoker.io/dedicated", value="runtime", effect="NoSchedule")]
+        Taint(key="stoker.io/dedicated", value="runtime", effect="NoSchedule")
+    ]
     assert parse_taints("gpu:PreferNoSchedule, maint=soon:NoExecute") == [
         Taint(key="gpu", value="", effect="PreferNoSchedule"),
         Taint(key="maint", value="soon", effect="NoExecute"),

@@ -14,11 +14,28 @@ from services.common.telemetry import INVOCATION_ID
 T1, T2, T3 = "a" * 32, "b" * 32, "c" * 32
 
 
-def span(trace: str, sid: str, parent: str | None, name: str, start: int, end: int | None = None,
-         service: str = "gateway", status: str = "UNSET", **attrs: Any) -> dict[str, Any]:
-    return {"trace_id": trace, "span_id": sid, "parent_id": parent, "name": name, "service": service,
-            "start_ns": start, "end_ns": end if end is not None else start + 1_000_000, "status": status,
-            "attributes": attrs}
+def span(
+    trace: str,
+    sid: str,
+    parent: str | None,
+    name: str,
+    start: int,
+    end: int | None = None,
+    service: str = "gateway",
+    status: str = "UNSET",
+    **attrs: Any,
+) -> dict[str, Any]:
+    return {
+        "trace_id": trace,
+        "span_id": sid,
+        "parent_id": parent,
+        "name": name,
+        "service": service,
+        "start_ns": start,
+        "end_ns": end if end is not None else start + 1_000_000,
+        "status": status,
+        "attributes": attrs,
+    }
 
 
 def spans() -> list[dict[str, Any]]:
@@ -26,8 +43,17 @@ def spans() -> list[dict[str, Any]]:
         span(T1, "s1", None, "POST /fn/hello", 1_000_000, 9_000_000, **{INVOCATION_ID: "inv-1"}),
         span(T1, "s3", "s1", "publish invocation", 3_000_000, 3_500_000),
         span(T1, "s2", "s1", "validate", 2_000_000, 2_250_000),
-        span(T1, "s4", "s3", "execute", 4_000_000, 8_000_000, service="agent", status="ERROR",
-             **{"stoker.node": "runtime-0", "stoker.start": "warm", INVOCATION_ID: "inv-1"}),
+        span(
+            T1,
+            "s4",
+            "s3",
+            "execute",
+            4_000_000,
+            8_000_000,
+            service="agent",
+            status="ERROR",
+            **{"stoker.node": "runtime-0", "stoker.start": "warm", INVOCATION_ID: "inv-1"},
+        ),
         span(T1, "s5", "remote-parent", "orphan", 1_500_000),
         span(T2, "x1", None, "dispatch", 5_000, **{"messaging.message.id": "msg-9"}),
         span(T3, "y1", None, "other", 1, **{INVOCATION_ID: "inv-3"}),
@@ -71,8 +97,7 @@ def test_build_tree_structure_and_order() -> None:
     # The root span and the span whose parent is not in this trace are both top level, by start.
     assert [str(c.label).split("[/bold]")[0] for c in top] == ["[bold]POST /fn/hello", "[bold]orphan"]
     root = top[0]
-    assert [str(c.label).split("[/bold]")[0] for c in root.children] == ["[bold]validate",
-                                                                         "[bold]publish invocation"]
+    assert [str(c.label).split("[/bold]")[0] for c in root.children] == ["[bold]validate", "[bold]publish invocation"]
     publish = root.children[1]
     assert len(publish.children) == 1
     execute = publish.children[0]

@@ -12,8 +12,14 @@ def main(event, context):
     STATE["calls"] += 1
     action = (event or {}).get("action", "echo")
     if action == "echo":
-        return {"echo": event, "calls": STATE["calls"], "pid": os.getpid(), "id": context.invocation_id,
-                "function": context.function, "version": context.version}
+        return {
+            "echo": event,
+            "calls": STATE["calls"],
+            "pid": os.getpid(),
+            "id": context.invocation_id,
+            "function": context.function,
+            "version": context.version,
+        }
     if action == "raise":
         raise ValueError("boom from the function")
     if action == "sleep":
