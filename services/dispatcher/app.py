@@ -7,7 +7,7 @@ from typing import Any
 
 from events import FunctionSpec, InvocationCompleted, NodeHeartbeat, NodeStopped
 from events.base import Record
-from services.common.broker import make_broker
+from services.common.broker import dead_letter_for, make_broker
 from services.common.runner import configure_logging, serve
 from services.common.table import CompactedTable, TopicTail
 from services.common.telemetry import setup_tracing
@@ -25,7 +25,21 @@ async def run(settings: DispatcherSettings) -> None:
     async def publish(record: Record, topic: str, key: str | None) -> Any:
         return await broker.publish(record, topic, key=key.encode() if key else None)
 
-    functions: CompactedTable[FunctionSpec] = CompactedTable(common.bootstrap, common.topics.function, (FunctionSpec,))
+    pending_letters: set[asyncio.Task[Any]] = set()
+
+    def dead_letter(topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None, why: str) -> None:
+        # The dispatcher is the one reader that dead-letters bad records of the shared views
+        # (functions, nodes, results), so each bad record is reported once, not by every reader.
+        letter = dead_letter_for(
+            topic=topic, partition=partition, offset=offset, key=key, value=value, reason=why, consumer="dispatcher"
+        )
+        task = asyncio.ensure_future(publish(letter, common.topics.dlq, letter.key))
+        pending_letters.add(task)
+        task.add_done_callback(pending_letters.discard)
+
+    functions: CompactedTable[FunctionSpec] = CompactedTable(
+        common.bootstrap, common.topics.function, (FunctionSpec,), on_bad_record=dead_letter
+    )
 
     async def lookup(name: str) -> FunctionSpec | None:
         spec = functions.get(name)
@@ -40,8 +54,15 @@ async def run(settings: DispatcherSettings) -> None:
         common.topics.node,
         (NodeHeartbeat, NodeStopped),
         on_change=lambda name, rec: node_events.put_nowait((name, rec)),
+        on_bad_record=dead_letter,
     )
-    results = TopicTail(common.bootstrap, common.topics.result, (InvocationCompleted,), dispatcher.on_result)
+    results = TopicTail(
+        common.bootstrap,
+        common.topics.result,
+        (InvocationCompleted,),
+        dispatcher.on_result,
+        on_bad_record=dead_letter,
+    )
     handlers.register(broker, dispatcher)
 
     async def start_views() -> None:

@@ -181,26 +181,33 @@ def test_undecodable_records_go_to_the_dead_letter_topic(platform: CommonSetting
             invalid = await producer.send_and_wait(
                 platform.topics.invocation, b'{"type": "invocation.requested", "version": 1}', key=b"probe"
             )
+            # A bad spec on the compacted function topic: every service skips it, one reports it.
+            bad_spec = await producer.send_and_wait(
+                platform.topics.function, b'{"type": "function.spec", "version": 1, "name": "Bad Name"}', key=b"bad"
+            )
             letters: list[Any] = []
 
             async def both() -> bool:
                 for records in (await dlq.getmany(timeout_ms=200)).values():
                     letters.extend(codec.decode(r.value) for r in records)
-                return len(letters) >= 2
+                return len(letters) >= 3
 
-            await eventually(both, timeout_s=20, message="two dead letters")
+            await eventually(both, timeout_s=20, message="three dead letters")
         finally:
             await producer.stop()
             await dlq.stop()
         # The consumer carried on: a valid invocation after the bad ones still runs.
         async with StokerClient(platform) as client:
             after = await client.invoke("probe", {"action": "echo"}, timeout_s=20)
-        by_offset = {(d.partition, d.offset): d for d in letters}
-        g = by_offset[(garbage.partition, garbage.offset)]
-        i = by_offset[(invalid.partition, invalid.offset)]
+        by_offset = {(d.source_topic, d.partition, d.offset): d for d in letters}
+        g = by_offset[(platform.topics.invocation, garbage.partition, garbage.offset)]
+        i = by_offset[(platform.topics.invocation, invalid.partition, invalid.offset)]
         assert g.source_topic == platform.topics.invocation and "not valid JSON" in g.reason
         assert g.value_b64 is not None  # the exact bytes are kept when they are not UTF-8
         assert "function" in i.reason and i.key == "probe" and i.consumer == "dispatcher"
+        spec_letter = [d for d in letters if d.source_topic == platform.topics.function]
+        assert len(spec_letter) == 1 and spec_letter[0].offset == bad_spec.offset
+        assert "name" in spec_letter[0].reason and "entrypoint" in spec_letter[0].reason
         return letters, after
 
     _letters, after = asyncio.run(go())
