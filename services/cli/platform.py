@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.cli import broker as kafka
+from services.cli.topics import platform_topic_specs
 from services.common.admin import ensure_topics
 from services.common.settings import CommonSettings
 
@@ -192,8 +193,7 @@ def up(config: PlatformConfig, on_step: Callable[[str], None] | None = None) -> 
             say(f"starting Kafka on {common.bootstrap}")
             start_broker(common)
         say("creating topics")
-        specs = common.topics.catalogue() + [common.topics.work_spec(n) for n in config.node_names]
-        asyncio.run(ensure_topics(common.bootstrap, specs))
+        asyncio.run(ensure_topics(common.bootstrap, platform_topic_specs(common.topics, config.node_names)))
         comps = config.components()
         say(f"starting {', '.join(c.name for c in comps)}")
         for comp in comps:

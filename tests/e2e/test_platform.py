@@ -223,6 +223,24 @@ def test_monitor_tails_topics_readably(platform: Platform) -> None:
     assert len(lines) == 3 and "status=" in lines[0] and "function=" in lines[0]
 
 
+def test_spine_benchmark_runs_at_a_tiny_size(platform: Platform, tmp_path: Path) -> None:
+    """The benchmark program must not rot: run it with a few samples against the live platform."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "loadtest.spine", "--warm", "10", "--cold", "2", "--bare", "10", "--out", str(tmp_path)],
+        env=platform.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    report = orjson.loads(next(tmp_path.glob("spine-*.json")).read_bytes())
+    assert report["warm_invocation_ms"]["n"] == 10 and report["warm_start_kinds"] == {"warm": 10}
+    assert report["first_invocation_ms"]["n"] == 2 and report["bare_kafka_round_trip_ms"]["p50"] > 0
+
+
 def test_broker_unreachable_gives_503_never_2xx(platform: Platform) -> None:
     """Runs last in this module: it kills the platform's broker."""
     broker_pid = platform.pids()["broker"]
