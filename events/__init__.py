@@ -52,3 +52,25 @@ __all__ = [
     "new_invocation_id",
     "now_ms",
 ]
+
+from events.code import (  # noqa: E402 - grouped by family
+    ZERO_SHA,
+    ArtifactReady,
+    BuildFailed,
+    BuildFinished,
+    BuildStarted,
+    CodeCommitted,
+)
+from events.pool import PrewarmCompleted, PrewarmRequested, RepoConfigured  # noqa: E402
+
+__all__ += [
+    "ZERO_SHA",
+    "ArtifactReady",
+    "BuildFailed",
+    "BuildFinished",
+    "BuildStarted",
+    "CodeCommitted",
+    "PrewarmCompleted",
+    "PrewarmRequested",
+    "RepoConfigured",
+]

@@ -12,11 +12,13 @@ import orjson
 from pydantic import ValidationError
 
 from events.base import Record
+from events.code import ArtifactReady, BuildFailed, BuildFinished, BuildStarted, CodeCommitted
 from events.dlq import DeadLettered
 from events.function import FunctionSpec
 from events.instance import InstanceChanged
 from events.invocation import InvocationCompleted, InvocationRequested
 from events.node import NodeHeartbeat, NodeStopped
+from events.pool import PrewarmCompleted, PrewarmRequested, RepoConfigured
 from events.work import EnsurePool, Execute, Recycle, Specialize
 
 MODELS: dict[str, type[Record]] = {
@@ -33,6 +35,14 @@ MODELS: dict[str, type[Record]] = {
         NodeHeartbeat,
         NodeStopped,
         DeadLettered,
+        CodeCommitted,
+        ArtifactReady,
+        BuildFailed,
+        BuildStarted,
+        BuildFinished,
+        PrewarmRequested,
+        PrewarmCompleted,
+        RepoConfigured,
     )
 }
 """Every record model by its ``type``."""

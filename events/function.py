@@ -31,6 +31,9 @@ class CodeSource(BaseModel):
     uri: str | None = None
     """Where the archive can be fetched, e.g. ``file:///.../artifacts/sha256-<hex>.zip``."""
     size: int | None = None
+    build_id: str | None = None
+    pushed_ms: int = 0
+    """When the push that produced this artifact arrived (git sources); later pushes win."""
     git_url: str | None = None
     git_branch: str | None = None
     git_path: str | None = None
@@ -59,6 +62,8 @@ class FunctionSpec(Record):
     """Keep-alive: an instance idle this long is recycled."""
     max_invocations: int | None = Field(default=None, ge=1)
     max_age_s: float | None = Field(default=None, gt=0)
+    prewarm_on_commit: int = Field(default=1, ge=0, le=64)
+    """Instances that must hold a new commit's code before it becomes the active version."""
     updated_ms: int = Field(default_factory=now_ms)
 
     @field_validator("name")

@@ -90,6 +90,16 @@ class Topics:
         return f"{self.prefix}placement"
 
     @property
+    def build(self) -> str:
+        """Build history (``build.started``/``build.finished``), key = function."""
+        return f"{self.prefix}build"
+
+    @property
+    def repo(self) -> str:
+        """Compacted per-repository settings (webhook secrets), key = repo URL."""
+        return f"{self.prefix}repo"
+
+    @property
     def dlq(self) -> str:
         """Dead letters: records a consumer could not decode or process, with the reason."""
         return f"{self.prefix}dlq"
@@ -115,6 +125,8 @@ class Topics:
             TopicSpec(self.prewarm, retention_ms=_HOUR_MS),
             TopicSpec(self.node_metric, retention_ms=6 * _HOUR_MS),
             TopicSpec(self.placement, compacted=True),
+            TopicSpec(self.build, retention_ms=7 * 24 * _HOUR_MS),
+            TopicSpec(self.repo, compacted=True),
             TopicSpec(self.dlq, retention_ms=7 * 24 * _HOUR_MS),
         ]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from events import ArtifactReady, BuildFailed
 from events.base import Record
 from services.agent import handlers
 from services.agent.node import NodeAgent
@@ -12,6 +13,7 @@ from services.common.admin import ensure_topics
 from services.common.artifacts import LocalArtifactStore
 from services.common.broker import make_broker
 from services.common.runner import configure_logging, serve
+from services.common.table import CompactedTable
 from services.common.telemetry import setup_tracing
 
 
@@ -26,6 +28,18 @@ async def run(settings: AgentSettings) -> None:
     agent = NodeAgent(settings, publish, LocalArtifactStore(settings.common.artifacts_dir))
     handlers.register(broker, agent)
 
+    def on_artifact(_function: str, record: ArtifactReady | BuildFailed | None) -> None:
+        if isinstance(record, ArtifactReady):
+            agent.sync_artifact(record.digest, record.uri)
+
+    # Every node reads every build outcome: code is in the node's cache before it is prewarmed.
+    artifacts: CompactedTable[Any] = CompactedTable(
+        settings.common.bootstrap,
+        settings.common.topics.artifact,
+        (ArtifactReady, BuildFailed),
+        on_change=on_artifact,
+    )
+
     async def create_work_topic() -> None:
         await ensure_topics(settings.common.bootstrap, [settings.common.topics.work_spec(settings.node)])
 
@@ -33,9 +47,9 @@ async def run(settings: AgentSettings) -> None:
         f"agent-{settings.node}",
         settings.common,
         broker,
-        on_start=[create_work_topic],
+        on_start=[create_work_topic, artifacts.start],
         background=[agent.send_heartbeats, agent.maintain_pool],
-        on_stop=[agent.shutdown],
+        on_stop=[agent.shutdown, artifacts.stop],
         ready_facts={"node": settings.node, "incarnation": agent.incarnation},
     )
     provider.shutdown()

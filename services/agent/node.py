@@ -55,6 +55,8 @@ Publish = Callable[[Record, str, str | None], Awaitable[Any]]
 class _Slot:
     instance: Instance
     prewarmed: bool = False
+    prewarm_trace: trace.SpanContext | None = None
+    """The span that specialized this instance ahead of demand: the build trace it belongs to."""
 
 
 class NodeAgent:
@@ -134,6 +136,9 @@ class NodeAgent:
                 outcome.queue_ms = max(0.0, now_ms() - inv.requested_ms)
                 slot, kind = await self._acquire(spec, inv.deadline_ms)
                 span.set_attribute(telemetry.START_KIND, kind if isinstance(kind, str) else "failed")
+                if kind == "prewarmed" and slot is not None and slot.prewarm_trace is not None:
+                    # One build trace (webhook -> build -> artifact -> prewarm -> specialize), linked here.
+                    span.add_link(slot.prewarm_trace, {"stoker.link": "prewarmed-by"})
             outcome.start_ms = (time.perf_counter() - started) * 1000
             if slot is None:
                 outcome.fail("timeout", "deadline_passed", "no instance became free before the deadline")
@@ -244,7 +249,7 @@ class NodeAgent:
         if not reply.get("ok"):
             err = reply.get("error") or {}
             # A failed import can leave half a module behind: this interpreter is not reused.
-            await self._retire(inst, "code failed to load")
+            await self._retire(inst, f"code failed to load: {err.get('kind', 'Error')}: {err.get('message', '')}")
             return ErrorInfo(
                 kind=f"load_failed:{err.get('kind', 'Error')}",
                 message=err.get("message", ""),
@@ -268,37 +273,68 @@ class NodeAgent:
             self._freed.notify_all()
 
     async def _prewarm(self, spec: FunctionSpec) -> None:
-        code_dir = await self._code_dir(spec)
-        plan = pool.plan_start(
-            self._facts(), "", "", max_instances=self.settings.max_instances, starting=self._starting
-        )
-        if plan.kind == "pool":
-            slot = self._slots[plan.instance]  # type: ignore[index]
-        elif plan.kind == "spawn":
-            slot = await self._start_instance()  # type: ignore[assignment]
-            if slot is None:
+        attributes = {
+            telemetry.FUNCTION: spec.name,
+            telemetry.NODE: self.settings.node,
+            "stoker.version": spec.code_version,
+        }
+        with tracer.start_as_current_span("stoker specialize", attributes=attributes) as span:
+            try:
+                code_dir = await self._code_dir(spec)
+            except ArtifactError as exc:
+                log.error("cannot prewarm %s: %s", spec.name, exc)
+                span.set_attribute("stoker.prewarm", f"failed: {exc}")
                 return
-        else:
-            return  # no room: prewarming never evicts
-        self._set_state(slot.instance, "specializing", spec)
-        kind = await self._load(slot, spec, code_dir, "prewarm")
-        if isinstance(kind, str):
-            slot.prewarmed = True
-            self._set_state(slot.instance, "ready")
+            plan = pool.plan_start(
+                self._facts(), "", "", max_instances=self.settings.max_instances, starting=self._starting
+            )
+            slot: _Slot | None
+            if plan.kind == "pool" and plan.instance is not None:
+                slot = self._slots[plan.instance]
+            elif plan.kind == "spawn":
+                slot = await self._start_instance()
+            else:
+                slot = None  # no room: prewarming never evicts
+            if slot is None:
+                span.set_attribute("stoker.prewarm", "no room")
+                return
+            self._set_state(slot.instance, "specializing", spec)
+            kind = await self._load(slot, spec, code_dir, "prewarm")
+            if isinstance(kind, str):
+                slot.prewarmed = True
+                slot.prewarm_trace = span.get_span_context()
+                self._set_state(slot.instance, "ready")
+            span.set_attribute("stoker.prewarm", "ready" if isinstance(kind, str) else "failed")
 
     # ----- code cache -------------------------------------------------------------------------
 
     async def _code_dir(self, spec: FunctionSpec) -> Path:
-        digest = spec.source.digest
-        if not digest or not spec.source.uri:
+        if not spec.source.digest or not spec.source.uri:
             raise ArtifactError(f"function {spec.name} has no artifact to run")
+        return await self.ensure_code(spec.source.digest, spec.source.uri)
+
+    def sync_artifact(self, digest: str, uri: str) -> None:
+        """Bring a newly built artifact into the node's code cache before any instance needs it."""
+
+        async def sync() -> None:
+            try:
+                started = time.perf_counter()
+                path = await self.ensure_code(digest, uri)
+                log.info("synced %s into %s in %.1f ms", digest, path, (time.perf_counter() - started) * 1000)
+            except ArtifactError as exc:
+                log.error("could not sync artifact %s: %s", digest, exc)
+
+        self._spawn_task(sync())
+
+    async def ensure_code(self, digest: str, uri: str) -> Path:
+        """The verified, unpacked code of ``digest`` in this node's cache (fetched once)."""
         dest = self.settings.node_dir / "code" / digest.replace(":", "-")
         if dest.is_dir():
             return dest
         lock = self._code_locks.setdefault(digest, asyncio.Lock())
         async with lock:
             if not dest.is_dir():
-                blob = await asyncio.to_thread(self._store.get, spec.source.uri)
+                blob = await asyncio.to_thread(self._store.get, uri)
                 await asyncio.to_thread(unpack_verified, blob, digest, dest)
         return dest
 

@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -15,11 +16,20 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from events import FunctionSpec
+from events import (
+    BuildFinished,
+    BuildStarted,
+    CodeCommitted,
+    FunctionSpec,
+    PrewarmRequested,
+    Record,
+    RepoConfigured,
+)
 from events.codec import DecodeError, loads
+from events.function import CodeSource
 from services.cli import platform
 from services.cli.broker import BrokerError, broker_is_reachable
-from services.common.artifacts import ArtifactError
+from services.common.artifacts import ArtifactError, LocalArtifactStore
 from services.common.client import StokerClient, deadline_in, package_code
 from services.common.settings import CommonSettings
 
@@ -197,7 +207,19 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readabl
                 entry["up"] = False
             report["nodes"][name] = entry
         for name, spec in sorted(functions.items()):
+            holding = sum(
+                1
+                for entry in report["nodes"].values()
+                if entry.get("up")
+                for i in entry.get("instances", [])
+                if i.get("function") == name
+                and i.get("function_version") == spec.code_version
+                and i.get("state") in ("ready", "busy")
+            )
             report["functions"][name] = {
+                "active_version": spec.code_version if spec.source.digest else None,
+                "source": spec.source.kind,
+                "instances_holding_active": holding,
                 "version": spec.code_version,
                 "revision": spec.revision,
                 "entrypoint": spec.entrypoint,
@@ -223,9 +245,19 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readabl
         )
         table.add_row(name, "yes" if entry["up"] else "no", insts or "-", str(entry.get("in_flight", 0)))
     console.print(table)
-    table = Table("function", "version", "revision", "entrypoint", "reuse", title="functions")
+    table = Table(
+        "function", "source", "active version", "loaded in", "revision", "entrypoint", "reuse", title="functions"
+    )
     for name, fn in report["functions"].items():
-        table.add_row(name, fn["version"], str(fn["revision"]), fn["entrypoint"], fn["reuse"])
+        table.add_row(
+            name,
+            fn["source"],
+            fn["active_version"] or "(not built)",
+            f"{fn['instances_holding_active']} instance(s)",
+            str(fn["revision"]),
+            fn["entrypoint"],
+            fn["reuse"],
+        )
     console.print(table)
 
 
@@ -250,6 +282,14 @@ def _current(common: CommonSettings, name: str) -> FunctionSpec | None:
     return asyncio.run(go())
 
 
+def _publish(common: CommonSettings, record: Record, topic: str, key: str) -> None:
+    async def go() -> None:
+        async with StokerClient(common) as client:
+            await client.send(record, topic, key)
+
+    asyncio.run(go())
+
+
 def _put(common: CommonSettings, spec: FunctionSpec) -> None:
     async def go() -> None:
         async with StokerClient(common) as client:
@@ -261,8 +301,14 @@ def _put(common: CommonSettings, spec: FunctionSpec) -> None:
 @fn_app.command("create")
 def fn_create(
     name: str,
-    code: Annotated[Path, typer.Option(help="Directory with the function's code.", exists=True, file_okay=False)],
     entrypoint: Annotated[str, typer.Option(help="module:function, e.g. handler:main.")],
+    code: Annotated[
+        Optional[Path], typer.Option(help="Directory with the function's code.", exists=True, file_okay=False)
+    ] = None,
+    git: Annotated[Optional[str], typer.Option(help="Repository URL (file://, ssh:// or https://).")] = None,
+    branch: Annotated[str, typer.Option(help="Branch to build (with --git).")] = "main",
+    path: Annotated[str, typer.Option(help="Folder of the function in the repository (with --git).")] = "",
+    prewarm_on_commit: Annotated[int, typer.Option(help="Instances loaded before a new commit goes live.")] = 1,
     runtime: Annotated[str, typer.Option(help="Runtime.")] = "python3.11",
     memory: Annotated[int, typer.Option(help="Memory limit in MB.")] = 256,
     timeout: Annotated[float, typer.Option(help="Timeout in seconds.")] = 30.0,
@@ -270,13 +316,18 @@ def fn_create(
     idle_s: Annotated[float, typer.Option(help="Keep-alive of an idle instance, seconds.")] = 600.0,
     env: Annotated[Optional[list[str]], typer.Option(help="KEY=VALUE for the function's environment.")] = None,
 ) -> None:
-    """Create a function from a directory of code."""
+    """Create a function from a directory of code (--code) or bound to a git branch (--git)."""
     common = settings()
     _require_broker(common)
+    if (code is None) == (git is None):
+        raise fail("give exactly one of --code DIR or --git URL")
     if _current(common, name) is not None:
         raise fail(f"function {name!r} exists; use `stoker fn update`")
     try:
-        source = package_code(common, code)
+        if code is not None:
+            source = package_code(common, code)
+        else:
+            source = CodeSource(kind="git", git_url=git, git_branch=branch, git_path=path.strip("/") or None)
         spec = FunctionSpec(
             name=name,
             entrypoint=entrypoint,
@@ -287,11 +338,27 @@ def fn_create(
             concurrency=concurrency,
             idle_s=idle_s,
             env=_parse_env(env),
+            prewarm_on_commit=prewarm_on_commit,
         )
     except (ArtifactError, ValueError) as exc:
         raise fail(str(exc)) from None
     _put(common, spec)
-    console.print(f"created [bold]{name}[/bold] version {spec.code_version} ({source.size} bytes)")
+    if source.kind == "archive":
+        console.print(f"created [bold]{name}[/bold] version {spec.code_version} ({source.size} bytes)")
+        return
+    # The first build: the head of the branch, for this function only.
+    first = CodeCommitted(
+        repo=git or "",
+        ref=f"refs/heads/{branch}",
+        delivery_id=f"cli:{uuid.uuid4().hex}",
+        source="cli",
+        only_functions=[name],
+    )
+    _publish(common, first, common.topics.code_commit, first.repo)
+    console.print(
+        f"created [bold]{name}[/bold] bound to {git} {branch}:{path or '/'}; building the branch head "
+        f"(`stoker fn builds {name}`)"
+    )
 
 
 @fn_app.command("update")
@@ -417,6 +484,126 @@ def fn_invoke(
         provider.shutdown()
     print_json(result.model_dump(mode="json", exclude_none=True))
     raise typer.Exit(0 if result.status == "ok" else 1)
+
+
+@fn_app.command("prewarm")
+def fn_prewarm(
+    name: str,
+    count: Annotated[int, typer.Option(help="Instances that should hold the active version.", min=1, max=64)] = 1,
+) -> None:
+    """Load the function's active version into at least COUNT instances ahead of demand."""
+    common = settings()
+    _require_broker(common)
+    if _current(common, name) is None:
+        raise fail(f"no function named {name!r}")
+    _publish(
+        common, PrewarmRequested(function=name, count=count, reason="stoker fn prewarm"), common.topics.prewarm, name
+    )
+    console.print(f"asked for {count} prewarmed instance(s) of [bold]{name}[/bold]")
+
+
+def _builds(common: CommonSettings, name: str) -> list[dict[str, Any]]:
+    async def go() -> list[Any]:
+        async with StokerClient(common) as client:
+            return await client.history(common.topics.build, key=name)
+
+    rows: dict[str, dict[str, Any]] = {}
+    for record in asyncio.run(go()):
+        row = rows.setdefault(record.build_id, {"build": record.build_id})
+        if isinstance(record, BuildStarted):
+            row.update(started=record.at_ms, commit=record.commit, ref=record.ref, status="building")
+        elif isinstance(record, BuildFinished):
+            row.update(
+                status=record.status,
+                commit=record.commit or row.get("commit"),
+                digest=record.digest,
+                duration_ms=round(record.duration_ms, 1),
+                reason=record.reason,
+                log_uri=record.log_uri,
+            )
+    return sorted(rows.values(), key=lambda r: r.get("started", 0))
+
+
+@fn_app.command("builds")
+def fn_builds(name: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List a function's builds with status and timing."""
+    common = settings()
+    _require_broker(common)
+    builds = _builds(common, name)
+    if as_json:
+        print_json(builds)
+        return
+    table = Table("build", "started", "commit", "status", "took", "reason", title=f"builds of {name}")
+    for b in builds:
+        started = time.strftime("%H:%M:%S", time.localtime(b.get("started", 0) / 1000)) if b.get("started") else "-"
+        took = f"{b['duration_ms']:.0f} ms" if b.get("duration_ms") is not None else "-"
+        table.add_row(
+            b["build"], started, (b.get("commit") or "-")[:12], b.get("status", "?"), took, b.get("reason") or ""
+        )
+    console.print(table)
+
+
+@fn_app.command("logs")
+def fn_logs(name: str, build: Annotated[str, typer.Option("--build", help="Build id (see `fn builds`).")]) -> None:
+    """Print the log of one build."""
+    common = settings()
+    _require_broker(common)
+    found = [b for b in _builds(common, name) if b["build"] == build]
+    if not found or not found[0].get("log_uri"):
+        raise fail(f"no finished build {build!r} of {name!r}")
+    try:
+        sys.stdout.write(LocalArtifactStore(common.artifacts_dir).get(found[0]["log_uri"]).decode(errors="replace"))
+    except ArtifactError as exc:
+        raise fail(str(exc)) from None
+
+
+repo_app = typer.Typer(help="Per-repository settings.", no_args_is_help=True)
+app.add_typer(repo_app, name="repo")
+
+
+@repo_app.command("secret")
+def repo_secret(repo: str, secret: str) -> None:
+    """Set the webhook secret of one repository (overrides STOKER_WEBHOOK_SECRET for it)."""
+    common = settings()
+    _require_broker(common)
+    _publish(common, RepoConfigured(repo=repo, webhook_secret=secret), common.topics.repo, repo)
+    console.print(f"webhook secret set for {repo}")
+
+
+@app.command()
+def push(
+    repo: Annotated[str, typer.Option(help="Repository URL, as functions are bound to it.")],
+    ref: Annotated[str, typer.Option(help="Pushed ref.")] = "refs/heads/main",
+    after: Annotated[Optional[str], typer.Option(help="Pushed commit (default: the ref's head at build time).")] = None,
+    before: Annotated[Optional[str], typer.Option(help="Previous commit.")] = None,
+    paths: Annotated[Optional[list[str]], typer.Option("--path", help="Changed files (default: unknown).")] = None,
+    url: Annotated[
+        Optional[str], typer.Option(help="Gateway URL (default http://127.0.0.1:$STOKER_HTTP_PORT).")
+    ] = None,
+    secret: Annotated[Optional[str], typer.Option(help="Webhook secret (default $STOKER_WEBHOOK_SECRET).")] = None,
+) -> None:
+    """Tell Stoker about a push (the generic webhook: for post-receive hooks and scripts)."""
+    import httpx
+
+    from services.gateway.webhooks import sign
+
+    key = secret or os.environ.get("STOKER_WEBHOOK_SECRET", "")
+    if not key:
+        raise fail("no secret: pass --secret or set STOKER_WEBHOOK_SECRET")
+    body = orjson.dumps({"repo": repo, "ref": ref, "before": before, "after": after, "paths": paths})
+    target = url or f"http://127.0.0.1:{os.environ.get('STOKER_HTTP_PORT') or 8080}"
+    headers = {
+        "content-type": "application/json",
+        "x-stoker-signature-256": sign(key, body),
+        "x-stoker-delivery": uuid.uuid4().hex,
+    }
+    try:
+        answer = httpx.post(f"{target}/webhooks/git", content=body, headers=headers, timeout=30)
+    except httpx.HTTPError as exc:
+        raise fail(f"could not reach the gateway at {target}: {exc}") from None
+    if answer.status_code >= 300:
+        raise fail(f"the gateway answered {answer.status_code}: {answer.text}")
+    console.print(f"push accepted: {answer.json()}")
 
 
 # ----- observing ------------------------------------------------------------------------------------

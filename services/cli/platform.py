@@ -51,6 +51,7 @@ class PlatformConfig:
         comps = [
             Component("dispatcher", "services.dispatcher"),
             Component("poolmgr", "services.poolmgr", {"STOKER_POOL_SIZE": str(self.pool_size)}),
+            Component("builder", "services.builder"),
         ]
         comps += [
             Component(f"agent-{n}", "services.agent", {"STOKER_NODE_NAME": n, "STOKER_POOL_SIZE": str(self.pool_size)})

@@ -110,6 +110,10 @@ class ArtifactStore(Protocol):
         """Fetch an artifact's bytes by URI."""
         ...
 
+    def put_named(self, name: str, blob: bytes) -> str:
+        """Store a named object that is not an artifact (a build log); returns its URI."""
+        ...
+
 
 class LocalArtifactStore:
     """A directory of ``sha256-<hex>.zip`` files (the embedded shape; object stores come later)."""
@@ -125,6 +129,16 @@ class LocalArtifactStore:
             tmp.write_bytes(blob)
             tmp.rename(path)
         return path.resolve().as_uri()
+
+    def put_named(self, name: str, blob: bytes) -> str:
+        path = (self.root / name).resolve()
+        if self.root.resolve() not in path.parents:
+            raise ArtifactError(f"name {name!r} escapes the store")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_bytes(blob)
+        tmp.rename(path)
+        return path.as_uri()
 
     def get(self, uri: str) -> bytes:
         parsed = urlparse(uri)

@@ -15,7 +15,7 @@ from aiokafka import AIOKafkaProducer
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind
 
-from events import FunctionSpec, InvocationCompleted, InvocationRequested, NodeHeartbeat, NodeStopped, now_ms
+from events import FunctionSpec, InvocationCompleted, InvocationRequested, NodeHeartbeat, NodeStopped, Record, now_ms
 from events.codec import encode
 from events.function import CodeSource
 from services.common import telemetry
@@ -62,6 +62,10 @@ class StokerClient:
 
     # ----- functions ----------------------------------------------------------------------------
 
+    async def send(self, record: Record, topic: str, key: str) -> None:
+        """Publish any Stoker record; returns once the broker confirmed it."""
+        await self._producer.send_and_wait(topic, encode(record), key=key.encode())
+
     async def put_function(self, spec: FunctionSpec) -> None:
         await self._producer.send_and_wait(self.topics.function, encode(spec), key=spec.name.encode())
 
@@ -83,6 +87,18 @@ class StokerClient:
         await table.start()
         await table.stop()
         return dict(table.rows)
+
+    async def history(self, topic: str, key: str | None = None) -> list[Record]:
+        """Every decodable record on ``topic`` (optionally only ``key``'s), oldest first."""
+        found: list[Record] = []
+
+        def keep(record: Record) -> None:
+            found.append(record)
+
+        tail = TopicTail(self.settings.bootstrap, topic, (Record,), keep, key=key)
+        await tail.start(replay=True)
+        await tail.stop()
+        return found
 
     # ----- invocations --------------------------------------------------------------------------
 

@@ -161,28 +161,44 @@ class TopicTail:
         on_record: Callable[[R], object],
         *,
         on_bad_record: Callable[[str, int, int, bytes | None, bytes | None, str], None] | None = None,
+        key: str | None = None,
     ) -> None:
         self.topic = topic
         self._bootstrap = bootstrap
         self._expected = expected
         self._on_record = on_record
+        self._key = key.encode() if key is not None else None
         self._on_bad_record = on_bad_record
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
+    async def start(self, *, replay: bool = False, timeout_s: float = 60.0) -> None:
+        """Start following. With ``replay``, first read the whole topic and return once caught up."""
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=self._bootstrap,
             enable_auto_commit=False,
             fetch_max_wait_ms=100,
+            # aiokafka resolves a seek to the beginning with this policy, not the seek's own: they must agree.
+            auto_offset_reset="earliest" if replay else "latest",
         )
         await self._consumer.start()
         tps = await partitions_of(self._consumer, self.topic)
         self._consumer.assign(tps)
-        await self._consumer.seek_to_end(*tps)
+        ends = await self._consumer.end_offsets(tps)
+        if replay:
+            await self._consumer.seek_to_beginning(*tps)
+        else:
+            await self._consumer.seek_to_end(*tps)
         for tp in tps:
-            await self._consumer.position(tp)  # resolve "end" now, not at the first fetch
+            await self._consumer.position(tp)  # resolve the start now, not at the first fetch
         self._task = asyncio.create_task(self._follow(), name=f"tail:{self.topic}")
+        deadline = time.monotonic() + timeout_s
+        while replay and any([await self._consumer.position(tp) < end for tp, end in ends.items()]):
+            if self._task.done():
+                self._task.result()  # surface why following failed
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"could not read {self.topic} to its end within {timeout_s:.0f}s")
+            await asyncio.sleep(0.02)
 
     async def stop(self) -> None:
         if self._task:
@@ -200,6 +216,8 @@ class TopicTail:
             batches = await self._consumer.getmany(timeout_ms=500)
             for records in batches.values():
                 for rec in records:
+                    if self._key is not None and rec.key != self._key:
+                        continue
                     try:
                         record = codec.decode(rec.value, self._expected)
                     except codec.DecodeError as exc:

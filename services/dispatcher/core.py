@@ -59,6 +59,13 @@ class Dispatcher:
                 inv, "rejected", ErrorInfo(kind="unknown_function", message=f"no function named {inv.function!r}")
             )
             return
+        if spec.source.digest is None:
+            await self._finish(
+                inv,
+                "rejected",
+                ErrorInfo(kind="not_built", message=f"function {inv.function!r} has no built version yet"),
+            )
+            return
         if inv.expired(now_ms()):
             await self._finish(
                 inv, "timeout", ErrorInfo(kind="deadline_passed", message="deadline passed before it was dispatched")

@@ -7,6 +7,7 @@ reached gives 503. Synchronous calls wait on this gateway's own reply topic.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -18,14 +19,16 @@ from fastapi.responses import Response
 from opentelemetry import trace
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 
-from events import FunctionSpec, InvocationCompleted, InvocationRequested, now_ms
+from events import CodeCommitted, FunctionSpec, InvocationCompleted, InvocationRequested, RepoConfigured, now_ms
 from events.codec import DecodeError, encode_value, loads
 from services.common import telemetry
 from services.common.admin import ensure_topics
 from services.common.broker import make_broker
+from services.common.repos import same_repo
 from services.common.runner import clear_ready, configure_logging, mark_ready
 from services.common.table import CompactedTable, TopicTail
 from services.common.telemetry import setup_tracing
+from services.gateway import webhooks
 from services.gateway.results import ResultBook
 from services.gateway.settings import GatewaySettings
 
@@ -38,6 +41,9 @@ LATENCY = Histogram(
     ["route"],
     buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30),
 )
+
+WEBHOOK_REJECTIONS = Counter("stoker_webhook_rejections_total", "Refused webhook deliveries", ["reason"])
+WEBHOOK_DELIVERIES = Counter("stoker_webhook_deliveries_total", "Webhook deliveries", ["host", "outcome"])
 
 STATUS_HTTP = {"ok": 200, "error": 500, "timeout": 504, "lost": 502}
 
@@ -83,12 +89,22 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     book = ResultBook()
     reply_topic = topics.reply(settings.gateway_id)
     replies = TopicTail(common.bootstrap, reply_topic, (InvocationCompleted,), book.resolve)
+    repos: CompactedTable[RepoConfigured] = CompactedTable(common.bootstrap, topics.repo, (RepoConfigured,))
+    deliveries: set[str] = set()
+    delivery_lock = asyncio.Lock()
+    # Delivery ids already published, read back from the topic itself: a redelivery after a
+    # gateway restart is recognised too.
+    commits = TopicTail(
+        common.bootstrap, topics.code_commit, (CodeCommitted,), lambda event: deliveries.add(event.delivery_id)
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await ensure_topics(common.bootstrap, [topics.reply_spec(settings.gateway_id)])
         await replies.start()
         await functions.start()
+        await repos.start()
+        await commits.start(replay=True)
         await broker.start()
         mark_ready(common, "gateway", url=f"http://{settings.host}:{settings.port}")
         try:
@@ -98,6 +114,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             await broker.stop()
             await functions.stop()
             await replies.stop()
+            await repos.stop()
+            await commits.stop()
             provider.shutdown()
 
     app = FastAPI(title="Stoker gateway", lifespan=lifespan)
@@ -204,6 +222,50 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     @app.get("/functions/{name}")
     async def get_function(name: str) -> Response:
         return _json(200, (await known_function(name)).model_dump(mode="json"))
+
+    def secret_for(names: list[str]) -> str | None:
+        for config in repos.rows.values():
+            if same_repo(config.repo, names):
+                return config.webhook_secret
+        return settings.webhook_secret or None
+
+    @app.post("/webhooks/git")
+    async def git_webhook(request: Request) -> Response:
+        raw = await request.body()
+        if len(raw) > settings.max_body_bytes:
+            raise HttpError(413, f"body is over the limit of {settings.max_body_bytes} bytes")
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        host = webhooks.host_of(headers)
+        try:
+            try:
+                body = loads(raw)
+            except DecodeError as exc:
+                raise webhooks.WebhookRejected(400, "malformed", f"the body is not valid JSON: {exc.reason}") from exc
+            delivery = webhooks.parse(host, headers, body, hashlib.sha256(raw).hexdigest()[:32])
+            await repos.wait_caught_up(timeout_s=1.0)
+            webhooks.authenticate(delivery, headers, raw, secret_for)
+        except webhooks.WebhookRejected as exc:
+            WEBHOOK_REJECTIONS.labels(exc.reason).inc()
+            raise HttpError(exc.status, exc.message) from exc
+        if delivery.kind == "ping":
+            WEBHOOK_DELIVERIES.labels(host, "ping").inc()
+            return _json(200, {"status": "pong", "delivery": delivery.delivery_id})
+        push = delivery.push
+        assert push is not None
+        trace.get_current_span().set_attribute("stoker.delivery.id", push.delivery_id)
+        async with delivery_lock:  # concurrent redeliveries: one publishes, the others see it
+            if push.delivery_id in deliveries:
+                WEBHOOK_DELIVERIES.labels(host, "duplicate").inc()
+                return _json(200, {"status": "duplicate", "delivery": push.delivery_id})
+            try:
+                await asyncio.wait_for(
+                    broker.publish(push, topics.code_commit, key=push.repo.encode()), settings.publish_timeout_s
+                )
+            except Exception as exc:  # noqa: BLE001
+                raise HttpError(503, "the broker did not confirm the push; send it again") from exc
+            deliveries.add(push.delivery_id)
+        WEBHOOK_DELIVERIES.labels(host, "accepted").inc()
+        return _json(202, {"status": "accepted", "delivery": push.delivery_id, "repo": push.repo, "ref": push.ref})
 
     @app.get("/healthz")
     async def healthz() -> Response:

@@ -20,6 +20,8 @@ class GatewaySettings:
     sync_queue_s: float = 30.0
     """Extra time a synchronous call may wait for capacity on top of the function's timeout."""
     gateway_id: str = "gateway-8080"
+    webhook_secret: str = ""
+    """Shared secret of git webhooks (``STOKER_WEBHOOK_SECRET``); per-repository ones override it."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> GatewaySettings:
@@ -33,4 +35,5 @@ class GatewaySettings:
             publish_timeout_s=env_float(env, "STOKER_PUBLISH_TIMEOUT_S", 10.0),
             sync_queue_s=env_float(env, "STOKER_SYNC_QUEUE_S", 30.0),
             gateway_id=env_str(env, "STOKER_GATEWAY_ID", f"gateway-{port}"),
+            webhook_secret=env_str(env, "STOKER_WEBHOOK_SECRET", ""),
         )

@@ -1,39 +1,85 @@
-"""Composition root of the pool manager: node heartbeats in, EnsurePool/Recycle commands out."""
+"""Composition root of the pool manager.
+
+Node heartbeats in, EnsurePool/Recycle commands out (pool size, keep-alive); prewarm requests in,
+Specialize commands out, and the function's active version switched once the code is loaded.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
-from typing import Any
+from typing import Any, Literal
 
-from events import EnsurePool, FunctionSpec, NodeHeartbeat, NodeStopped, Recycle, now_ms
+from faststream.middlewares import AckPolicy
+
+from events import (
+    EnsurePool,
+    FunctionSpec,
+    InstanceChanged,
+    NodeHeartbeat,
+    NodeStopped,
+    PrewarmCompleted,
+    PrewarmRequested,
+    Recycle,
+    Specialize,
+    now_ms,
+)
 from services.common.broker import make_broker
 from services.common.runner import configure_logging, serve
-from services.common.settings import CommonSettings, env_int
-from services.common.table import CompactedTable
+from services.common.settings import CommonSettings, env_float, env_int
+from services.common.table import CompactedTable, TopicTail
 from services.common.telemetry import setup_tracing
+from services.poolmgr import prewarm
 from services.poolmgr.policy import PoolPolicy, generic_target, keepalive_expired
 
 log = logging.getLogger("stoker.poolmgr")
+PrewarmStatus = Literal["ready", "timed_out", "failed", "superseded"]
 
 
-async def run(common: CommonSettings, policy: PoolPolicy) -> None:
+async def run(common: CommonSettings, policy: PoolPolicy, prewarm_timeout_s: float = 20.0) -> None:
     configure_logging(common)
+    topics = common.topics
     provider = setup_tracing("poolmgr", common)
     broker = make_broker(common, "poolmgr", provider)
-    functions: CompactedTable[FunctionSpec] = CompactedTable(common.bootstrap, common.topics.function, (FunctionSpec,))
+    functions: CompactedTable[FunctionSpec] = CompactedTable(common.bootstrap, topics.function, (FunctionSpec,))
     beats: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
     nodes: CompactedTable[Any] = CompactedTable(
         common.bootstrap,
-        common.topics.node,
+        topics.node,
         (NodeHeartbeat, NodeStopped),
         on_change=lambda name, rec: beats.put_nowait((name, rec)),
     )
     told: dict[str, tuple[str, int]] = {}  # node -> (incarnation, target) last commanded
     recycling: dict[str, int] = {}  # instance -> when the recycle was sent (avoid repeats)
+    pending: dict[tuple[str, str], prewarm.PendingPrewarm] = {}
+    changed = asyncio.Condition()
+
+    def live_nodes() -> list[NodeHeartbeat]:
+        now = now_ms()
+        return [
+            n
+            for n in nodes.rows.values()
+            if isinstance(n, NodeHeartbeat) and now - n.at_ms < 3 * max(n.interval_ms, 500)
+        ]
+
+    async def on_instance(event: InstanceChanged) -> None:
+        if event.function is None or event.function_version is None:
+            return
+        entry = pending.get((event.function, event.function_version))
+        if entry is None:
+            return
+        if event.state == "ready":
+            entry.ready.add(event.instance)
+        elif event.state == "gone" and event.reason.startswith("code failed to load"):
+            entry.failure = event.reason
+        async with changed:
+            changed.notify_all()
+
+    instances = TopicTail(common.bootstrap, topics.instance, (InstanceChanged,), on_instance)
 
     async def start_views() -> None:
+        await instances.start()
         await functions.start()
         await nodes.start()
 
@@ -42,9 +88,7 @@ async def run(common: CommonSettings, policy: PoolPolicy) -> None:
             return  # a replayed heartbeat of a node long gone
         target = generic_target(hb, policy)
         if told.get(name) != (hb.incarnation, target) and hb.pool_target != target:
-            await broker.publish(
-                EnsurePool(incarnation=hb.incarnation, generic=target), common.topics.work(name), key=b"pool"
-            )
+            await broker.publish(EnsurePool(incarnation=hb.incarnation, generic=target), topics.work(name), key=b"pool")
         told[name] = (hb.incarnation, target)
         for decision in keepalive_expired(hb, functions.rows, policy):
             if now_ms() - recycling.get(decision.instance, 0) < 10_000:
@@ -53,7 +97,7 @@ async def run(common: CommonSettings, policy: PoolPolicy) -> None:
             log.info("recycling %s on %s: %s", decision.instance, name, decision.reason)
             await broker.publish(
                 Recycle(incarnation=hb.incarnation, instance=decision.instance, reason=decision.reason),
-                common.topics.work(name),
+                topics.work(name),
                 key=(decision.function or "").encode(),
             )
 
@@ -65,9 +109,101 @@ async def run(common: CommonSettings, policy: PoolPolicy) -> None:
             else:
                 told.pop(name, None)
 
+    async def finish(request: PrewarmRequested, status: PrewarmStatus, **fields: Any) -> None:
+        await broker.publish(
+            PrewarmCompleted(
+                function=request.function, digest=request.digest, commit=request.commit, status=status, **fields
+            ),
+            topics.prewarm,
+            key=request.function.encode(),
+        )
+
+    # The request is committed once its prewarm ended (ready, failed or timed out), so a pool
+    # manager restarted mid-prewarm picks it up again instead of never activating the version.
+    @broker.subscriber(
+        topics.prewarm, group_id="stoker-poolmgr", auto_offset_reset="earliest", ack_policy=AckPolicy.NACK_ON_ERROR
+    )
+    async def on_prewarm(request: PrewarmRequested | PrewarmCompleted) -> None:
+        if isinstance(request, PrewarmCompleted):
+            return  # our own reports share the topic
+        await functions.wait_caught_up(timeout_s=2.0)
+        current = functions.get(request.function)
+        if current is None:
+            await finish(request, "failed", reason="no such function")
+            return
+        if prewarm.superseded(current, request):
+            await finish(request, "superseded", reason="a later push is already active")
+            return
+        target = prewarm.target_spec(current, request)
+        live = live_nodes()
+        already = prewarm.holding(live, target.name, target.code_version)
+        entry = prewarm.PendingPrewarm(request, target, wanted=request.count)
+        key = (target.name, target.code_version)
+        pending[key] = entry
+        try:
+            incarnations = {hb.node: hb.incarnation for hb in live}
+            for node, count in prewarm.spread(live, request.count - already).items():
+                await broker.publish(
+                    Specialize(spec=target, incarnation=incarnations[node], count=count),
+                    topics.work(node),
+                    key=target.name.encode(),
+                )
+            entry.ready.update(f"existing-{i}" for i in range(already))
+            deadline = asyncio.get_running_loop().time() + prewarm_timeout_s
+            async with changed:
+                while not entry.done:
+                    remaining = deadline - asyncio.get_running_loop().time()
+                    if remaining <= 0:
+                        break
+                    try:
+                        await asyncio.wait_for(changed.wait(), remaining)
+                    except TimeoutError:
+                        break
+        finally:
+            pending.pop(key, None)
+        took = float(now_ms() - entry.started_ms)
+        if entry.failure is not None:
+            log.warning("prewarm of %s@%s failed: %s", target.name, target.code_version, entry.failure)
+            await finish(
+                request, "failed", ready=len(entry.ready), wanted=entry.wanted, reason=entry.failure, duration_ms=took
+            )
+            return
+        status: PrewarmStatus = "ready" if len(entry.ready) >= entry.wanted else "timed_out"
+        activated = False
+        if request.activate:
+            await functions.wait_caught_up(timeout_s=2.0)
+            latest = functions.get(request.function)
+            if latest is not None and not prewarm.superseded(latest, request):
+                await broker.publish(prewarm.activated(latest, target), topics.function, key=target.name.encode())
+                activated = True
+            elif latest is not None:
+                status = "superseded"
+        reason = (
+            ""
+            if status == "ready"
+            else (
+                f"only {len(entry.ready)} of {entry.wanted} instances ready after {prewarm_timeout_s:g}s"
+                if status == "timed_out"
+                else "a later push became active first"
+            )
+        )
+        log.info(
+            "prewarm of %s@%s: %s%s", target.name, target.code_version, status, " (activated)" if activated else ""
+        )
+        await finish(
+            request,
+            status,
+            ready=len(entry.ready),
+            wanted=entry.wanted,
+            activated=activated,
+            reason=reason,
+            duration_ms=took,
+        )
+
     async def stop_views() -> None:
         await functions.stop()
         await nodes.stop()
+        await instances.stop()
 
     await serve("poolmgr", common, broker, on_start=[start_views], background=[follow_nodes], on_stop=[stop_views])
     provider.shutdown()
@@ -75,7 +211,5 @@ async def run(common: CommonSettings, policy: PoolPolicy) -> None:
 
 def main() -> None:
     env = os.environ
-    policy = PoolPolicy(
-        generic_per_node=env_int(env, "STOKER_POOL_SIZE", 2),
-    )
-    asyncio.run(run(CommonSettings.from_env(), policy))
+    policy = PoolPolicy(generic_per_node=env_int(env, "STOKER_POOL_SIZE", 2))
+    asyncio.run(run(CommonSettings.from_env(), policy, env_float(env, "STOKER_PREWARM_TIMEOUT_S", 20.0)))

@@ -84,6 +84,9 @@ class Runtime:
         try:
             os.environ.update(msg.get("env") or {})
             sys.path.insert(0, code_dir)
+            deps = os.path.join(code_dir, ".deps")  # requirements the builder installed into the artifact
+            if os.path.isdir(deps):
+                sys.path.insert(1, deps)
             module = importlib.import_module(module_name)
             handler = getattr(module, attr)
             if not callable(handler):

@@ -29,7 +29,9 @@ from events import (
     decode,
     encode,
 )
+from events.code import ArtifactReady, BuildFailed, BuildFinished, BuildStarted, CodeCommitted
 from events.codec import MODELS, SUPPORTED_VERSIONS, from_object
+from events.pool import PrewarmCompleted, PrewarmRequested, RepoConfigured
 
 DIGEST = "sha256:" + "ab" * 32
 
@@ -97,6 +99,35 @@ def _samples() -> dict[str, object]:
             at_ms=11,
         ),
         "node.stopped": NodeStopped(node="n1", incarnation="inc-1", at_ms=12),
+        "code.committed": CodeCommitted(
+            repo="file:///r.git",
+            repo_aliases=["o/r"],
+            ref="refs/heads/main",
+            before="a" * 40,
+            after="b" * 40,
+            changed_paths=["fns/x/h.py"],
+            delivery_id="d-1",
+            source="github",
+            pushed_ms=3,
+        ),
+        "artifact.ready": ArtifactReady(
+            function="hello",
+            commit="b" * 40,
+            digest="sha256:00",
+            uri="file:///a.zip",
+            size=10,
+            build_id="b1",
+            build_ms=1.5,
+            log_uri="file:///l.log",
+            pushed_ms=3,
+            built_ms=4,
+        ),
+        "build.failed": BuildFailed(function="hello", commit="c", build_id="b2", reason="pip", log_uri=None, at_ms=1),
+        "build.started": BuildStarted(function="hello", build_id="b1", repo="r", ref="refs/heads/main", at_ms=1),
+        "build.finished": BuildFinished(function="hello", build_id="b1", status="ok", digest="sha256:00", at_ms=1),
+        "prewarm.requested": PrewarmRequested(function="hello", count=2, digest="sha256:00", activate=True, at_ms=1),
+        "prewarm.completed": PrewarmCompleted(function="hello", status="ready", ready=2, wanted=2, at_ms=1),
+        "repo.configured": RepoConfigured(repo="file:///r.git", webhook_secret="s", at_ms=1),
         "record.dead-lettered": DeadLettered(
             source_topic="stoker.invocation",
             partition=1,
@@ -427,11 +458,11 @@ def test_topic_names_use_the_prefix() -> None:
 def test_topic_catalogue() -> None:
     t = Topics("p.")
     specs = {s.name: s for s in t.catalogue(invocation_partitions=5)}
-    assert len(specs) == 11
+    assert len(specs) == 13
     assert all(name.startswith("p.") for name in specs)
     assert specs["p.invocation"].partitions == 5
     assert specs["p.result"].partitions == 5
-    for compacted in ("p.function", "p.node", "p.artifact", "p.placement"):
+    for compacted in ("p.function", "p.node", "p.artifact", "p.placement", "p.repo"):
         assert specs[compacted].compacted
         assert specs[compacted].configs()["cleanup.policy"] == "compact"
     assert not specs["p.invocation"].compacted
