@@ -69,9 +69,9 @@ def load_sample(directory: Path, sample: int, functions: int | None, minutes: in
     """
     durations: dict[str, float] = {}
     with (directory / f"{sample}_run.csv").open(newline="") as f:
-        for row in csv.DictReader(f):
-            durations[row["HashFunction"]] = float(row["Average"]) / 1000.0
-    traces = []
+        for run_row in csv.DictReader(f):
+            durations[run_row["HashFunction"]] = float(run_row["Average"]) / 1000.0
+    traces: list[FunctionTrace] = []
     with (directory / f"{sample}_inv.csv").open(newline="") as f:
         reader = csv.reader(f)
         header = next(reader)
@@ -269,7 +269,11 @@ def main(argv: list[str] | None = None) -> int:
         "policies": figures,
         "hybrid_over_fixed": ratios,
         "by_invocations": by_invocations(outcomes),
-        "runtime_s": {"load": round(load_s, 3), **{k: round(v, 3) for k, v in took.items()}, "total": round(total_s, 3)},
+        "runtime_s": {
+            "load": round(load_s, 3),
+            **{k: round(v, 3) for k, v in took.items()},
+            "total": round(total_s, 3),
+        },
     }
 
     table = Table(

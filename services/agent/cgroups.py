@@ -145,12 +145,8 @@ class CgroupStats:
 
 
 def _check_name(kind: str, name: str) -> str:
-    if (
-        not _NAME_RE.match(name)
-        or name in _RESERVED_NAMES
-        or name.split(".", 1)[0] in _RESERVED_PREFIXES
-        and "." in name
-    ):
+    looks_like_control_file = "." in name and name.split(".", 1)[0] in _RESERVED_PREFIXES
+    if not _NAME_RE.match(name) or name in _RESERVED_NAMES or looks_like_control_file:
         raise ValueError(f"{kind} {name!r} is not usable as a cgroup name (use [A-Za-z0-9_.-], no control-file prefix)")
     return name
 

@@ -612,7 +612,7 @@ def push(
 @app.command("trace")
 def trace_cmd(ident: Annotated[str, typer.Argument(help="Invocation id (or trace id).")]) -> None:
     """Print the span tree of one invocation's trace, with durations."""
-    from services.cli.tracefile import build_tree, load_spans, trace_ids_for
+    from services.cli.tracefile import build_tree, linked_traces, load_spans, trace_ids_for
 
     common = settings()
     spans = load_spans(common.traces_dir)
@@ -621,6 +621,9 @@ def trace_cmd(ident: Annotated[str, typer.Argument(help="Invocation id (or trace
         raise fail(f"no spans for {ident!r} in {common.traces_dir} (spans are written within a second)")
     for trace_id in ids:
         console.print(build_tree(spans, trace_id))
+        for linked in linked_traces(spans, trace_id):
+            console.print(f"[magenta]linked from {trace_id[:8]}…:[/magenta]")
+            console.print(build_tree(spans, linked))
 
 
 @app.command()

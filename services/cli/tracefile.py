@@ -51,7 +51,8 @@ def build_tree(spans: list[dict[str, Any]], trace_id: str) -> Tree:
             f"{k.split('.')[-1]}={attrs[k]}" for k in ("stoker.node", "stoker.start", "stoker.instance") if k in attrs
         )
         status = "" if s.get("status") in ("UNSET", "OK") else f" [red]{s.get('status')}[/red]"
-        return f"[bold]{s['name']}[/bold] [dim]{s.get('service')}[/dim] +{at:.2f}ms {dur:.2f}ms {extra}{status}"
+        links = "".join(f" [magenta]-> linked trace {link['trace_id']}[/magenta]" for link in s.get("links", []))
+        return f"[bold]{s['name']}[/bold] [dim]{s.get('service')}[/dim] +{at:.2f}ms {dur:.2f}ms {extra}{status}{links}"
 
     def add(node: Tree, parent: str | None) -> None:
         for s in sorted(children.get(parent, []), key=lambda s: s["start_ns"]):
@@ -59,3 +60,14 @@ def build_tree(spans: list[dict[str, Any]], trace_id: str) -> Tree:
 
     add(root, None)
     return root
+
+
+def linked_traces(spans: list[dict[str, Any]], trace_id: str) -> list[str]:
+    """Traces that spans of ``trace_id`` link to (a prewarmed start links to its build trace)."""
+    found: list[str] = []
+    for s in spans:
+        if s["trace_id"] == trace_id:
+            for link in s.get("links", []):
+                if link["trace_id"] != trace_id and link["trace_id"] not in found:
+                    found.append(link["trace_id"])
+    return found
