@@ -95,7 +95,7 @@ def test_limits_written_and_child_joins_before_exec(driver: CgroupDriver) -> Non
     iid = _iid()
     cg = driver.create(iid, Limits(cpu_millis=250, memory_mb=128, pids_max=32))
     try:
-        if cg.version == 1:
+        if isinstance(cg, cgroups.V1InstanceCgroup):
             assert read_file(cg, "cpu", "cpu.cfs_period_us") == "100000"
             assert read_file(cg, "cpu", "cpu.cfs_quota_us") == "25000"
             assert read_file(cg, "memory", "memory.limit_in_bytes") == str(128 * MiB)
