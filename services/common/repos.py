@@ -32,11 +32,26 @@ def normalize_repo(url: str) -> str:
     return f"{host.lower()}/{path.strip('/').removesuffix('.git')}".lower()
 
 
+def _bare(name: str) -> bool:
+    """``owner/name`` with no host: GitHub's full name, GitLab's path with namespace."""
+    return "://" not in name and not name.startswith("/") and _SCP_LIKE.match(name) is None
+
+
 def same_repo(bound: str, names: Iterable[str]) -> bool:
-    """Whether a function bound to ``bound`` is bound to the pushed repository (any of ``names``)."""
+    """Whether a function bound to ``bound`` is bound to the pushed repository (any of ``names``).
+
+    A bare ``owner/name`` matches a URL ending in it only when the other side says nothing more
+    precise: a push that names its host never matches a binding on another host.
+    """
+    names = list(names)
     want = normalize_repo(bound)
+    pushed_has_url = any(not _bare(n) for n in names)
     for name in names:
         got = normalize_repo(name)
-        if got == want or (("/" in got) and want.endswith("/" + got)) or (("/" in want) and got.endswith("/" + want)):
+        if got == want:
+            return True
+        if _bare(bound) and got.endswith("/" + want):
+            return True
+        if _bare(name) and not pushed_has_url and want.endswith("/" + got):
             return True
     return False

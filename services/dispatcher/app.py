@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from events import FunctionSpec, InvocationCompleted, NodeHeartbeat, NodeStopped
+from events import FunctionSpec, InstanceChanged, InvocationCompleted, NodeHeartbeat, NodeStopped
 from events.base import Record
 from services.common.broker import dead_letter_for, make_broker
 from services.common.runner import configure_logging, serve
@@ -63,6 +63,7 @@ async def run(settings: DispatcherSettings) -> None:
         dispatcher.on_result,
         on_bad_record=dead_letter,
     )
+    instances = TopicTail(common.bootstrap, common.topics.instance, (InstanceChanged,), dispatcher.on_instance)
     handlers.register(broker, dispatcher)
 
     async def start_views() -> None:
@@ -70,6 +71,7 @@ async def run(settings: DispatcherSettings) -> None:
         await results.start()
         await functions.start()
         await nodes.start()
+        await instances.start()
 
     async def apply_node_events() -> None:
         while True:
@@ -82,7 +84,7 @@ async def run(settings: DispatcherSettings) -> None:
             await dispatcher.tick()
 
     async def stop_views() -> None:
-        for view in (results, functions, nodes):
+        for view in (results, functions, nodes, instances):
             await view.stop()
 
     await serve(

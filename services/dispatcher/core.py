@@ -12,6 +12,7 @@ from events import (
     ErrorInfo,
     Execute,
     FunctionSpec,
+    InstanceChanged,
     InvocationCompleted,
     InvocationRequested,
     NodeHeartbeat,
@@ -40,7 +41,7 @@ class Dispatcher:
         self.topics = settings.common.topics
         self.ledger = Ledger()
         self.nodes: dict[str, NodeView] = {}
-        self._affinity: dict[str, str] = {}
+        self._affinity: dict[tuple[str, str], str] = {}
         self._publish = publish
         self._lookup = lookup
 
@@ -83,7 +84,9 @@ class Dispatcher:
             return
         inv, spec = item.invocation, item.spec
         live = {name: view for name, view in self.nodes.items() if not self._stale(view)}
-        choice = choose_node(spec.name, spec.code_version, live, affinity=self._affinity.get(spec.name))
+        choice = choose_node(
+            spec.name, spec.code_version, live, affinity=self._affinity.get((spec.name, spec.code_version))
+        )
         if choice is None:
             wait()  # no eligible node now; retried on every tick until the deadline
             return
@@ -93,7 +96,7 @@ class Dispatcher:
         entry = InFlight(inv, spec, choice.node, view.heartbeat.incarnation, item.attempt, now_ms())
         self.ledger.add(entry)
         view.in_flight[spec.name] = view.in_flight.get(spec.name, 0) + 1
-        self._affinity[spec.name] = choice.node
+        self._affinity[(spec.name, spec.code_version)] = choice.node
         try:
             await self._publish(cmd, self.topics.work(choice.node), inv.function)
         except Exception:
@@ -149,7 +152,7 @@ class Dispatcher:
             view = self.nodes.get(name)
             if view is not None and view.heartbeat.incarnation != record.incarnation:
                 # Learn the new incarnation first: retries must be addressed to it, not the dead one.
-                view.heartbeat, view.last_seen_ms = record, record.at_ms
+                view.beat(record)
                 await self._node_lost(name, f"node {name} restarted", keep_incarnation=record.incarnation)
             if view is None:
                 view = NodeView(record, record.at_ms)
@@ -157,12 +160,18 @@ class Dispatcher:
                 for entry in self.ledger.on_node(name):
                     view.in_flight[entry.invocation.function] = view.in_flight.get(entry.invocation.function, 0) + 1
                 self.nodes[name] = view
-            view.heartbeat, view.last_seen_ms = record, record.at_ms
+            view.beat(record)
             if not self._stale(view):
                 for function in list(self.ledger.waiting):
                     await self._drain(function)
         else:
             await self._node_lost(name, f"node {name} stopped")
+
+    def on_instance(self, event: InstanceChanged) -> None:
+        """A lifecycle event: routing sees a just-prewarmed instance before the next heartbeat."""
+        view = self.nodes.get(event.node)
+        if view is not None:
+            view.saw(event)
 
     def _stale(self, view: NodeView) -> bool:
         return now_ms() - view.last_seen_ms > self.settings.node_timeout_s * 1000

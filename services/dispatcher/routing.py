@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from events.instance import InstanceChanged
 from events.node import InstanceSummary, NodeHeartbeat, Taint
 
 RUNTIME_TAINT = Taint(key="stoker.io/dedicated", value="runtime", effect="NoSchedule")
@@ -24,6 +25,40 @@ class NodeView:
     last_seen_ms: int
     in_flight: dict[str, int] = field(default_factory=dict)
     """Invocations this dispatcher sent to the node and has no result for, per function."""
+    recent: dict[str, InstanceChanged] = field(default_factory=dict)
+    """Lifecycle events newer than the last heartbeat (a just-prewarmed instance, one just gone)."""
+    _merged: list[InstanceSummary] | None = field(default=None, repr=False)
+
+    def beat(self, heartbeat: NodeHeartbeat) -> None:
+        """A new snapshot: events it already covers are dropped."""
+        self.heartbeat, self.last_seen_ms = heartbeat, heartbeat.at_ms
+        self.recent = {k: e for k, e in self.recent.items() if e.at_ms > heartbeat.at_ms}
+        self._merged = None
+
+    def saw(self, event: InstanceChanged) -> None:
+        if event.incarnation == self.heartbeat.incarnation and event.at_ms > self.heartbeat.at_ms:
+            self.recent[event.instance] = event
+            self._merged = None
+
+    @property
+    def instances(self) -> list[InstanceSummary]:
+        """The heartbeat's snapshot patched with the lifecycle events that came after it."""
+        if self._merged is None:
+            merged = {i.instance: i for i in self.heartbeat.instances}
+            for event in self.recent.values():
+                if event.state == "gone":
+                    merged.pop(event.instance, None)
+                else:
+                    merged[event.instance] = InstanceSummary(
+                        instance=event.instance,
+                        state=event.state,
+                        pid=event.pid,
+                        function=event.function,
+                        function_version=event.function_version,
+                        uses=event.uses,
+                    )
+            self._merged = list(merged.values())
+        return self._merged
 
     @property
     def name(self) -> str:
@@ -78,12 +113,12 @@ def choose_node(
         return None
 
     def warm_idle(v: NodeView) -> int:
-        ready = _count(v.heartbeat.instances, "ready", function, version)
-        busy = _count(v.heartbeat.instances, "busy", function, version)
+        ready = _count(v.instances, "ready", function, version)
+        busy = _count(v.instances, "busy", function, version)
         return ready + busy - v.in_flight.get(function, 0)
 
     def generic_idle(v: NodeView) -> int:
-        return _count(v.heartbeat.instances, "generic") - (v.in_flight_total - v.in_flight.get(function, 0))
+        return _count(v.instances, "generic") - (v.in_flight_total - v.in_flight.get(function, 0))
 
     def load(v: NodeView) -> float:
         return (max(v.heartbeat.in_flight, v.in_flight_total) + 1) / max(1, v.heartbeat.capacity.max_instances)

@@ -247,6 +247,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         except webhooks.WebhookRejected as exc:
             WEBHOOK_REJECTIONS.labels(exc.reason).inc()
             raise HttpError(exc.status, exc.message) from exc
+        if delivery.kind == "ignored":
+            WEBHOOK_DELIVERIES.labels(host, "ignored").inc()
+            return _json(202, {"status": "ignored", "delivery": delivery.delivery_id})
         if delivery.kind == "ping":
             WEBHOOK_DELIVERIES.labels(host, "ping").inc()
             return _json(200, {"status": "pong", "delivery": delivery.delivery_id})

@@ -32,7 +32,7 @@ class Delivery:
 
     host: Host
     delivery_id: str
-    kind: Literal["push", "ping"]
+    kind: Literal["push", "ping", "ignored"]
     repo_names: list[str]
     push: CodeCommitted | None = None
 
@@ -43,9 +43,9 @@ def sign(secret: str, body: bytes) -> str:
 
 
 def signature_valid(secret: str, body: bytes, header: str | None) -> bool:
-    if not header or not header.startswith("sha256="):
+    if not header or not header.startswith("sha256=") or not header.isascii():
         return False
-    return hmac.compare_digest(sign(secret, body), header.strip())
+    return hmac.compare_digest(sign(secret, body).encode(), header.strip().encode())
 
 
 def host_of(headers: Mapping[str, str]) -> Host:
@@ -93,13 +93,15 @@ def parse(host: Host, headers: Mapping[str, str], body: Any, body_digest: str) -
         if event != "push":
             raise WebhookRejected(400, "unsupported_event", f"GitHub event {event!r} is not handled (push, ping)")
         _require(body, "ref")
+        # A force push drops commits the list does not show: what changed is then unknown.
+        changed = None if body.get("forced") else _changed(body.get("commits"))
         push = CodeCommitted(
             repo=names[0] if names else "",
             repo_aliases=names[1:],
             ref=body["ref"],
             before=body.get("before"),
             after=body.get("after"),
-            changed_paths=_changed(body.get("commits")),
+            changed_paths=changed,
             delivery_id=f"github:{delivery}",
             source="github",
         )
@@ -120,16 +122,24 @@ def parse(host: Host, headers: Mapping[str, str], body: Any, body_digest: str) -
             )
             if v
         ]
+        if event == "Tag Push Hook":
+            # Answered 2xx: GitLab disables hooks that keep failing, and tags build nothing.
+            return Delivery("gitlab", delivery, "ignored", names)
         if event not in ("Push Hook", "System Hook") or body.get("object_kind", "push") != "push":
             raise WebhookRejected(400, "unsupported_event", f"GitLab event {event!r} is not handled (Push Hook)")
         _require(body, "ref")
+        commits = body.get("commits")
+        total = body.get("total_commits_count")
+        # GitLab lists at most 20 commits: with more, what changed is unknown.
+        truncated = isinstance(total, int) and isinstance(commits, list) and total > len(commits)
+        changed = None if truncated else _changed(commits)
         push = CodeCommitted(
             repo=names[0] if names else "",
             repo_aliases=names[1:],
             ref=body["ref"],
             before=body.get("before"),
             after=body.get("after") or body.get("checkout_sha"),
-            changed_paths=_changed(body.get("commits")),
+            changed_paths=changed,
             delivery_id=f"gitlab:{delivery}",
             source="gitlab",
         )
@@ -137,9 +147,10 @@ def parse(host: Host, headers: Mapping[str, str], body: Any, body_digest: str) -
     delivery = headers.get("x-stoker-delivery") or body_digest
     _require(body, "repo", "ref")
     paths = body.get("paths")
+    ref = body["ref"] if body["ref"].startswith("refs/") else f"refs/heads/{body['ref']}"
     push = CodeCommitted(
         repo=body["repo"],
-        ref=body["ref"],
+        ref=ref,
         before=body.get("before"),
         after=body.get("after"),
         changed_paths=[str(p) for p in paths] if isinstance(paths, list) else None,

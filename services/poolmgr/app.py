@@ -53,6 +53,7 @@ async def run(common: CommonSettings, policy: PoolPolicy, prewarm_timeout_s: flo
     told: dict[str, tuple[str, int]] = {}  # node -> (incarnation, target) last commanded
     recycling: dict[str, int] = {}  # instance -> when the recycle was sent (avoid repeats)
     pending: dict[tuple[str, str], prewarm.PendingPrewarm] = {}
+    just_activated: dict[tuple[str, str], int] = {}  # (function, version) -> protected until (ms)
     changed = asyncio.Condition()
 
     def live_nodes() -> list[NodeHeartbeat]:
@@ -90,7 +91,11 @@ async def run(common: CommonSettings, policy: PoolPolicy, prewarm_timeout_s: flo
         if told.get(name) != (hb.incarnation, target) and hb.pool_target != target:
             await broker.publish(EnsurePool(incarnation=hb.incarnation, generic=target), topics.work(name), key=b"pool")
         told[name] = (hb.incarnation, target)
-        for decision in keepalive_expired(hb, functions.rows, policy):
+        now = now_ms()
+        for pair, until in list(just_activated.items()):
+            if until < now:
+                del just_activated[pair]
+        for decision in keepalive_expired(hb, functions.rows, policy, protected=pending.keys() | just_activated.keys()):
             if now_ms() - recycling.get(decision.instance, 0) < 10_000:
                 continue
             recycling[decision.instance] = now_ms()
@@ -160,6 +165,9 @@ async def run(common: CommonSettings, policy: PoolPolicy, prewarm_timeout_s: flo
                     except TimeoutError:
                         break
         finally:
+            if entry.failure is None:
+                # Protected until this process's own view of the function topic shows the switch.
+                just_activated[key] = now_ms() + 30_000
             pending.pop(key, None)
         took = float(now_ms() - entry.started_ms)
         if entry.failure is not None:

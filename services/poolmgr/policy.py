@@ -6,7 +6,7 @@ per-function ``idle_s`` here in a later issue; the interface stays: heartbeat in
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 from events import FunctionSpec, NodeHeartbeat
@@ -31,12 +31,22 @@ class RecycleDecision:
 
 
 def keepalive_expired(
-    node: NodeHeartbeat, specs: Mapping[str, FunctionSpec], policy: PoolPolicy
+    node: NodeHeartbeat,
+    specs: Mapping[str, FunctionSpec],
+    policy: PoolPolicy,
+    protected: Collection[tuple[str, str]] = (),
 ) -> list[RecycleDecision]:
-    """Idle specialized instances past their function's keep-alive (or of a deleted function)."""
+    """Idle specialized instances past their function's keep-alive (or of a deleted function).
+
+    ``protected`` (function, version) pairs are being prewarmed or were just activated: their
+    instances hold a version that is not (yet, as far as this view knows) the active one, and
+    must not be mistaken for stale ones.
+    """
     decisions = []
     for inst in node.instances:
         if inst.state != "ready" or inst.function is None:
+            continue
+        if (inst.function, inst.function_version) in protected:
             continue
         spec = specs.get(inst.function)
         if spec is None:

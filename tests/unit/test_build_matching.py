@@ -112,7 +112,9 @@ def test_only_git_functions_on_the_same_repo_are_built() -> None:
 
 def test_a_repo_alias_matches_the_binding() -> None:
     spec = _git("a", url="Codertocat/Hello-World")
-    push = _push(repo="https://github.com/Codertocat/Hello-World.git", aliases=["git@github.com:Codertocat/Hello-World.git"])
+    push = _push(
+        repo="https://github.com/Codertocat/Hello-World.git", aliases=["git@github.com:Codertocat/Hello-World.git"]
+    )
     assert _names(functions_to_build(push, [spec])) == ["a"]
     push = _push(repo="https://example.com/x.git", aliases=["https://github.com/Codertocat/Hello-World"])
     assert _names(functions_to_build(push, [_git("b", url="git@github.com:Codertocat/Hello-World.git")])) == ["b"]
@@ -178,3 +180,15 @@ def test_specs_may_be_any_iterable() -> None:
     specs = {"b": _git("b"), "a": _git("a")}
     assert _names(functions_to_build(_push(), specs.values())) == ["a", "b"]
     assert _names(functions_to_build(_push(), (s for s in specs.values()))) == ["a", "b"]
+
+
+def test_a_github_push_does_not_rebuild_a_function_bound_to_another_host() -> None:
+    # The shape webhooks.parse gives a GitHub push: clone URL, then ssh/html/git URLs and the bare full name.
+    push = _push(
+        repo="https://github.com/o/r.git",
+        aliases=["git@github.com:o/r.git", "https://github.com/o/r", "git://github.com/o/r.git", "o/r"],
+    )
+    specs = [_git("on-github", url="git@github.com:o/r.git"), _git("on-gitlab", url="https://gitlab.com/o/r.git")]
+    # BUG (services/common/repos.py same_repo): the bare alias "o/r" is suffix-matched against the
+    # GitLab binding, so the builder would clone gitlab.com/o/r at a GitHub commit and fail the build.
+    assert _names(functions_to_build(push, specs)) == ["on-github"]

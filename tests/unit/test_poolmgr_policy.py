@@ -85,3 +85,20 @@ def test_generic_and_transitional_instances_never_recycled() -> None:
 
 def test_nothing_to_do() -> None:
     assert keepalive_expired(_hb(), {}, PoolPolicy()) == []
+
+
+def test_instances_of_a_version_being_prewarmed_are_not_stale() -> None:
+    from events import InstanceSummary, NodeHeartbeat
+
+    hb = NodeHeartbeat(
+        node="n",
+        incarnation="i",
+        instances=[
+            InstanceSummary(instance="new", state="ready", function="hello", function_version="v2"),
+            InstanceSummary(instance="old", state="ready", function="hello", function_version="v0"),
+        ],
+    )
+    spec = _spec()
+    assert spec.code_version not in ("v2", "v0")
+    recycled = keepalive_expired(hb, {"hello": spec}, PoolPolicy(), protected={("hello", "v2")})
+    assert [d.instance for d in recycled] == ["old"]

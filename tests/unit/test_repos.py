@@ -35,14 +35,20 @@ def test_every_pair_of_spellings_is_the_same_repo(bound: str, pushed: str) -> No
 
 @pytest.mark.parametrize(
     "url",
-    ["https://GitHub.COM/Codertocat/Hello-World.git", "git@GITHUB.com:Codertocat/Hello-World.git", "SSH://git@GitHub.com/Codertocat/Hello-World"],
+    [
+        "https://GitHub.COM/Codertocat/Hello-World.git",
+        "git@GITHUB.com:Codertocat/Hello-World.git",
+        "SSH://git@GitHub.com/Codertocat/Hello-World",
+    ],
 )
 def test_hosts_are_case_insensitive(url: str) -> None:
     assert normalize_repo(url) == "github.com/codertocat/hello-world"
     assert same_repo(url, ["https://github.com/codertocat/hello-world.git"])
 
 
-@pytest.mark.parametrize("a", ["file:///tmp/x", "/tmp/x", "file:///tmp/x.git", "/tmp/x.git", "file:///tmp/x/", "/tmp/x/"])
+@pytest.mark.parametrize(
+    "a", ["file:///tmp/x", "/tmp/x", "file:///tmp/x.git", "/tmp/x.git", "file:///tmp/x/", "/tmp/x/"]
+)
 @pytest.mark.parametrize("b", ["file:///tmp/x", "/tmp/x", "file:///tmp/x.git"])
 def test_local_paths_and_file_urls_are_the_same_repo(a: str, b: str) -> None:
     assert normalize_repo(a) == "/tmp/x"

@@ -200,3 +200,30 @@ def test_node_view_totals() -> None:
     v = _view("a", in_flight={"f": 2, "g": 3})
     assert v.name == "a"
     assert v.in_flight_total == 5
+
+
+def test_lifecycle_events_newer_than_the_heartbeat_are_routed_on() -> None:
+    """A just-prewarmed instance is routed to before the next heartbeat shows it."""
+    from events import InstanceChanged, NodeHeartbeat
+    from services.dispatcher.routing import NodeView, choose_node
+
+    def beat(node: str, at: int) -> NodeHeartbeat:
+        return NodeHeartbeat(node=node, incarnation=f"{node}-1", at_ms=at, instances=[])
+
+    a, b = NodeView(beat("a", 100), 100), NodeView(beat("b", 100), 100)
+    ready = InstanceChanged(
+        node="b", incarnation="b-1", instance="i9", state="ready", function="f", function_version="v2", at_ms=150
+    )
+    b.saw(ready)
+    choice = choose_node("f", "v2", {"a": a, "b": b}, affinity="a")
+    assert choice is not None and (choice.node, choice.reason) == ("b", "warm")
+    # An event from another incarnation, or older than the snapshot, changes nothing.
+    a.saw(ready.model_copy(update={"node": "a", "incarnation": "old"}))
+    assert a.instances == []
+    b.beat(beat("b", 200))  # the new snapshot does not list it: the snapshot wins
+    assert b.instances == []
+    gone = ready.model_copy(update={"state": "gone", "at_ms": 300})
+    b.saw(ready.model_copy(update={"at_ms": 250}))
+    assert [i.instance for i in b.instances] == ["i9"]
+    b.saw(gone)
+    assert b.instances == []
