@@ -57,6 +57,7 @@ class CompactedTable(Generic[R]):
         self._on_change = on_change
         self._on_bad_record = on_bad_record
         self._consumer: AIOKafkaConsumer | None = None
+        self._probe: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
         self._partitions: list[TopicPartition] = []
         self._progress = asyncio.Event()
@@ -71,6 +72,10 @@ class CompactedTable(Generic[R]):
             fetch_max_wait_ms=100,
         )
         await self._consumer.start()
+        # End offsets are asked on a connection of their own: on the follower's connection the
+        # request would queue behind its long-polling fetch (Kafka answers a connection in order).
+        self._probe = AIOKafkaConsumer(bootstrap_servers=self._bootstrap, enable_auto_commit=False)
+        await self._probe.start()
         self._partitions = await partitions_of(self._consumer, self.topic)
         self._consumer.assign(self._partitions)
         await self._consumer.seek_to_beginning(*self._partitions)
@@ -85,16 +90,17 @@ class CompactedTable(Generic[R]):
                 await self._task
             except (asyncio.CancelledError, Exception):
                 pass
-        if self._consumer:
-            await self._consumer.stop()
+        for consumer in (self._consumer, self._probe):
+            if consumer is not None:
+                await consumer.stop()
 
     def get(self, key: str) -> R | None:
         return self.rows.get(key)
 
     async def wait_caught_up(self, timeout_s: float = 5.0) -> bool:
         """Wait until everything on the topic now has been read; False on timeout."""
-        assert self._consumer is not None
-        ends = await self._consumer.end_offsets(self._partitions)
+        assert self._consumer is not None and self._probe is not None
+        ends = await self._probe.end_offsets(self._partitions)
         deadline = time.monotonic() + timeout_s
         while True:
             behind = [tp for tp, end in ends.items() if await self._consumer.position(tp) < end]
