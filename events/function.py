@@ -55,11 +55,21 @@ class FunctionSpec(Record):
     timeout_s: float = Field(default=30.0, gt=0, le=3600)
     concurrency: int = Field(default=100, ge=1, le=100_000)
     """Most invocations of this function in flight at once across the platform; more wait."""
-    reuse: Literal["keep"] = "keep"
-    """How instances are reused between invocations (``keep`` now; ``reset``/``fresh`` later)."""
+    reuse: Literal["keep", "reset", "fresh"] = "keep"
+    """How instances are reused: ``keep`` the module state; ``reset`` the function's part after each
+    invocation and return the instance to the generic pool; ``fresh``: one invocation per instance."""
+    reset_max_uses: int = Field(default=50, ge=1, le=100_000)
+    """A ``reset`` instance is re-created after this many uses: no reset undoes everything."""
+    cpu_millis: int = Field(default=1000, ge=10, le=64_000)
+    """CPU quota of an instance, in millicores (1000 = one core)."""
+    pids_limit: int = Field(default=64, ge=4, le=32_768)
+    """Processes and threads an instance may have at once."""
+    max_output_bytes: int = Field(default=1024 * 1024, ge=1024, le=256 * 1024 * 1024)
+    """What an instance may print per invocation before its output is cut (``output_truncated``)."""
     env: dict[str, str] = Field(default_factory=dict)
-    idle_s: float = Field(default=600.0, gt=0)
-    """Keep-alive: an instance idle this long is recycled."""
+    idle_s: float | None = Field(default=None, gt=0)
+    """Keep-alive: an instance idle this long is recycled. ``None``: the platform's keep-alive
+    policy decides (``fixed`` or the learned ``hybrid`` one)."""
     max_invocations: int | None = Field(default=None, ge=1)
     max_age_s: float | None = Field(default=None, gt=0)
     prewarm_on_commit: int = Field(default=1, ge=0, le=64)

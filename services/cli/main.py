@@ -313,7 +313,12 @@ def fn_create(
     memory: Annotated[int, typer.Option(help="Memory limit in MB.")] = 256,
     timeout: Annotated[float, typer.Option(help="Timeout in seconds.")] = 30.0,
     concurrency: Annotated[int, typer.Option(help="Most invocations in flight at once.")] = 100,
-    idle_s: Annotated[float, typer.Option(help="Keep-alive of an idle instance, seconds.")] = 600.0,
+    idle_s: Annotated[
+        Optional[float], typer.Option(help="Keep-alive of an idle instance, seconds (default: the policy's).")
+    ] = None,
+    reuse: Annotated[str, typer.Option(help="Instance reuse: keep, reset or fresh.")] = "keep",
+    cpu: Annotated[int, typer.Option(help="CPU quota in millicores.")] = 1000,
+    pids: Annotated[int, typer.Option(help="Most processes and threads per instance.")] = 64,
     env: Annotated[Optional[list[str]], typer.Option(help="KEY=VALUE for the function's environment.")] = None,
 ) -> None:
     """Create a function from a directory of code (--code) or bound to a git branch (--git)."""
@@ -339,6 +344,9 @@ def fn_create(
             idle_s=idle_s,
             env=_parse_env(env),
             prewarm_on_commit=prewarm_on_commit,
+            reuse=reuse,  # type: ignore[arg-type]
+            cpu_millis=cpu,
+            pids_limit=pids,
         )
     except (ArtifactError, ValueError) as exc:
         raise fail(str(exc)) from None
@@ -370,6 +378,9 @@ def fn_update(
     timeout: Annotated[Optional[float], typer.Option()] = None,
     concurrency: Annotated[Optional[int], typer.Option()] = None,
     idle_s: Annotated[Optional[float], typer.Option()] = None,
+    reuse: Annotated[Optional[str], typer.Option(help="keep, reset or fresh.")] = None,
+    cpu: Annotated[Optional[int], typer.Option(help="CPU quota in millicores.")] = None,
+    pids: Annotated[Optional[int], typer.Option(help="Most processes and threads per instance.")] = None,
     env: Annotated[Optional[list[str]], typer.Option()] = None,
 ) -> None:
     """Change a function: new code and/or settings (a new revision)."""
@@ -388,6 +399,9 @@ def fn_update(
             ("timeout_s", timeout),
             ("concurrency", concurrency),
             ("idle_s", idle_s),
+            ("reuse", reuse),
+            ("cpu_millis", cpu),
+            ("pids_limit", pids),
         ):
             if value is not None:
                 changes[key] = value

@@ -16,6 +16,8 @@ from events import FunctionSpec, NodeHeartbeat
 class PoolPolicy:
     generic_per_node: int = 2
     """Generic instances each runtime node keeps ready."""
+    default_idle_s: float = 600.0
+    """Keep-alive of functions that set no ``idle_s`` (until a learned policy decides)."""
 
 
 def generic_target(node: NodeHeartbeat, policy: PoolPolicy) -> int:
@@ -55,7 +57,8 @@ def keepalive_expired(
         if spec.code_version != inst.function_version:
             decisions.append(RecycleDecision(inst.instance, inst.function, "holds an old version"))
             continue
-        if inst.idle_ms >= spec.idle_s * 1000:
-            reason = f"idle for {inst.idle_ms / 1000:.1f}s >= idle_s={spec.idle_s:g}"
+        idle_s = spec.idle_s if spec.idle_s is not None else policy.default_idle_s
+        if inst.idle_ms >= idle_s * 1000:
+            reason = f"idle for {inst.idle_ms / 1000:.1f}s >= idle_s={idle_s:g}"
             decisions.append(RecycleDecision(inst.instance, inst.function, reason))
     return decisions

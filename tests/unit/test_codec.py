@@ -437,7 +437,7 @@ def test_function_spec_defaults() -> None:
         100,
         "keep",
     )
-    assert spec.idle_s == 600.0
+    assert spec.idle_s is None
 
 
 # ----- topics ----------------------------------------------------------------------------------
