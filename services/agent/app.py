@@ -47,7 +47,7 @@ async def run(settings: AgentSettings) -> None:
         f"agent-{settings.node}",
         settings.common,
         broker,
-        on_start=[create_work_topic, artifacts.start],
+        on_start=[create_work_topic, agent.start, artifacts.start],
         background=[agent.send_heartbeats, agent.maintain_pool],
         on_stop=[agent.shutdown, artifacts.stop],
         ready_facts={"node": settings.node, "incarnation": agent.incarnation},

@@ -401,6 +401,15 @@ class InstanceCgroup(ABC):
         """True if the kernel OOM-killed at least one process of this group."""
         return self.stats().oom_kills > 0
 
+    @property
+    def pids_dir(self) -> Path:
+        """The directory holding this group's pids controller files."""
+        return self.paths[0]
+
+    def pids_limit_hits(self) -> int:
+        """How often a fork failed because the group was at its pids limit (``pids.events`` max)."""
+        return _read_keyed(self.pids_dir / "pids.events").get("max", 0)
+
     def _quota_us(self, millis: int) -> int:
         return max(MIN_CPU_QUOTA_US, millis * self.cpu_period_us // 1000)
 
@@ -515,6 +524,10 @@ class V1InstanceCgroup(InstanceCgroup):
     @property
     def paths(self) -> list[Path]:
         return list(dict.fromkeys(self.dirs.values()))
+
+    @property
+    def pids_dir(self) -> Path:
+        return self.dirs.get("pids", self.paths[0])
 
     def apply_limits(self, limits: Limits) -> None:
         self.set_cpu_quota(limits.cpu_millis)

@@ -1,41 +1,43 @@
-"""One runtime instance: a child process the agent talks to over a socketpair.
+"""Runtime instances: child processes the agent talks to over a socketpair.
 
-Each instance runs in its own session (so its whole process tree can be killed at once),
-with a scrubbed environment and its own working directory; what it prints goes to its log file.
+An instance starts one of two ways: forked from the node's zygote (a runtime with its modules
+already imported; the fast way) or spawned as a new interpreter (when there is no zygote). Either
+way it runs in its own cgroup and session, with rlimits, a scrubbed environment, its own working
+directory, and an unprivileged user when the agent runs as root and the interpreter allows it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from events.instance import InstanceState
+from services.agent import sandbox
+from services.agent.cgroups import InstanceCgroup, oom_killed
 from services.runtime.protocol import ChannelClosed, encode_frame, read_frame
 
 SCRUBBED_ENV_KEEP = ("PATH", "LANG", "LC_ALL", "TZ", "PYTHONHASHSEED")
-PR_SET_PDEATHSIG = 1
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
-
-def _die_with_agent() -> None:
-    """In the child, before exec: get SIGKILL when the agent dies, so no instance outlives it."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
-        pass  # not Linux: the channel closing still ends an idle instance
+Origin = Literal["zygote", "spawn"]
 
 
 class InstanceDied(Exception):
     """The instance's process went away while it was being used."""
+
+    def __init__(self, message: str, kind: str = "instance_died") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class InstanceTimeout(Exception):
@@ -49,6 +51,7 @@ class Instance:
     id: str
     workdir: Path
     log_path: Path
+    origin: Origin = "spawn"
     state: InstanceState = "starting"
     function: str | None = None
     function_version: str | None = None
@@ -56,14 +59,16 @@ class Instance:
     created_at: float = field(default_factory=time.monotonic)
     last_used_at: float = field(default_factory=time.monotonic)
     pid: int | None = None
-    process: asyncio.subprocess.Process | None = None
+    cgroup: InstanceCgroup | None = None
     reader: asyncio.StreamReader | None = None
     writer: asyncio.StreamWriter | None = None
+    exited: asyncio.Future[int] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    """Resolves to the exit code (negative: killed by that signal) when the process ends."""
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
     def alive(self) -> bool:
-        return self.process is not None and self.process.returncode is None
+        return self.pid is not None and not self.exited.done()
 
     def idle_ms(self, now: float | None = None) -> int:
         return int(((now or time.monotonic()) - self.last_used_at) * 1000)
@@ -80,33 +85,42 @@ class Instance:
                 await self.kill()
                 raise InstanceTimeout(f"no answer within {timeout_s:.3f}s") from None
             except (ChannelClosed, ConnectionError, BrokenPipeError) as exc:
-                code = await self._exit_code()
-                raise InstanceDied(_describe_exit(code)) from exc
+                code = await self.exit_code()
+                kind = "oom_killed" if self.cgroup is not None and oom_killed(self.cgroup, code) else "instance_died"
+                raise InstanceDied(describe_exit(code, kind), kind) from exc
 
-    async def _exit_code(self) -> int | None:
-        if self.process is None:
-            return None
+    async def exit_code(self, timeout_s: float = 2.0) -> int | None:
         try:
-            return await asyncio.wait_for(self.process.wait(), 2.0)
+            return await asyncio.wait_for(asyncio.shield(self.exited), timeout_s)
         except TimeoutError:
             await self.kill()
-            return self.process.returncode
+            return self.exited.result() if self.exited.done() else None
 
     async def kill(self) -> None:
-        """Kill the instance's whole process group and reap it."""
-        if self.process is None:
-            return
-        if self.process.returncode is None:
-            try:
-                os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            await self.process.wait()
+        """Kill every process of the instance (its cgroup, its session) and wait for the end."""
+        if self.pid is not None and not self.exited.done():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, signal.SIGKILL)
+        if self.cgroup is not None:
+            # Catches what left the session (setsid) too; the pids limit bounds a fork race.
+            with contextlib.suppress(OSError, Exception):
+                await asyncio.to_thread(self.cgroup.kill_all)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self.exited), 5.0)
         if self.writer is not None:
             self.writer.close()
 
+    async def destroy(self) -> None:
+        """Kill it and remove its cgroup: the normal end of an instance."""
+        await self.kill()
+        if self.cgroup is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self.cgroup.remove)
 
-def _describe_exit(code: int | None) -> str:
+
+def describe_exit(code: int | None, kind: str = "instance_died") -> str:
+    if kind == "oom_killed":
+        return "instance process killed by the kernel: over its memory limit"
     if code is None:
         return "instance process vanished"
     if code < 0:
@@ -117,46 +131,251 @@ def _describe_exit(code: int | None) -> str:
     return f"instance process exited with code {code}"
 
 
-async def spawn_instance(base_dir: Path, python: str = sys.executable, start_timeout_s: float = 15.0) -> Instance:
-    """Start a new generic instance and wait for its hello."""
-    instance_id = uuid.uuid4().hex[:12]
-    workdir = base_dir / "instances" / instance_id
-    workdir.mkdir(parents=True, exist_ok=True)
-    log_path = base_dir / "logs" / f"{instance_id}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    inst = Instance(id=instance_id, workdir=workdir, log_path=log_path)
-    parent_sock, child_sock = socket.socketpair()
+@dataclass(frozen=True)
+class Placement:
+    """Where a new instance lives on the node, and how it is confined."""
+
+    workdir: Path
+    log_path: Path
+    env: dict[str, str]
+    sandbox: sandbox.SandboxSpec
+    cgroup: InstanceCgroup | None
+
+
+def instance_env(workdir: Path) -> dict[str, str]:
+    """A scrubbed environment: nothing of the agent's own settings reaches user code."""
     env = {k: os.environ[k] for k in SCRUBBED_ENV_KEEP if k in os.environ}
-    # The runtime is part of this distribution: let the child import it wherever it is installed.
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = str(REPO_ROOT)  # the runtime is part of this distribution
     env["PYTHONUNBUFFERED"] = "1"
     env["PYTHONDONTWRITEBYTECODE"] = "1"
-    with log_path.open("ab") as log:
-        inst.process = await asyncio.create_subprocess_exec(
-            python,
-            "-m",
-            "services.runtime",
-            "--fd",
-            str(child_sock.fileno()),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            pass_fds=(child_sock.fileno(),),
-            cwd=workdir,
-            env=env,
-            start_new_session=True,
-            preexec_fn=_die_with_agent,
-        )
-    child_sock.close()
-    inst.pid = inst.process.pid
-    inst.reader, inst.writer = await asyncio.open_connection(sock=parent_sock)
+    env["HOME"] = str(workdir)
+    env["TMPDIR"] = str(workdir / "tmp")
+    return env
+
+
+async def _hello(inst: Instance, start_timeout_s: float) -> None:
+    assert inst.reader is not None
     try:
         hello = await asyncio.wait_for(read_frame(inst.reader), start_timeout_s)
     except (TimeoutError, ChannelClosed) as exc:
-        await inst.kill()
-        raise InstanceDied(f"instance did not start: {exc!r}; see {log_path}") from exc
+        await inst.destroy()
+        raise InstanceDied(f"instance did not start: {exc!r}; see {inst.log_path}") from exc
     if hello.get("op") != "hello":
-        await inst.kill()
+        await inst.destroy()
         raise InstanceDied(f"unexpected greeting {hello!r}")
     inst.state = "generic"
+
+
+async def spawn_instance(
+    base_dir: Path,
+    python: str = sys.executable,
+    start_timeout_s: float = 15.0,
+    place: Callable[[str], Placement] | None = None,
+) -> Instance:
+    """Start a new interpreter as a generic instance and wait for its hello."""
+    instance_id = uuid.uuid4().hex[:12]
+    placement = (place or default_placement(base_dir))(instance_id)
+    inst = Instance(
+        id=instance_id, workdir=placement.workdir, log_path=placement.log_path, origin="spawn", cgroup=placement.cgroup
+    )
+    parent_sock, child_sock = socket.socketpair()
+    try:
+        with placement.log_path.open("ab") as log:
+            process = await asyncio.create_subprocess_exec(
+                python,
+                "-m",
+                "services.runtime",
+                "--fd",
+                str(child_sock.fileno()),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                pass_fds=(child_sock.fileno(),),
+                cwd=placement.workdir,
+                env=placement.env,
+                start_new_session=True,
+                preexec_fn=sandbox.make_preexec(placement.sandbox),
+            )
+    except BaseException:
+        parent_sock.close()
+        if placement.cgroup is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(placement.cgroup.remove)
+        raise
+    finally:
+        child_sock.close()
+    inst.pid = process.pid
+
+    async def reap() -> None:
+        code = await process.wait()
+        if not inst.exited.done():
+            inst.exited.set_result(code)
+
+    asyncio.get_running_loop().create_task(reap(), name=f"reap:{instance_id}")
+    inst.reader, inst.writer = await asyncio.open_connection(sock=parent_sock)
+    await _hello(inst, start_timeout_s)
     return inst
+
+
+def default_placement(base_dir: Path) -> Callable[[str], Placement]:
+    """No cgroup and no privilege drop: for tests of the runtime alone."""
+
+    def place(instance_id: str) -> Placement:
+        workdir = base_dir / "instances" / instance_id
+        (workdir / "tmp").mkdir(parents=True, exist_ok=True)
+        log_path = base_dir / "logs" / f"{instance_id}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        return Placement(workdir, log_path, instance_env(workdir), sandbox.SandboxSpec(drop_privileges=False), None)
+
+    return place
+
+
+class Zygote:
+    """The agent's side of a zygote process: fork requests out, pids and exit codes back."""
+
+    def __init__(self, python: str, preload: list[str], log_path: Path) -> None:
+        self.python, self.preload, self.log_path = python, preload, log_path
+        self.pid: int | None = None
+        self._sock: socket.socket | None = None
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._forks: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._exits: dict[int, asyncio.Future[int]] = {}
+        self._early_exits: dict[int, int] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._process: asyncio.subprocess.Process | None = None
+
+    @property
+    def alive(self) -> bool:
+        return (
+            self._process is not None
+            and self._process.returncode is None
+            and self._task is not None
+            and not self._task.done()
+        )
+
+    async def start(self, timeout_s: float = 30.0) -> None:
+        parent_sock, child_sock = socket.socketpair()
+        env = {k: os.environ[k] for k in SCRUBBED_ENV_KEEP if k in os.environ}
+        env["PYTHONPATH"] = str(REPO_ROOT)
+        env["PYTHONDONTWRITEBYTECODE"] = "1"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self._process = await asyncio.create_subprocess_exec(
+                self.python,
+                "-m",
+                "services.runtime.zygote",
+                "--fd",
+                str(child_sock.fileno()),
+                "--preload",
+                ",".join(self.preload),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                pass_fds=(child_sock.fileno(),),
+                env=env,
+                start_new_session=True,
+                preexec_fn=sandbox.make_preexec(sandbox.SandboxSpec(drop_privileges=False, umask=None)),
+            )
+        child_sock.close()
+        self.pid = self._process.pid
+        self._sock = parent_sock
+        self._reader, self._writer = await asyncio.open_connection(sock=parent_sock)
+        hello = await asyncio.wait_for(read_frame(self._reader), timeout_s)
+        if hello.get("op") != "hello":
+            raise InstanceDied(f"zygote said {hello!r}")
+        self._task = asyncio.get_running_loop().create_task(self._follow(), name="zygote")
+
+    async def _follow(self) -> None:
+        assert self._reader is not None
+        try:
+            while True:
+                msg = await read_frame(self._reader)
+                if msg.get("op") == "forked":
+                    future = self._forks.pop(str(msg.get("id")), None)
+                    if future is not None and not future.done():
+                        future.set_result(msg)
+                elif msg.get("op") == "exited":
+                    pid, code = int(msg["pid"]), int(msg["code"])
+                    waiter = self._exits.pop(pid, None)
+                    if waiter is None:
+                        self._early_exits[pid] = code
+                    elif not waiter.done():
+                        waiter.set_result(code)
+        except ChannelClosed:
+            pass
+        finally:
+            # The zygote is gone, and its children with it (parent-death signal).
+            for waiter in self._exits.values():
+                if not waiter.done():
+                    waiter.set_result(-signal.SIGKILL)
+            for future in self._forks.values():
+                if not future.done():
+                    future.set_exception(InstanceDied("the zygote exited"))
+
+    async def fork(self, instance_id: str, placement: Placement, start_timeout_s: float = 10.0) -> Instance:
+        """A new generic instance, forked from the zygote into its own sandbox."""
+        sock = self._sock
+        if not self.alive or sock is None:
+            raise InstanceDied("no zygote")
+        inst = Instance(
+            id=instance_id,
+            workdir=placement.workdir,
+            log_path=placement.log_path,
+            origin="zygote",
+            cgroup=placement.cgroup,
+        )
+        parent_sock, child_sock = socket.socketpair()
+        spec = placement.sandbox
+        msg = {
+            "op": "fork",
+            "id": instance_id,
+            "workdir": str(placement.workdir),
+            "log_path": str(placement.log_path),
+            "env": placement.env,
+            "sandbox": {k: (list(v) if isinstance(v, tuple) else v) for k, v in spec.__dict__.items()},
+        }
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._forks[instance_id] = future
+        try:
+            # The channel's other end travels with the request (SCM_RIGHTS); one sendmsg, one frame.
+            # The socket is the event loop's (non-blocking); a full buffer only means: try again.
+            frame = encode_frame(msg)
+            while True:
+                try:
+                    sent = socket.send_fds(sock, [frame], [child_sock.fileno()])
+                    break
+                except BlockingIOError:
+                    await asyncio.sleep(0.001)
+            if sent < len(frame):
+                await asyncio.get_running_loop().sock_sendall(sock, frame[sent:])
+            reply = await asyncio.wait_for(future, start_timeout_s)
+        except BaseException:
+            parent_sock.close()
+            raise
+        finally:
+            child_sock.close()
+            self._forks.pop(instance_id, None)
+        if not reply.get("ok"):
+            parent_sock.close()
+            raise InstanceDied(f"the zygote could not fork: {reply.get('error')}")
+        inst.pid = int(reply["pid"])
+        if inst.pid in self._early_exits:
+            inst.exited.set_result(self._early_exits.pop(inst.pid))
+        else:
+            self._exits[inst.pid] = inst.exited
+        inst.reader, inst.writer = await asyncio.open_connection(sock=parent_sock)
+        await _hello(inst, start_timeout_s)
+        return inst
+
+    async def stop(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        if self._process is not None and self._process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._process.pid, signal.SIGKILL)
+            await self._process.wait()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task

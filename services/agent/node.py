@@ -39,7 +39,9 @@ from events import (
 )
 from events.instance import InstanceState
 from services.agent import pool
-from services.agent.instances import Instance, InstanceDied, InstanceTimeout, spawn_instance
+from services.agent.cgroups import CgroupError
+from services.agent.instances import Instance, InstanceDied, InstanceTimeout
+from services.agent.launcher import Launcher
 from services.agent.settings import AgentSettings
 from services.common import telemetry
 from services.common.artifacts import ArtifactError, ArtifactStore, unpack_verified
@@ -64,6 +66,7 @@ class NodeAgent:
 
     def __init__(self, settings: AgentSettings, publish: Publish, store: ArtifactStore) -> None:
         self.settings = settings
+        self._launcher = Launcher(settings)
         self.topics = settings.common.topics
         self.incarnation = uuid.uuid4().hex[:12]
         self.pool_target = settings.pool_size
@@ -79,6 +82,10 @@ class NodeAgent:
         self._seq = 0
         self._accepting = True
         self._pool_wakeup = asyncio.Event()
+
+    async def start(self) -> None:
+        """Find the cgroups, clean up after a crashed predecessor, start the zygote."""
+        await self._launcher.start()
 
     # ----- commands -------------------------------------------------------------------------
 
@@ -160,19 +167,29 @@ class NodeAgent:
         timeout_s = spec.timeout_s
         if inv.deadline_ms is not None:
             timeout_s = max(0.001, min(timeout_s, (inv.deadline_ms - now_ms()) / 1000))
-        msg = {"op": "invoke", "id": inv.id, "payload": inv.payload, "deadline_ms": inv.deadline_ms}
+        msg = {
+            "op": "invoke",
+            "id": inv.id,
+            "payload": inv.payload,
+            "deadline_ms": inv.deadline_ms,
+            "max_output_bytes": spec.max_output_bytes,
+        }
         attributes = {telemetry.INVOCATION_ID: inv.id, telemetry.FUNCTION: inv.function, "stoker.instance": inst.id}
+        pids_hits = self._pids_hits(inst)
         with tracer.start_as_current_span("stoker exec", attributes=attributes):
             try:
                 reply = await inst.request(msg, timeout_s)
             except InstanceTimeout:
-                await self._gone(inst, f"killed after timeout of {timeout_s:.3f}s")
                 outcome.exec_ms = timeout_s * 1000
-                outcome.fail("timeout", "timeout", f"ran past its timeout of {timeout_s:.3f}s; instance killed")
+                if self._pids_hits(inst) > pids_hits:
+                    outcome.fail("error", "pids_limit", f"hit its limit of {spec.pids_limit} processes; killed")
+                else:
+                    outcome.fail("timeout", "timeout", f"ran past its timeout of {timeout_s:.3f}s; instance killed")
+                await self._gone(inst, f"killed: {outcome.error.kind if outcome.error else 'timeout'}")
                 return
             except InstanceDied as exc:
                 await self._gone(inst, str(exc))
-                outcome.fail("error", "instance_died", str(exc))
+                outcome.fail("error", exc.kind, str(exc))
                 return
         inst.uses += 1
         inst.last_used_at = time.monotonic()
@@ -180,9 +197,51 @@ class NodeAgent:
         outcome.exec_ms = float(reply.get("exec_ms", 0.0))
         if reply.get("ok"):
             outcome.status, outcome.output = "ok", reply.get("output")
-        else:
-            err = reply.get("error") or {}
-            outcome.fail("error", err.get("kind", "Error"), err.get("message", ""), err.get("traceback"))
+            await self._after_use(slot, spec)
+            return
+        err = reply.get("error") or {}
+        outcome.fail("error", err.get("kind", "Error"), err.get("message", ""), err.get("traceback"))
+        if self._pids_hits(inst) > pids_hits:
+            # A fork bomb: its children may still be forking; the instance goes, with all of them.
+            outcome.fail("error", "pids_limit", f"hit its limit of {spec.pids_limit} processes: {err.get('message')}")
+            await self._retire(inst, "hit its pids limit")
+            return
+        await self._after_use(slot, spec)
+
+    def _pids_hits(self, inst: Instance) -> int:
+        if inst.cgroup is None:
+            return 0
+        try:
+            return inst.cgroup.pids_limit_hits()
+        except OSError:
+            return 0
+
+    async def _after_use(self, slot: _Slot, spec: FunctionSpec) -> None:
+        """What the function's reuse type says happens to the instance after an invocation."""
+        inst = slot.instance
+        if spec.reuse == "fresh":
+            await self._retire(inst, "reuse=fresh: one invocation per instance")
+            return
+        if spec.reuse == "reset" and inst.alive:
+            if inst.uses >= spec.reset_max_uses:
+                await self._retire(inst, f"reuse=reset: re-created after {spec.reset_max_uses} uses")
+                return
+            try:
+                reply = await inst.request({"op": "reset"}, 5.0)
+            except (InstanceTimeout, InstanceDied) as exc:
+                await self._gone(inst, f"reset failed: {exc}")
+                return
+            if not reply.get("ok") or reply.get("threads_left"):
+                await self._retire(inst, f"reset cannot undo threads it left: {reply.get('threads_left')}")
+                return
+            await self._launcher.generic(inst)
+            inst.function = inst.function_version = None
+            slot.prewarmed, slot.prewarm_trace = False, None
+            self._set_state(inst, "generic")
+            self._emit(inst, "generic", reason="reset after an invocation")
+            async with self._freed:
+                self._freed.notify_all()
+            return
         await self._release(inst, spec)
 
     async def _complete(self, reply_to: str | None, result: InvocationCompleted) -> None:
@@ -220,7 +279,7 @@ class NodeAgent:
                 if fresh is None:
                     continue
                 self._set_state(fresh.instance, "specializing", spec)
-                return fresh, await self._load(fresh, spec, code_dir, "spawn")
+                return fresh, await self._load(fresh, spec, code_dir, fresh.instance.origin)
             # wait: every slot is busy
             remaining = None if deadline_ms is None else (deadline_ms - now_ms()) / 1000
             if remaining is not None and remaining <= 0:
@@ -256,6 +315,7 @@ class NodeAgent:
                 traceback=err.get("traceback"),
             )
         inst.function, inst.function_version = spec.name, spec.code_version
+        await self._launcher.specialized(inst, spec)
         self._set_state(inst, "busy", spec)
         self._emit(inst, "ready", reason=f"specialized ({kind}) in {reply.get('load_ms', 0):.1f} ms")
         return kind
@@ -343,8 +403,8 @@ class NodeAgent:
     async def _start_instance(self) -> _Slot | None:
         self._starting += 1
         try:
-            inst = await spawn_instance(self.settings.node_dir, self.settings.python)
-        except InstanceDied as exc:
+            inst = await self._launcher.new_instance()
+        except (InstanceDied, OSError, CgroupError) as exc:
             log.error("could not start an instance: %s", exc)
             return None
         finally:
@@ -381,13 +441,12 @@ class NodeAgent:
         if inst.id not in self._slots:
             return
         self._set_state(inst, "recycling", reason=reason)
-        await inst.kill()
         await self._gone(inst, reason)
 
     async def _gone(self, inst: Instance, reason: str) -> None:
         if self._slots.pop(inst.id, None) is None:
             return
-        await inst.kill()
+        await inst.destroy()
         inst.state = "gone"
         self._emit(inst, "gone", reason=reason)
         self._pool_wakeup.set()
@@ -449,7 +508,7 @@ class NodeAgent:
         return NodeHeartbeat(
             node=self.settings.node,
             incarnation=self.incarnation,
-            labels=self.settings.labels,
+            labels={**self.settings.labels, **self._launcher.notes},
             taints=self.settings.taints,
             capacity=NodeCapacity(max_instances=self.settings.max_instances),
             pool_target=self.pool_target,
@@ -483,9 +542,9 @@ class NodeAgent:
         self._accepting = False
         if self._in_flight:
             await asyncio.wait(list(self._in_flight.values()), timeout=self.settings.drain_timeout_s)
-        for slot in list(self._slots.values()):
-            await slot.instance.kill()
+        await asyncio.gather(*(slot.instance.destroy() for slot in self._slots.values()), return_exceptions=True)
         self._slots.clear()
+        await self._launcher.stop()
         try:
             await self._publish(
                 NodeStopped(node=self.settings.node, incarnation=self.incarnation), self.topics.node, self.settings.node

@@ -59,7 +59,9 @@ def plan_start(
         return StartPlan("prewarmed", ready[0].id)
     generic = [i for i in instances if i.state == "generic"]
     if generic:
-        return StartPlan("pool", max(generic, key=lambda i: i.idle_ms).id)
+        # A reset instance (it has been used) first, the most recently used of them: its caches
+        # are warm, and untouched spares stay untouched. Among spares, the longest idle.
+        return StartPlan("pool", max(generic, key=lambda i: (i.uses > 0, -i.idle_ms if i.uses else i.idle_ms)).id)
     if len(instances) + starting < max_instances:
         return StartPlan("spawn")
     idle_others = [i for i in instances if i.state == "ready"]

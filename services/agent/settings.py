@@ -37,6 +37,25 @@ def parse_taints(raw: str) -> list[Taint]:
     return taints
 
 
+DEFAULT_PRELOAD = (
+    "asyncio",
+    "json",
+    "decimal",
+    "datetime",
+    "email.message",
+    "uuid",
+    "hashlib",
+    "logging",
+    "urllib.parse",
+    "base64",
+    "re",
+    "typing",
+    "dataclasses",
+    "collections",
+)
+"""Imported once in the zygote, so instances fork with them loaded."""
+
+
 @dataclass(frozen=True)
 class AgentSettings:
     common: CommonSettings
@@ -49,6 +68,13 @@ class AgentSettings:
     taints: list[Taint] = field(default_factory=list)
     python: str = sys.executable
     drain_timeout_s: float = 10.0
+    zygote: bool = True
+    """Fork new instances from a zygote with the runtime pre-imported (else spawn interpreters)."""
+    zygote_preload: list[str] = field(default_factory=lambda: list(DEFAULT_PRELOAD))
+    cgroups: str = "auto"
+    """``auto``: a cgroup per instance when the host allows it; ``on``: required; ``off``."""
+    instance_user: str = "auto"
+    """``auto``: nobody when the agent is root and nobody can read the interpreter; ``root``; a user name."""
 
     @property
     def node_dir(self) -> Path:
@@ -73,4 +99,10 @@ class AgentSettings:
             taints=parse_taints(env_str(env, "STOKER_NODE_TAINTS", "")),
             python=env_str(env, "STOKER_RUNTIME_PYTHON", sys.executable),
             drain_timeout_s=env_float(env, "STOKER_DRAIN_TIMEOUT_S", 10.0),
+            zygote=env_str(env, "STOKER_ZYGOTE", "on") != "off",
+            zygote_preload=[
+                m for m in env_str(env, "STOKER_ZYGOTE_PRELOAD", ",".join(DEFAULT_PRELOAD)).split(",") if m
+            ],
+            cgroups=env_str(env, "STOKER_CGROUPS", "auto"),
+            instance_user=env_str(env, "STOKER_INSTANCE_USER", "auto"),
         )

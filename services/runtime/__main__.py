@@ -13,8 +13,11 @@ import importlib
 import inspect
 import io
 import os
+import shutil
 import socket
 import sys
+import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -42,20 +45,43 @@ class Context:
         return self.deadline_ms - time.time() * 1000
 
 
+class OutputTruncated(Exception):
+    """The function printed more than its ``max_output_bytes``: the rest is not written."""
+
+
+class _Budget:
+    """What one invocation may still print, shared by its stdout and stderr."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.left = limit
+        self.exceeded = False
+
+
 class _Tee(io.TextIOBase):
     """Copies what the function prints to the instance log and keeps a capped copy for the result."""
 
-    def __init__(self, underlying: Any) -> None:
+    def __init__(self, underlying: Any, budget: _Budget) -> None:
         self._underlying = underlying
+        self._budget = budget
         self.captured: list[str] = []
         self._size = 0
 
     def write(self, s: str) -> int:
+        budget = self._budget
+        if budget.left is not None:
+            if len(s) > budget.left:
+                self._keep(s[: budget.left])
+                budget.left, budget.exceeded = 0, True
+                raise OutputTruncated("output over the function's max_output_bytes; the rest was dropped")
+            budget.left -= len(s)
+        self._keep(s)
+        return len(s)
+
+    def _keep(self, s: str) -> None:
         self._underlying.write(s)
         if self._size < LOG_CAP:
             self.captured.append(s[: LOG_CAP - self._size])
             self._size += len(s)
-        return len(s)
 
     def flush(self) -> None:
         self._underlying.flush()
@@ -75,7 +101,47 @@ class Runtime:
         self.wants_context = False
         self.function = ""
         self.version = ""
+        self.code_dir: str | None = None
         self.loop = asyncio.new_event_loop()
+        # The generic state a reset returns to.
+        self.base_env = dict(os.environ)
+        self.base_path = list(sys.path)
+        self.base_cwd = os.getcwd()
+        self.base_threads = set(threading.enumerate())
+
+    def reset(self) -> dict[str, Any]:
+        """Remove the function's part of the process: modules, sys.path, env, cwd, temp files."""
+        removed = 0
+        code_dir = self.code_dir
+        if code_dir:
+            prefix = os.path.join(code_dir, "")
+            for name, module in list(sys.modules.items()):
+                where = getattr(module, "__file__", None) or ""
+                paths = list(getattr(module, "__path__", []) or [])
+                if where.startswith(prefix) or any(str(p).startswith(prefix) for p in paths):
+                    del sys.modules[name]
+                    removed += 1
+        sys.path[:] = self.base_path
+        os.environ.clear()
+        os.environ.update(self.base_env)
+        os.chdir(self.base_cwd)
+        tmp = self.base_env.get("TMPDIR")
+        if tmp and os.path.isdir(tmp):
+            for entry in os.listdir(tmp):
+                path = os.path.join(tmp, entry)
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    try:
+                        os.unlink(path)
+                    except OSError:
+                        pass
+        tempfile.tempdir = None
+        importlib.invalidate_caches()
+        self.handler, self.code_dir, self.function, self.version = None, None, "", ""
+        # Threads cannot be stopped from outside: an instance that keeps some is not reused.
+        left = [t.name for t in threading.enumerate() if t not in self.base_threads and t.is_alive()]
+        return {"ok": True, "removed_modules": removed, "threads_left": left}
 
     def load(self, msg: dict[str, Any]) -> dict[str, Any]:
         started = time.perf_counter()
@@ -101,7 +167,7 @@ class Runtime:
         except BaseException as exc:  # noqa: BLE001 - user code may raise anything, even SystemExit
             return {"ok": False, "error": error_of(exc)}
         self.handler, self.wants_context = handler, len(params) == 2
-        self.function, self.version = msg["function"], msg["version"]
+        self.function, self.version, self.code_dir = msg["function"], msg["version"], code_dir
         return {"ok": True, "load_ms": (time.perf_counter() - started) * 1000}
 
     def invoke(self, msg: dict[str, Any]) -> dict[str, Any]:
@@ -110,7 +176,8 @@ class Runtime:
         args: list[Any] = [msg.get("payload")]
         if self.wants_context:
             args.append(Context(msg["id"], self.function, self.version, msg.get("deadline_ms")))
-        out_tee, err_tee = _Tee(sys.__stdout__), _Tee(sys.__stderr__)
+        budget = _Budget(msg.get("max_output_bytes"))
+        out_tee, err_tee = _Tee(sys.__stdout__, budget), _Tee(sys.__stderr__, budget)
         started = time.perf_counter()
         try:
             with contextlib.redirect_stdout(out_tee), contextlib.redirect_stderr(err_tee):
@@ -119,9 +186,16 @@ class Runtime:
                     result = self.loop.run_until_complete(result)
             exec_ms = (time.perf_counter() - started) * 1000
             reply: dict[str, Any] = {"ok": True, "output": result, "exec_ms": exec_ms}
+            if budget.exceeded:  # it caught OutputTruncated and went on: still not a clean run
+                reply = {"ok": False, "exec_ms": exec_ms, "error": {
+                    "kind": "output_truncated", "message": str(OutputTruncated.__doc__).strip()}}
         except BaseException as exc:  # noqa: BLE001
             exec_ms = (time.perf_counter() - started) * 1000
-            reply = {"ok": False, "error": error_of(exc), "exec_ms": exec_ms}
+            error = error_of(exc)
+            if budget.exceeded:
+                error = {"kind": "output_truncated", "message": str(OutputTruncated.__doc__).strip(),
+                         "traceback": error.get("traceback")}
+            reply = {"ok": False, "error": error, "exec_ms": exec_ms}
         logs = "".join(filter(None, (out_tee.text(), err_tee.text())))
         if logs:
             reply["logs"] = logs[:LOG_CAP]
@@ -141,6 +215,8 @@ def serve(sock: socket.socket) -> None:
             reply = runtime.invoke(msg)
         elif op == "load":
             reply = runtime.load(msg)
+        elif op == "reset":
+            reply = runtime.reset()
         elif op == "ping":
             reply = {"ok": True}
         else:

@@ -56,6 +56,15 @@ def test_pool_takes_longest_idle_generic() -> None:
     assert plan(instances) == StartPlan("pool", "g2")
 
 
+def test_pool_prefers_a_reset_instance_most_recently_used() -> None:
+    instances = [
+        generic("spare", idle_ms=9_000),
+        InstanceFacts("reset-old", "generic", uses=3, idle_ms=5_000),
+        InstanceFacts("reset-new", "generic", uses=1, idle_ms=10),
+    ]
+    assert plan(instances) == StartPlan("pool", "reset-new")
+
+
 def test_spawn_when_room() -> None:
     assert plan([busy("b1"), busy("b2")], max_instances=3) == StartPlan("spawn")
     assert plan([], max_instances=1) == StartPlan("spawn")

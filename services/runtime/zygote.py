@@ -1,0 +1,166 @@
+"""The zygote: a runtime with its modules already imported, forking new instances on request.
+
+``python -m services.runtime.zygote --fd N --preload json,email,...``. Starting an interpreter
+and importing the runtime costs tens of milliseconds; ``os.fork`` of a process that already has
+them costs about one. Each child moves into its own cgroup, gets its own session, rlimits and
+(when the agent is root) an unprivileged user, then serves its agent channel like any instance.
+
+Protocol on the control socket (frames as in ``protocol.py``): the agent sends ``fork`` with the
+instance's channel socket attached (SCM_RIGHTS); the zygote answers ``forked`` with the pid, and
+reports every child's end with ``exited`` (pid, exit code; negative = killed by that signal).
+The zygote is single-threaded on purpose: forking a process with other threads is unsafe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import select
+import signal
+import socket
+import sys
+import time
+import traceback
+from typing import Any
+
+import orjson
+
+from services.agent import sandbox
+from services.runtime.protocol import HEADER, ChannelClosed, encode_frame
+
+
+def _read_request(ctrl: socket.socket) -> tuple[dict[str, Any], list[int]]:
+    """One frame plus the file descriptors that came with its first bytes."""
+    header, fds, _flags, _addr = socket.recv_fds(ctrl, HEADER.size, 4)
+    if not header:
+        raise ChannelClosed("agent closed the control socket")
+    while len(header) < HEADER.size:
+        more = ctrl.recv(HEADER.size - len(header))
+        if not more:
+            raise ChannelClosed("agent closed the control socket")
+        header += more
+    (size,) = HEADER.unpack(header)
+    body = b""
+    while len(body) < size:
+        chunk = ctrl.recv(size - len(body))
+        if not chunk:
+            raise ChannelClosed("agent closed the control socket")
+        body += chunk
+    return orjson.loads(body), list(fds)
+
+
+def _child(msg: dict[str, Any], channel_fd: int, ctrl: socket.socket, wake_fds: tuple[int, int],
+           resolved: sandbox.ResolvedSandbox) -> None:
+    """In the forked child: become the instance. Never returns into the zygote's loop."""
+    code = 1
+    try:
+        os.setsid()  # its own session: the whole tree dies with one killpg
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        ctrl.close()
+        for fd in wake_fds:
+            os.close(fd)
+        log_fd = os.open(msg["log_path"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        os.close(log_fd)
+        os.chdir(msg["workdir"])
+        sandbox.apply_in_child(resolved)  # cgroup join, rlimits, no_new_privs, user, parent-death signal
+        os.environ.clear()
+        os.environ.update(msg.get("env") or {})
+        from services.runtime.__main__ import serve
+
+        serve(socket.socket(fileno=channel_fd))
+        code = 0
+    except BaseException:  # noqa: BLE001 - the child must never fall back into the zygote loop
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def _fork(msg: dict[str, Any], fds: list[int], ctrl: socket.socket, wake_fds: tuple[int, int]) -> dict[str, Any]:
+    if len(fds) != 1:
+        for fd in fds:
+            os.close(fd)
+        return {"op": "forked", "id": msg.get("id"), "ok": False, "error": "fork needs exactly one channel fd"}
+    spec = sandbox.SandboxSpec(**msg.get("sandbox", {}))
+    try:
+        resolved = sandbox.resolve(spec)  # lookups happen here, in the zygote, not in the child
+    except (OSError, ValueError, KeyError) as exc:
+        os.close(fds[0])
+        return {"op": "forked", "id": msg.get("id"), "ok": False, "error": f"sandbox: {exc}"}
+    pid = os.fork()
+    if pid == 0:
+        _child(msg, fds[0], ctrl, wake_fds, resolved)
+    os.close(fds[0])
+    return {"op": "forked", "id": msg.get("id"), "ok": True, "pid": pid}
+
+
+def _reap() -> list[dict[str, Any]]:
+    ended = []
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            break
+        if pid == 0:
+            break
+        code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+        ended.append({"op": "exited", "pid": pid, "code": code})
+    return ended
+
+
+def serve(ctrl: socket.socket, preloaded: list[str]) -> None:
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    os.set_blocking(wake_r, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)  # the wakeup fd is what matters
+    ctrl.sendall(encode_frame({"op": "hello", "pid": os.getpid(), "preloaded": preloaded}))
+    while True:
+        readable, _, _ = select.select([ctrl.fileno(), wake_r], [], [])
+        if wake_r in readable:
+            try:
+                while os.read(wake_r, 512):
+                    pass
+            except BlockingIOError:
+                pass
+            for ended in _reap():
+                ctrl.sendall(encode_frame(ended))
+        if ctrl.fileno() in readable:
+            try:
+                msg, fds = _read_request(ctrl)
+            except ChannelClosed:
+                return
+            if msg.get("op") == "fork":
+                ctrl.sendall(encode_frame(_fork(msg, fds, ctrl, (wake_r, wake_w))))
+            elif msg.get("op") == "ping":
+                ctrl.sendall(encode_frame({"op": "pong"}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fd", type=int, required=True, help="control socket from the agent")
+    parser.add_argument("--preload", default="", help="comma-separated modules to import before forking")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    preloaded = []
+    # What every instance needs, then what the operator asked for: imported once, shared by all.
+    for name in ["services.runtime.__main__", "json", *filter(None, args.preload.split(","))]:
+        try:
+            importlib.import_module(name)
+            preloaded.append(name)
+        except Exception as exc:  # noqa: BLE001 - a bad preload entry must not stop the node
+            print(f"zygote: cannot preload {name}: {exc!r}", file=sys.stderr)
+    print(f"zygote: preloaded {len(preloaded)} modules in {(time.perf_counter() - started) * 1000:.1f} ms",
+          file=sys.stderr)
+    serve(socket.socket(fileno=args.fd), preloaded)
+
+
+if __name__ == "__main__":
+    main()
