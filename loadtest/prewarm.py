@@ -15,7 +15,6 @@ import asyncio
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from events import PrewarmCompleted, RepoConfigured
+from loadtest.platform import STOKER, own_platform
 from loadtest.stats import machine_facts, summary
 from services.cli.broker import KAFKA_VERSION
 from services.common.client import StokerClient
@@ -36,21 +36,17 @@ from services.gateway.webhooks import sign
 
 console = Console()
 SECRET = "bench-secret"
-STOKER = str(Path(sys.executable).parent / "stoker")
 
 
 def sh(cwd: Path, *args: str) -> str:
-    env = {**os.environ, "GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@x", "GIT_COMMITTER_NAME": "b",
-           "GIT_COMMITTER_EMAIL": "b@x"}
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "b",
+        "GIT_AUTHOR_EMAIL": "b@x",
+        "GIT_COMMITTER_NAME": "b",
+        "GIT_COMMITTER_EMAIL": "b@x",
+    }
     return subprocess.run(args, cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout.strip()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def handler(n: int, dep: bool) -> str:
@@ -59,11 +55,16 @@ def handler(n: int, dep: bool) -> str:
     return f"{head}\ndef main(event):\n    return {{'round': {n}, 'dep': {value}}}\n"
 
 
-async def run_rounds(common: CommonSettings, http: str, repo: Path, remote: Path, rounds: int,
-                     warm: int) -> dict[str, Any]:
+async def run_rounds(
+    common: CommonSettings, http: str, repo: Path, remote: Path, rounds: int, warm: int
+) -> dict[str, Any]:
     completed: dict[str, PrewarmCompleted] = {}
-    tail = TopicTail(common.bootstrap, common.topics.prewarm, (PrewarmCompleted,),
-                     lambda e: completed.__setitem__(e.commit or "", e) if isinstance(e, PrewarmCompleted) else None)
+    tail = TopicTail(
+        common.bootstrap,
+        common.topics.prewarm,
+        (PrewarmCompleted,),
+        lambda e: completed.__setitem__(e.commit or "", e) if isinstance(e, PrewarmCompleted) else None,
+    )
     # Other record types on the topic fail the expected type and are skipped by the tail.
     await tail.start()
     figures: dict[str, dict[str, list[float]]] = {
@@ -73,22 +74,35 @@ async def run_rounds(common: CommonSettings, http: str, repo: Path, remote: Path
     kinds: dict[str, dict[str, int]] = {"nodeps": {}, "withdep": {}}
     warm_ms: list[float] = []
     async with StokerClient(common) as client:
-        await client.send(RepoConfigured(repo=remote.as_uri(), webhook_secret=SECRET), common.topics.repo,
-                          remote.as_uri())
+        await client.send(
+            RepoConfigured(repo=remote.as_uri(), webhook_secret=SECRET), common.topics.repo, remote.as_uri()
+        )
         for n in range(1, rounds + 1):
             for name, dep in (("nodeps", False), ("withdep", True)):
                 (repo / name / "handler.py").write_text(handler(n, dep))
                 sh(repo, "git", "commit", "-qam", f"{name} round {n}")
                 sh(repo, "git", "push", "-q", "origin", "main")
                 sha = sh(repo, "git", "rev-parse", "HEAD")
-                body = json.dumps({"ref": "refs/heads/main", "before": "0" * 40, "after": sha,
-                                   "repository": {"clone_url": remote.as_uri()},
-                                   "commits": [{"added": [], "modified": [f"{name}/handler.py"], "removed": []}]}
-                                  ).encode()
+                body = json.dumps(
+                    {
+                        "ref": "refs/heads/main",
+                        "before": "0" * 40,
+                        "after": sha,
+                        "repository": {"clone_url": remote.as_uri()},
+                        "commits": [{"added": [], "modified": [f"{name}/handler.py"], "removed": []}],
+                    }
+                ).encode()
                 started = time.perf_counter()
-                answer = httpx.post(f"{http}/webhooks/git", content=body, timeout=30, headers={
-                    "X-GitHub-Event": "push", "X-GitHub-Delivery": f"{name}-{n}-{sha}",
-                    "X-Hub-Signature-256": sign(SECRET, body)})
+                answer = httpx.post(
+                    f"{http}/webhooks/git",
+                    content=body,
+                    timeout=30,
+                    headers={
+                        "X-GitHub-Event": "push",
+                        "X-GitHub-Delivery": f"{name}-{n}-{sha}",
+                        "X-Hub-Signature-256": sign(SECRET, body),
+                    },
+                )
                 answer.raise_for_status()
                 while sha not in completed:
                     if time.perf_counter() - started > 120:
@@ -140,39 +154,62 @@ def main(argv: list[str] | None = None) -> int:
         sh(repo, "git", "add", "-A")
         sh(repo, "git", "commit", "-qm", "round 0")
         sh(repo, "git", "push", "-q", "origin", "main")
-        kafka, controller, http_port = free_port(), free_port(), free_port()
-        env = {**os.environ, "STOKER_HOME": str(tmp / "home"), "STOKER_BOOTSTRAP": f"127.0.0.1:{kafka}",
-               "STOKER_CONTROLLER_PORT": str(controller), "STOKER_HTTP_PORT": str(http_port),
-               "STOKER_PIP_ARGS": f"--no-index --find-links {wheels}",
-               "STOKER_KAFKA_LIBS": str(Path(".stoker/kafka/libs").resolve())}
+        extra = {"STOKER_PIP_ARGS": f"--no-index --find-links {wheels}"}
         console.print("starting a platform for the benchmark")
-        subprocess.run([STOKER, "up", "--detach", "--no-example"], env=env, check=True, capture_output=True)
-        try:
+        with own_platform(extra) as (env, http):
             for name in ("nodeps", "withdep"):
-                subprocess.run([STOKER, "fn", "create", name, "--git", remote.as_uri(), "--path", name,
-                                "--entrypoint", "handler:main"], env=env, check=True, capture_output=True)
+                subprocess.run(
+                    [
+                        STOKER,
+                        "fn",
+                        "create",
+                        name,
+                        "--git",
+                        remote.as_uri(),
+                        "--path",
+                        name,
+                        "--entrypoint",
+                        "handler:main",
+                    ],
+                    env=env,
+                    check=True,
+                    capture_output=True,
+                )
             common = CommonSettings.from_env(env)
             time.sleep(3)  # let the first builds (round 0) finish
-            outcome = asyncio.run(run_rounds(common, f"http://127.0.0.1:{http_port}", repo, remote,
-                                             args.rounds, args.warm))
-        finally:
-            subprocess.run([STOKER, "down"], env=env, check=False, capture_output=True)
+            outcome = asyncio.run(run_rounds(common, http, repo, remote, args.rounds, args.warm))
     report: dict[str, Any] = {
-        "scenario": "prewarm", "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine_facts(KAFKA_VERSION),
+        "scenario": "prewarm",
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine_facts(KAFKA_VERSION),
         "inputs": {"rounds": args.rounds, "warm": args.warm},
         "figures": {name: {k: summary(v) for k, v in f.items()} for name, f in outcome["figures"].items()},
         "first_call_start_kinds": outcome["first_call_start_kinds"],
         "warm_call_ms": summary(outcome["warm_ms"]),
     }
-    table = Table("function", "webhook -> prewarmed & active p50", "max", "prewarm step p50",
-                  "first call after commit p50", "start kinds", title="code prewarm")
+    table = Table(
+        "function",
+        "webhook -> prewarmed & active p50",
+        "max",
+        "prewarm step p50",
+        "first call after commit p50",
+        "start kinds",
+        title="code prewarm",
+    )
     for name, f in report["figures"].items():
-        table.add_row(name, f"{f['webhook_to_ready_ms']['p50']} ms", f"{f['webhook_to_ready_ms']['max']} ms",
-                      f"{f['prewarm_ms']['p50']} ms", f"{f['first_call_ms']['p50']} ms",
-                      str(report["first_call_start_kinds"][name]))
+        table.add_row(
+            name,
+            f"{f['webhook_to_ready_ms']['p50']} ms",
+            f"{f['webhook_to_ready_ms']['max']} ms",
+            f"{f['prewarm_ms']['p50']} ms",
+            f"{f['first_call_ms']['p50']} ms",
+            str(report["first_call_start_kinds"][name]),
+        )
     console.print(table)
-    console.print(f"warm call of the same function: p50 {report['warm_call_ms']['p50']} ms, "
-                  f"p99 {report['warm_call_ms']['p99']} ms")
+    console.print(
+        f"warm call of the same function: p50 {report['warm_call_ms']['p50']} ms, "
+        f"p99 {report['warm_call_ms']['p99']} ms"
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"prewarm-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
