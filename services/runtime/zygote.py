@@ -14,6 +14,7 @@ The zygote is single-threaded on purpose: forking a process with other threads i
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import os
 import select
@@ -159,6 +160,10 @@ def main() -> None:
             print(f"zygote: cannot preload {name}: {exc!r}", file=sys.stderr)
     print(f"zygote: preloaded {len(preloaded)} modules in {(time.perf_counter() - started) * 1000:.1f} ms",
           file=sys.stderr)
+    # Move everything imported so far out of the collector's reach: a child's first collection
+    # would otherwise touch (and so copy) every page of the shared heap.
+    gc.collect()
+    gc.freeze()
     serve(socket.socket(fileno=args.fd), preloaded)
 
 
