@@ -21,6 +21,7 @@ from events import (
     BuildStarted,
     CodeCommitted,
     FunctionSpec,
+    InvocationCompleted,
     PrewarmRequested,
     Record,
     RepoConfigured,
@@ -558,10 +559,33 @@ def fn_builds(name: str, as_json: Annotated[bool, typer.Option("--json")] = Fals
 
 
 @fn_app.command("logs")
-def fn_logs(name: str, build: Annotated[str, typer.Option("--build", help="Build id (see `fn builds`).")]) -> None:
-    """Print the log of one build."""
+def fn_logs(
+    name: str,
+    build: Annotated[Optional[str], typer.Option("--build", help="A build's log (see `fn builds`).")] = None,
+    last: Annotated[int, typer.Option(help="Invocations to show.")] = 20,
+) -> None:
+    """What the function printed in its last invocations (or, with --build, a build's log)."""
     common = settings()
     _require_broker(common)
+    if build is None:
+
+        async def go() -> list[Any]:
+            async with StokerClient(common) as client:
+                return await client.history(common.topics.result)
+
+        results = [r for r in asyncio.run(go()) if isinstance(r, InvocationCompleted) and r.function == name]
+        for result in results[-last:]:
+            when = time.strftime("%H:%M:%S", time.localtime(result.completed_ms / 1000))
+            console.print(
+                f"[dim]{when}[/dim] [cyan]{result.id}[/cyan] {result.status} "
+                f"[dim]{result.node or ''} {result.instance or ''}[/dim]",
+                highlight=False,
+            )
+            if result.logs:
+                sys.stdout.write(result.logs if result.logs.endswith("\n") else result.logs + "\n")
+        if not results:
+            console.print(f"no invocations of {name!r} on record")
+        return
     found = [b for b in _builds(common, name) if b["build"] == build]
     if not found or not found[0].get("log_uri"):
         raise fail(f"no finished build {build!r} of {name!r}")

@@ -191,6 +191,10 @@ def test_function_faults_each_get_a_terminal_result(platform: Platform) -> None:
         assert http.post("/fn/faulty", json={"action": "echo"}).status_code == 200
     failed = platform.stoker("fn", "invoke", "faulty", "--data", '{"action": "raise"}', check=False)
     assert failed.returncode != 0 and orjson.loads(failed.stdout)["status"] == "error"
+    printed = platform.stoker("fn", "invoke", "faulty", "--data", '{"action": "print"}')
+    assert "hello to stdout" in orjson.loads(printed.stdout)["logs"]
+    logs = platform.stoker("fn", "logs", "faulty").stdout
+    assert "hello to stdout" in logs and "hello to stderr" in logs
 
 
 def test_trace_links_every_stage_of_an_invocation(platform: Platform) -> None:
