@@ -315,6 +315,7 @@ class NodeAgent:
                 traceback=err.get("traceback"),
             )
         inst.function, inst.function_version = spec.name, spec.code_version
+        inst.last_used_at = time.monotonic()  # idle time counts from when the code was loaded
         await self._launcher.specialized(inst, spec)
         self._set_state(inst, "busy", spec)
         self._emit(inst, "ready", reason=f"specialized ({kind}) in {reply.get('load_ms', 0):.1f} ms")

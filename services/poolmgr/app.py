@@ -2,6 +2,9 @@
 
 Node heartbeats in, EnsurePool/Recycle commands out (pool size, keep-alive); prewarm requests in,
 Specialize commands out, and the function's active version switched once the code is loaded.
+Invocation results in (every one, from the end of the topic): each function's idle times, from
+which the keep-alive policy decides when its instances are recycled and when one is pre-warmed
+ahead of the next expected invocation (a PrewarmRequested on the prewarm topic, handled here too).
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from faststream.middlewares import AckPolicy
@@ -17,6 +21,7 @@ from events import (
     EnsurePool,
     FunctionSpec,
     InstanceChanged,
+    InvocationCompleted,
     NodeHeartbeat,
     NodeStopped,
     PrewarmCompleted,
@@ -27,17 +32,27 @@ from events import (
 )
 from services.common.broker import make_broker
 from services.common.runner import configure_logging, serve
-from services.common.settings import CommonSettings, env_float, env_int
+from services.common.settings import CommonSettings, env_float, env_int, env_str
 from services.common.table import CompactedTable, TopicTail
 from services.common.telemetry import setup_tracing
 from services.poolmgr import prewarm
-from services.poolmgr.policy import PoolPolicy, generic_target, keepalive_expired
+from services.poolmgr.keepalive import KeepAliveDecision, policy_from_config
+from services.poolmgr.policy import (
+    ArrivalBook,
+    PoolPolicy,
+    generic_target,
+    keepalive_decisions,
+    keepalive_prewarms,
+    loaded_functions,
+)
 
 log = logging.getLogger("stoker.poolmgr")
 PrewarmStatus = Literal["ready", "timed_out", "failed", "superseded"]
 
 
-async def run(common: CommonSettings, policy: PoolPolicy, prewarm_timeout_s: float = 20.0) -> None:
+async def run(
+    common: CommonSettings, policy: PoolPolicy, prewarm_timeout_s: float = 20.0, keepalive_tick_s: float = 1.0
+) -> None:
     configure_logging(common)
     topics = common.topics
     provider = setup_tracing("poolmgr", common)
@@ -55,6 +70,8 @@ async def run(common: CommonSettings, policy: PoolPolicy, prewarm_timeout_s: flo
     pending: dict[tuple[str, str], prewarm.PendingPrewarm] = {}
     just_activated: dict[tuple[str, str], int] = {}  # (function, version) -> protected until (ms)
     changed = asyncio.Condition()
+    arrivals = ArrivalBook(policy.keepalive)
+    prewarm_requested: dict[str, int] = {}  # function -> window of its last keep-alive prewarm
 
     def live_nodes() -> list[NodeHeartbeat]:
         now = now_ms()
@@ -79,9 +96,22 @@ async def run(common: CommonSettings, policy: PoolPolicy, prewarm_timeout_s: flo
 
     instances = TopicTail(common.bootstrap, topics.instance, (InstanceChanged,), on_instance)
 
+    def on_result(result: InvocationCompleted) -> None:
+        if result.function not in functions.rows:
+            return  # an unknown function's rejection: nothing to keep alive
+        before = arrivals.functions.get(result.function)
+        old = before.decision if before is not None else None
+        if arrivals.record_result(result):
+            new = arrivals.functions[result.function].decision
+            if old is None or _changed(old, new):
+                log.info("keep-alive of %s (%s): %s", result.function, policy.keepalive.name, _describe(new))
+
+    results = TopicTail(common.bootstrap, topics.result, (InvocationCompleted,), on_result)
+
     async def start_views() -> None:
         await instances.start()
         await functions.start()
+        await results.start()
         await nodes.start()
 
     async def on_heartbeat(name: str, hb: NodeHeartbeat) -> None:
@@ -95,7 +125,8 @@ async def run(common: CommonSettings, policy: PoolPolicy, prewarm_timeout_s: flo
         for pair, until in list(just_activated.items()):
             if until < now:
                 del just_activated[pair]
-        for decision in keepalive_expired(hb, functions.rows, policy, protected=pending.keys() | just_activated.keys()):
+        protected = pending.keys() | just_activated.keys()
+        for decision in keepalive_decisions(hb, functions.rows, policy, arrivals.functions, protected, now):
             if now_ms() - recycling.get(decision.instance, 0) < 10_000:
                 continue
             recycling[decision.instance] = now_ms()
@@ -113,6 +144,31 @@ async def run(common: CommonSettings, policy: PoolPolicy, prewarm_timeout_s: flo
                 await on_heartbeat(name, record)
             else:
                 told.pop(name, None)
+
+    async def keepalive_tick() -> None:
+        while True:
+            await asyncio.sleep(keepalive_tick_s)
+            now = now_ms()
+            for instance, sent in list(recycling.items()):
+                if now - sent > 60_000:
+                    del recycling[instance]
+            gone = [name for name in arrivals.functions if name not in functions.rows]
+            arrivals.forget(gone)
+            for name in gone:
+                prewarm_requested.pop(name, None)
+            live = live_nodes()
+            if not live:
+                continue  # nowhere to load anything: keep the window for when a node comes
+            loaded = loaded_functions(live, functions.rows) | {fn for fn, _ in pending}
+            due = keepalive_prewarms(functions.rows, arrivals.functions, policy, loaded, prewarm_requested, now)
+            for decision in due:
+                prewarm_requested[decision.function] = decision.window
+                log.info("pre-warming %s: %s", decision.function, decision.reason)
+                await broker.publish(
+                    PrewarmRequested(function=decision.function, count=1, activate=False, reason=decision.reason),
+                    topics.prewarm,
+                    key=decision.function.encode(),
+                )
 
     async def finish(request: PrewarmRequested, status: PrewarmStatus, **fields: Any) -> None:
         await broker.publish(
@@ -212,12 +268,46 @@ async def run(common: CommonSettings, policy: PoolPolicy, prewarm_timeout_s: flo
         await functions.stop()
         await nodes.stop()
         await instances.stop()
+        await results.stop()
 
-    await serve("poolmgr", common, broker, on_start=[start_views], background=[follow_nodes], on_stop=[stop_views])
+    await serve(
+        "poolmgr",
+        common,
+        broker,
+        on_start=[start_views],
+        background=[follow_nodes, keepalive_tick],
+        on_stop=[stop_views],
+        ready_facts={"keepalive": policy.keepalive.name},
+    )
     provider.shutdown()
+
+
+def _changed(old: KeepAliveDecision, new: KeepAliveDecision) -> bool:
+    # The window, not the reason: a fallback's reason counts the idle times seen so far.
+    return (old.prewarm_after_s, old.keep_alive_s) != (new.prewarm_after_s, new.keep_alive_s)
+
+
+def _describe(decision: KeepAliveDecision) -> str:
+    return (
+        f"load {decision.prewarm_after_s:.0f}s to {decision.unload_after_s:.0f}s after each invocation"
+        f" ({decision.reason})"
+    )
+
+
+def pool_policy_from_env(env: Mapping[str, str]) -> PoolPolicy:
+    """The pool policy configured by ``STOKER_POOL_SIZE``, ``STOKER_KEEPALIVE`` and ``STOKER_KEEPALIVE_FIXED_S``.
+
+    ``STOKER_KEEPALIVE``: ``hybrid`` (default, learned per function) or ``fixed`` (every function
+    keeps its idle instances ``STOKER_KEEPALIVE_FIXED_S`` seconds, 600 by default). A function that
+    sets ``idle_s`` keeps that fixed value either way.
+    """
+    keepalive = policy_from_config(
+        env_str(env, "STOKER_KEEPALIVE", "hybrid"), env_float(env, "STOKER_KEEPALIVE_FIXED_S", 600.0)
+    )
+    return PoolPolicy(generic_per_node=env_int(env, "STOKER_POOL_SIZE", 2), keepalive=keepalive)
 
 
 def main() -> None:
     env = os.environ
-    policy = PoolPolicy(generic_per_node=env_int(env, "STOKER_POOL_SIZE", 2))
+    policy = pool_policy_from_env(env)
     asyncio.run(run(CommonSettings.from_env(), policy, env_float(env, "STOKER_PREWARM_TIMEOUT_S", 20.0)))

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from events import CodeSource, FunctionSpec, InstanceSummary, NodeCapacity, NodeHeartbeat
-from services.poolmgr.policy import PoolPolicy, RecycleDecision, generic_target, keepalive_expired
+from services.poolmgr.keepalive import FixedPolicy
+from services.poolmgr.policy import PoolPolicy, RecycleDecision, generic_target, keepalive_decisions
 
 DIGEST = "sha256:" + "12" * 32
 VER = "121212121212"
 
 
-def _spec(name: str = "hello", idle_s: float = 60.0, digest: str = DIGEST) -> FunctionSpec:
+def _spec(name: str = "hello", idle_s: float | None = 60.0, digest: str = DIGEST) -> FunctionSpec:
     return FunctionSpec(name=name, entrypoint="handler:main", source=CodeSource(digest=digest), idle_s=idle_s)
 
 
@@ -20,9 +21,19 @@ def _hb(*instances: InstanceSummary, max_instances: int = 8) -> NodeHeartbeat:
 
 
 def _inst(
-    i: str, state: str = "ready", fn: str | None = "hello", ver: str | None = VER, idle_ms: int = 0
+    i: str, state: str = "ready", fn: str | None = "hello", ver: str | None = VER, idle_ms: int = 0, uses: int = 1
 ) -> InstanceSummary:
-    return InstanceSummary(instance=i, state=state, function=fn, function_version=ver, idle_ms=idle_ms)  # type: ignore[arg-type]
+    return InstanceSummary(instance=i, state=state, function=fn, function_version=ver, idle_ms=idle_ms, uses=uses)  # type: ignore[arg-type]
+
+
+def keepalive_expired(
+    hb: NodeHeartbeat,
+    specs: dict[str, FunctionSpec],
+    policy: PoolPolicy,
+    protected: set[tuple[str, str]] | None = None,
+) -> list[RecycleDecision]:
+    """The decisions with nothing learned yet, at time 0 (these tests only use explicit keep-alives)."""
+    return keepalive_decisions(hb, specs, policy, {}, protected or set(), now_ms=0)
 
 
 def test_spec_version_matches_test_constant() -> None:
@@ -39,11 +50,18 @@ def test_generic_target() -> None:
 
 def test_idle_past_idle_s_is_recycled() -> None:
     specs = {"hello": _spec(idle_s=60.0)}
-    hb = _hb(_inst("fresh", idle_ms=59_999), _inst("stale", idle_ms=60_000), _inst("older", idle_ms=600_000))
+    hb = _hb(_inst("fresh", idle_ms=60_000), _inst("stale", idle_ms=60_001), _inst("older", idle_ms=600_000))
     decisions = keepalive_expired(hb, specs, PoolPolicy())
     assert [d.instance for d in decisions] == ["stale", "older"]
     assert all(d.function == "hello" for d in decisions)
-    assert "idle_s=60" in decisions[0].reason
+    assert decisions[0].reason == "keep-alive (idle_s=60): idle 60s, window 0-60s"
+
+
+def test_function_without_idle_s_gets_the_platform_policy() -> None:
+    specs = {"hello": _spec(idle_s=None)}
+    hb = _hb(_inst("kept", idle_ms=600_000), _inst("gone", idle_ms=600_001))
+    decisions = keepalive_expired(hb, specs, PoolPolicy(keepalive=FixedPolicy(600.0)))
+    assert decisions == [RecycleDecision("gone", "hello", "keep-alive (fixed): idle 600s, window 0-600s")]
 
 
 def test_each_function_has_its_own_keepalive() -> None:
