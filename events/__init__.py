@@ -74,3 +74,17 @@ __all__ += [
     "PrewarmRequested",
     "RepoConfigured",
 ]
+
+from events.placement import (  # noqa: E402
+    ISOLATED_TOLERATION,
+    RUNTIME_TOLERATION,
+    PlacementOverride,
+    Toleration,
+)
+
+__all__ += ["ISOLATED_TOLERATION", "RUNTIME_TOLERATION", "PlacementOverride", "Toleration"]
+
+from events.metrics import InstanceMetrics, NodeMetrics, ThrottleDecided  # noqa: E402
+from events.work import Clamp, ConfigureNode  # noqa: E402
+
+__all__ += ["Clamp", "ConfigureNode", "InstanceMetrics", "NodeMetrics", "ThrottleDecided"]

@@ -17,9 +17,11 @@ from events.dlq import DeadLettered
 from events.function import FunctionSpec
 from events.instance import InstanceChanged
 from events.invocation import InvocationCompleted, InvocationRequested
+from events.metrics import NodeMetrics, ThrottleDecided
 from events.node import NodeHeartbeat, NodeStopped
+from events.placement import PlacementOverride
 from events.pool import PrewarmCompleted, PrewarmRequested, RepoConfigured
-from events.work import EnsurePool, Execute, Recycle, Specialize
+from events.work import Clamp, ConfigureNode, EnsurePool, Execute, Recycle, Specialize
 
 MODELS: dict[str, type[Record]] = {
     model.model_fields["type"].default: model
@@ -43,6 +45,11 @@ MODELS: dict[str, type[Record]] = {
         PrewarmRequested,
         PrewarmCompleted,
         RepoConfigured,
+        PlacementOverride,
+        NodeMetrics,
+        ThrottleDecided,
+        Clamp,
+        ConfigureNode,
     )
 }
 """Every record model by its ``type``."""

@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from events.base import Record, now_ms
+from events.placement import ROLE, RUNTIME_TOLERATION, Toleration
 
 FUNCTION_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 """Function names are DNS labels, so they can become Kubernetes names and topic keys as they are."""
@@ -72,6 +73,14 @@ class FunctionSpec(Record):
     policy decides (``fixed`` or the learned ``hybrid`` one)."""
     max_invocations: int | None = Field(default=None, ge=1)
     max_age_s: float | None = Field(default=None, gt=0)
+    node_selector: dict[str, str] = Field(default_factory=lambda: {ROLE: "runtime"})
+    """Labels a node must have to run this function (Kubernetes nodeSelector)."""
+    tolerations: list[Toleration] = Field(default_factory=lambda: [RUNTIME_TOLERATION])
+    """Taints of nodes this function may run on anyway (runtime nodes by default)."""
+    normal_cpu_millis: float | None = Field(default=None, gt=0)
+    """Overrides the platform-wide normal CPU range for this function (the throttler's bound)."""
+    normal_memory_mb: float | None = Field(default=None, gt=0)
+    """Overrides the platform-wide normal memory range for this function."""
     prewarm_on_commit: int = Field(default=1, ge=0, le=64)
     """Instances that must hold a new commit's code before it becomes the active version."""
     updated_ms: int = Field(default_factory=now_ms)

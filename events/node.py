@@ -60,6 +60,8 @@ class NodeHeartbeat(Record):
     pool_target: int = 0
     instances: list[InstanceSummary] = Field(default_factory=list)
     in_flight: int = 0
+    unschedulable: bool = False
+    """Cordoned: takes no new instances or invocations (``stoker node cordon``/``drain``)."""
     seq: int = 0
     interval_ms: int = 500
     at_ms: int = Field(default_factory=now_ms)

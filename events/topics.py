@@ -100,6 +100,11 @@ class Topics:
         return f"{self.prefix}repo"
 
     @property
+    def throttle(self) -> str:
+        """Throttler decisions (``throttle.decided``), key = function."""
+        return f"{self.prefix}throttle"
+
+    @property
     def dlq(self) -> str:
         """Dead letters: records a consumer could not decode or process, with the reason."""
         return f"{self.prefix}dlq"
@@ -126,6 +131,7 @@ class Topics:
             TopicSpec(self.node_metric, retention_ms=6 * _HOUR_MS),
             TopicSpec(self.placement, compacted=True),
             TopicSpec(self.build, retention_ms=7 * 24 * _HOUR_MS),
+            TopicSpec(self.throttle, retention_ms=7 * 24 * _HOUR_MS),
             TopicSpec(self.repo, compacted=True),
             TopicSpec(self.dlq, retention_ms=7 * 24 * _HOUR_MS),
         ]

@@ -15,6 +15,7 @@ from pydantic import Field
 from events.base import Record, now_ms
 from events.function import FunctionSpec
 from events.invocation import InvocationRequested
+from events.node import Taint
 
 
 class Execute(Record):
@@ -53,6 +54,36 @@ class Recycle(Record):
     instance: str | None = None
     function: str | None = None
     reason: str = ""
+    busy_too: bool = False
+    """Also retire instances that are busy now, once their invocation ends (draining a function)."""
+    force: bool = False
+    """Kill at once, busy or not (an instance over its memory bound); its invocation ends ``error``."""
 
 
-WorkCommand = Execute | Specialize | EnsurePool | Recycle
+class Clamp(Record):
+    """Set (or, with ``cpu_millis`` None, restore) the CPU quota of one instance or of a function's instances."""
+
+    type: Literal["work.clamp"] = "work.clamp"
+    incarnation: str
+    instance: str | None = None
+    function: str | None = None
+    cpu_millis: int | None = None
+    reason: str = ""
+
+
+class ConfigureNode(Record):
+    """Change a running node: labels, taints, cordon, drain (``stoker node …``)."""
+
+    type: Literal["work.configure-node"] = "work.configure-node"
+    incarnation: str
+    labels: dict[str, str | None] = Field(default_factory=dict)
+    """Labels to set; a ``None`` value removes the label."""
+    add_taints: list[Taint] = Field(default_factory=list)
+    remove_taints: list[str] = Field(default_factory=list)
+    """Keys of taints to remove."""
+    unschedulable: bool | None = None
+    drain: bool = False
+    """Cordon, and recycle every instance (busy ones once their invocation ends)."""
+
+
+WorkCommand = Execute | Specialize | EnsurePool | Recycle | Clamp | ConfigureNode

@@ -48,7 +48,7 @@ async def run(settings: AgentSettings) -> None:
         settings.common,
         broker,
         on_start=[create_work_topic, agent.start, artifacts.start],
-        background=[agent.send_heartbeats, agent.maintain_pool],
+        background=[agent.send_heartbeats, agent.maintain_pool, agent.send_metrics],
         on_stop=[agent.shutdown, artifacts.stop],
         ready_facts={"node": settings.node, "incarnation": agent.incarnation},
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from faststream.kafka import KafkaBroker
 from faststream.middlewares import AckPolicy
 
-from events import EnsurePool, Execute, Recycle, Specialize
+from events import Clamp, ConfigureNode, EnsurePool, Execute, Recycle, Specialize
 from services.agent.node import NodeAgent
 
 
@@ -23,7 +23,7 @@ def register(broker: KafkaBroker, agent: NodeAgent) -> None:
         ack_policy=AckPolicy.ACK,
         fetch_max_wait_ms=100,
     )
-    async def on_work(cmd: Execute | Specialize | EnsurePool | Recycle) -> None:
+    async def on_work(cmd: Execute | Specialize | EnsurePool | Recycle | Clamp | ConfigureNode) -> None:
         if not agent.is_mine(cmd.incarnation):
             return
         if isinstance(cmd, Execute):
@@ -32,5 +32,9 @@ def register(broker: KafkaBroker, agent: NodeAgent) -> None:
             agent.ensure_pool(cmd)
         elif isinstance(cmd, Recycle):
             await agent.recycle(cmd)
+        elif isinstance(cmd, Clamp):
+            await agent.clamp(cmd)
+        elif isinstance(cmd, ConfigureNode):
+            await agent.configure(cmd)
         else:
             agent.specialize(cmd)

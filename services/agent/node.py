@@ -7,6 +7,7 @@ Handlers (``handlers.py``) turn work commands into calls here; the decisions the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -19,15 +20,19 @@ from typing import Any
 from opentelemetry import trace
 
 from events import (
+    Clamp,
+    ConfigureNode,
     EnsurePool,
     ErrorInfo,
     Execute,
     FunctionSpec,
     InstanceChanged,
+    InstanceMetrics,
     InstanceSummary,
     InvocationCompleted,
     NodeCapacity,
     NodeHeartbeat,
+    NodeMetrics,
     NodeStopped,
     Record,
     Recycle,
@@ -43,7 +48,7 @@ from services.agent.cgroups import CgroupError
 from services.agent.instances import Instance, InstanceDied, InstanceTimeout
 from services.agent.launcher import Launcher
 from services.agent.settings import AgentSettings
-from services.common import telemetry
+from services.common import placement, telemetry
 from services.common.artifacts import ArtifactError, ArtifactStore, unpack_verified
 
 log = logging.getLogger("stoker.agent")
@@ -59,6 +64,16 @@ class _Slot:
     prewarmed: bool = False
     prewarm_trace: trace.SpanContext | None = None
     """The span that specialized this instance ahead of demand: the build trace it belongs to."""
+    spec: FunctionSpec | None = None
+    """The function loaded in it (placement rules apply to it: a NoExecute taint drains it)."""
+    retire_after_use: str | None = None
+    """Set when the instance must go once its invocation ends (drain), with the reason."""
+    kill_reason: str | None = None
+    """Why the platform killed this instance on purpose (reported instead of ``instance_died``)."""
+    clamped_millis: int | None = None
+    """A CPU quota the throttler imposed, below the function's own."""
+    last_cpu_ns: int | None = None
+    last_throttled_ns: int | None = None
 
 
 class NodeAgent:
@@ -70,6 +85,9 @@ class NodeAgent:
         self.topics = settings.common.topics
         self.incarnation = uuid.uuid4().hex[:12]
         self.pool_target = settings.pool_size
+        self.labels = dict(settings.labels)
+        self.taints = list(settings.taints)
+        self.unschedulable = False
         self._publish = publish
         self._store = store
         self._slots: dict[str, _Slot] = {}
@@ -115,10 +133,69 @@ class NodeAgent:
     async def recycle(self, cmd: Recycle) -> None:
         for slot in list(self._slots.values()):
             inst = slot.instance
-            if inst.state not in ("ready", "generic"):
+            if not ((cmd.instance and inst.id == cmd.instance) or (cmd.function and inst.function == cmd.function)):
                 continue
-            if (cmd.instance and inst.id == cmd.instance) or (cmd.function and inst.function == cmd.function):
+            if inst.state in ("ready", "generic"):
                 await self._retire(inst, cmd.reason or "recycle command")
+            elif cmd.force:
+                slot.kill_reason = cmd.reason or "killed by the throttler"
+                await inst.kill()  # its invocation sees the instance die and ends with kill_reason
+            elif cmd.busy_too:
+                slot.retire_after_use = cmd.reason or "recycle command"
+
+    async def clamp(self, cmd: Clamp) -> None:
+        """Set (or restore) the CPU quota of instances: the throttler's first action."""
+        for slot in list(self._slots.values()):
+            inst = slot.instance
+            if not ((cmd.instance and inst.id == cmd.instance) or (cmd.function and inst.function == cmd.function)):
+                continue
+            if inst.cgroup is None:
+                continue
+            millis = cmd.cpu_millis
+            if millis is None:
+                millis = slot.spec.cpu_millis if slot.spec is not None else None
+            slot.clamped_millis = cmd.cpu_millis
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(inst.cgroup.set_cpu_quota, millis)
+            log.info("cpu quota of %s set to %s millicores: %s", inst.id, millis, cmd.reason)
+
+    async def configure(self, cmd: ConfigureNode) -> None:
+        """Labels, taints, cordon and drain of this node, changed at run time."""
+        for key, value in cmd.labels.items():
+            if value is None:
+                self.labels.pop(key, None)
+            else:
+                self.labels[key] = value
+        if cmd.remove_taints:
+            self.taints = [t for t in self.taints if t.key not in cmd.remove_taints]
+        for taint in cmd.add_taints:
+            self.taints = [t for t in self.taints if not (t.key == taint.key and t.effect == taint.effect)] + [taint]
+        if cmd.unschedulable is not None:
+            self.unschedulable = cmd.unschedulable
+        if cmd.drain:
+            self.unschedulable = True
+            self.pool_target = 0
+        for slot in list(self._slots.values()):
+            spec = slot.spec
+            leave = cmd.drain or (spec is not None and placement.must_leave(self._node_view(), spec.tolerations))
+            if not leave:
+                continue
+            reason = "node drained" if cmd.drain else "NoExecute taint the function does not tolerate"
+            if slot.instance.state in ("ready", "generic"):
+                await self._retire(slot.instance, reason)
+            else:
+                slot.retire_after_use = reason
+        self._pool_wakeup.set()
+        await self._publish(self.heartbeat(), self.topics.node, self.settings.node)
+
+    def _node_view(self) -> NodeHeartbeat:
+        return NodeHeartbeat(
+            node=self.settings.node,
+            incarnation=self.incarnation,
+            labels=self.labels,
+            taints=self.taints,
+            unschedulable=self.unschedulable,
+        )
 
     def specialize(self, cmd: Specialize) -> None:
         for _ in range(cmd.count):
@@ -188,8 +265,11 @@ class NodeAgent:
                 await self._gone(inst, f"killed: {outcome.error.kind if outcome.error else 'timeout'}")
                 return
             except InstanceDied as exc:
-                await self._gone(inst, str(exc))
-                outcome.fail("error", exc.kind, str(exc))
+                await self._gone(inst, slot.kill_reason or str(exc))
+                if slot.kill_reason:
+                    outcome.fail("error", "killed", f"{slot.kill_reason} ({exc})")
+                else:
+                    outcome.fail("error", exc.kind, str(exc))
                 return
         inst.uses += 1
         inst.last_used_at = time.monotonic()
@@ -219,6 +299,9 @@ class NodeAgent:
     async def _after_use(self, slot: _Slot, spec: FunctionSpec) -> None:
         """What the function's reuse type says happens to the instance after an invocation."""
         inst = slot.instance
+        if slot.retire_after_use:
+            await self._retire(inst, slot.retire_after_use)
+            return
         if spec.reuse == "fresh":
             await self._retire(inst, "reuse=fresh: one invocation per instance")
             return
@@ -316,6 +399,7 @@ class NodeAgent:
             )
         inst.function, inst.function_version = spec.name, spec.code_version
         inst.last_used_at = time.monotonic()  # idle time counts from when the code was loaded
+        slot.spec = spec
         await self._launcher.specialized(inst, spec)
         self._set_state(inst, "busy", spec)
         self._emit(inst, "ready", reason=f"specialized ({kind}) in {reply.get('load_ms', 0):.1f} ms")
@@ -324,6 +408,10 @@ class NodeAgent:
     async def _release(self, inst: Instance, spec: FunctionSpec) -> None:
         if not inst.alive:
             await self._gone(inst, "exited after the invocation")
+            return
+        slot = self._slots.get(inst.id)
+        if slot is not None and slot.retire_after_use:
+            await self._retire(inst, slot.retire_after_use)
             return
         self._set_state(inst, "ready")
         facts = self._facts_of(self._slots[inst.id]) if inst.id in self._slots else None
@@ -509,9 +597,14 @@ class NodeAgent:
         return NodeHeartbeat(
             node=self.settings.node,
             incarnation=self.incarnation,
-            labels={**self.settings.labels, **self._launcher.notes},
-            taints=self.settings.taints,
-            capacity=NodeCapacity(max_instances=self.settings.max_instances),
+            labels={**self.labels, **self._launcher.notes},
+            taints=self.taints,
+            capacity=NodeCapacity(
+                max_instances=self.settings.max_instances,
+                cpu_millis=self.settings.cpu_millis,
+                memory_mb=self.settings.memory_mb,
+            ),
+            unschedulable=self.unschedulable,
             pool_target=self.pool_target,
             in_flight=len(self._in_flight),
             seq=self._seq,
@@ -529,6 +622,58 @@ class NodeAgent:
                 for s in self._slots.values()
             ],
         )
+
+    def metrics(self, interval_s: float) -> NodeMetrics:
+        """Read every instance's cgroup (blocking file reads: run it in a thread)."""
+        figures = []
+        for slot in list(self._slots.values()):
+            inst = slot.instance
+            if inst.cgroup is None or not inst.alive:
+                continue
+            try:
+                stats = inst.cgroup.stats()
+            except OSError:
+                continue
+            cpu = 0.0 if slot.last_cpu_ns is None else (stats.cpu_usage_ns - slot.last_cpu_ns) / 1e6 / interval_s
+            throttled = (
+                0.0 if slot.last_throttled_ns is None else (stats.cpu_throttled_ns - slot.last_throttled_ns) / 1e6
+            )
+            slot.last_cpu_ns, slot.last_throttled_ns = stats.cpu_usage_ns, stats.cpu_throttled_ns
+            quota = slot.clamped_millis or (slot.spec.cpu_millis if slot.spec is not None else None)
+            figures.append(
+                InstanceMetrics(
+                    instance=inst.id,
+                    function=inst.function,
+                    function_version=inst.function_version,
+                    state=inst.state,
+                    cpu_millis=round(max(0.0, cpu), 1),
+                    memory_mb=round(stats.memory_bytes / 2**20, 2),
+                    pids=stats.pids,
+                    throttled_ms=round(max(0.0, throttled), 2),
+                    cpu_quota_millis=quota,
+                    clamped=slot.clamped_millis is not None,
+                )
+            )
+        return NodeMetrics(
+            node=self.settings.node,
+            incarnation=self.incarnation,
+            interval_ms=int(interval_s * 1000),
+            instances=figures,
+            cpu_millis=round(sum(f.cpu_millis for f in figures), 1),
+            memory_mb=round(sum(f.memory_mb for f in figures), 2),
+        )
+
+    async def send_metrics(self) -> None:
+        """Every interval, each instance's CPU, memory, pids and throttling from its cgroup."""
+        interval = self.settings.metric_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                record = await asyncio.to_thread(self.metrics, interval)
+                if record.instances:
+                    await self._publish(record, self.topics.node_metric, self.settings.node)
+            except Exception:  # noqa: BLE001 - a missed interval is survivable
+                log.exception("metrics failed")
 
     async def send_heartbeats(self) -> None:
         while True:

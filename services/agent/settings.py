@@ -37,6 +37,17 @@ def parse_taints(raw: str) -> list[Taint]:
     return taints
 
 
+def _total_memory_mb() -> int:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return 4096
+
+
 DEFAULT_PRELOAD = (
     "asyncio",
     "json",
@@ -68,6 +79,9 @@ class AgentSettings:
     taints: list[Taint] = field(default_factory=list)
     python: str = sys.executable
     drain_timeout_s: float = 10.0
+    metric_interval_s: float = 1.0
+    cpu_millis: int = field(default_factory=lambda: (os.cpu_count() or 1) * 1000)
+    memory_mb: int = field(default_factory=lambda: _total_memory_mb())
     zygote: bool = True
     """Fork new instances from a zygote with the runtime pre-imported (else spawn interpreters)."""
     zygote_preload: list[str] = field(default_factory=lambda: list(DEFAULT_PRELOAD))
@@ -100,6 +114,9 @@ class AgentSettings:
             python=env_str(env, "STOKER_RUNTIME_PYTHON", sys.executable),
             drain_timeout_s=env_float(env, "STOKER_DRAIN_TIMEOUT_S", 10.0),
             zygote=env_str(env, "STOKER_ZYGOTE", "on") != "off",
+            metric_interval_s=env_float(env, "STOKER_METRIC_INTERVAL_S", 1.0),
+            cpu_millis=env_int(env, "STOKER_NODE_CPU_MILLIS", (os.cpu_count() or 1) * 1000),
+            memory_mb=env_int(env, "STOKER_NODE_MEMORY_MB", _total_memory_mb()),
             zygote_preload=[
                 m for m in env_str(env, "STOKER_ZYGOTE_PRELOAD", ",".join(DEFAULT_PRELOAD)).split(",") if m
             ],

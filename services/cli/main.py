@@ -20,16 +20,20 @@ from events import (
     BuildFinished,
     BuildStarted,
     CodeCommitted,
+    ConfigureNode,
     FunctionSpec,
     InvocationCompleted,
+    PlacementOverride,
     PrewarmRequested,
     Record,
     RepoConfigured,
+    Taint,
 )
 from events.codec import DecodeError, loads
 from events.function import CodeSource
 from services.cli import platform
 from services.cli.broker import BrokerError, broker_is_reachable
+from services.common.admin import ensure_topics
 from services.common.artifacts import ArtifactError, LocalArtifactStore
 from services.common.client import StokerClient, deadline_in, package_code
 from services.common.settings import CommonSettings
@@ -98,11 +102,12 @@ def up(
         Optional[str], typer.Option(help="Use this Kafka (HOST:PORT) instead of starting one.")
     ] = None,
     nodes: Annotated[int, typer.Option(help="Runtime nodes (node agents) to start.", min=1, max=16)] = 2,
+    isolated: Annotated[int, typer.Option(help="Isolation nodes for throttled functions.", min=0, max=8)] = 1,
     pool_size: Annotated[int, typer.Option(help="Generic instances per node.", min=0, max=64)] = 2,
     http_port: Annotated[Optional[int], typer.Option(help="Gateway port (default $STOKER_HTTP_PORT or 8080).")] = None,
     example: Annotated[bool, typer.Option(help="Deploy and invoke examples/hello once up.")] = True,
 ) -> None:
-    """Start the embedded platform: Kafka, gateway, dispatcher, poolmgr and node agents."""
+    """Start the embedded platform: Kafka, the services, a management node, runtime and isolation nodes."""
     common = settings(bootstrap)
     port = http_port or int(os.environ.get("STOKER_HTTP_PORT") or 8080)
     config = platform.PlatformConfig(
@@ -174,7 +179,11 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readabl
     reachable = broker_is_reachable(host or "127.0.0.1", int(port))
     running = platform.running_components(common)
     services = {
-        name: {"pid": pid, "ready": platform.is_ready(common, name)}
+        name: {
+            "pid": pid,
+            "ready": platform.is_ready(common, name),
+            "node": platform.ready_facts(common, name).get("node"),
+        }
         for name, pid in running.items()
         if name != "broker"
     }
@@ -183,14 +192,25 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readabl
         "services": services,
         "nodes": {},
         "functions": {},
+        "isolations": {},
+        "throttle_decisions": [],
     }
     if reachable:
 
-        async def views() -> tuple[dict[str, Any], dict[str, FunctionSpec]]:
+        async def views() -> tuple[dict[str, Any], dict[str, FunctionSpec], dict[str, Any], list[Any]]:
             async with StokerClient(common) as client:
-                return await client.nodes(), await client.functions()
+                return (
+                    await client.nodes(),
+                    await client.functions(),
+                    await client.table(common.topics.placement, PlacementOverride),
+                    await client.history(common.topics.throttle),
+                )
 
-        nodes, functions = asyncio.run(views())
+        nodes, functions, overrides, decisions = asyncio.run(views())
+        for name, override in sorted(overrides.items()):
+            if override.active(int(time.time() * 1000)):
+                report["isolations"][name] = override.model_dump(mode="json", exclude={"type", "version"})
+        report["throttle_decisions"] = [d.model_dump(mode="json", exclude={"type", "version"}) for d in decisions[-10:]]
         now = time.time() * 1000
         for name, rec in sorted(nodes.items()):
             entry: dict[str, Any] = {"type": rec.type, "incarnation": rec.incarnation}
@@ -200,6 +220,8 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readabl
                     up=now - hb.at_ms < 3 * max(hb.interval_ms, 500),
                     last_seen_s=round((now - hb.at_ms) / 1000, 1),
                     labels=hb.labels,
+                    taints=[f"{t.key}={t.value}:{t.effect}" for t in hb.taints],
+                    unschedulable=hb.unschedulable,
                     in_flight=hb.in_flight,
                     pool_target=hb.pool_target,
                     instances=[i.model_dump(mode="json") for i in hb.instances],
@@ -234,18 +256,38 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readabl
         f"broker {common.bootstrap}: {broker_line}"
         + (f" (embedded, pid {running['broker']})" if "broker" in running else "")
     )
-    table = Table("service", "pid", "ready", title="services")
+    table = Table("service", "pid", "ready", "node", title="services")
     for name, info in services.items():
-        table.add_row(name, str(info["pid"]), "yes" if info["ready"] else "no")
+        table.add_row(name, str(info["pid"]), "yes" if info["ready"] else "no", str(info.get("node") or "-"))
     console.print(table)
-    table = Table("node", "up", "instances (state: function@version)", "in flight", title="nodes")
+    table = Table("node", "up", "role / taints", "instances (state: function@version)", "in flight", title="nodes")
     for name, entry in report["nodes"].items():
         insts = ", ".join(
             f"{i['state']}" + (f":{i['function']}@{i['function_version']}" if i.get("function") else "")
             for i in entry.get("instances", [])
         )
-        table.add_row(name, "yes" if entry["up"] else "no", insts or "-", str(entry.get("in_flight", 0)))
+        role = (entry.get("labels") or {}).get("stoker.io/role", "-")
+        marks = " ".join(entry.get("taints", [])) + (" cordoned" if entry.get("unschedulable") else "")
+        up = "yes" if entry["up"] else "no"
+        table.add_row(name, up, f"{role} {marks}".strip(), insts or "-", str(entry.get("in_flight", 0)))
     console.print(table)
+    if report["isolations"]:
+        table = Table("function", "until", "by", "reason", title="isolated functions")
+        for name, iso in report["isolations"].items():
+            until = time.strftime("%H:%M:%S", time.localtime(iso["until_ms"] / 1000)) if iso.get("until_ms") else "-"
+            table.add_row(name, until, iso.get("by", ""), iso.get("reason", ""))
+        console.print(table)
+    if report["throttle_decisions"]:
+        table = Table("at", "function", "action", "where", "rule", title="recent throttle decisions")
+        for d in report["throttle_decisions"]:
+            table.add_row(
+                time.strftime("%H:%M:%S", time.localtime(d["at_ms"] / 1000)),
+                d["function"],
+                d["action"],
+                f"{d.get('node') or ''} {d.get('instance') or ''}".strip(),
+                d["rule"],
+            )
+        console.print(table)
     table = Table(
         "function", "source", "active version", "loaded in", "revision", "entrypoint", "reuse", title="functions"
     )
@@ -593,6 +635,132 @@ def fn_logs(
         sys.stdout.write(LocalArtifactStore(common.artifacts_dir).get(found[0]["log_uri"]).decode(errors="replace"))
     except ArtifactError as exc:
         raise fail(str(exc)) from None
+
+
+node_app = typer.Typer(help="Nodes of a running platform: add, label, taint, cordon, drain.", no_args_is_help=True)
+app.add_typer(node_app, name="node")
+
+
+def _node_command(name: str, **changes: Any) -> None:
+    common = settings()
+    _require_broker(common)
+
+    async def go() -> None:
+        async with StokerClient(common) as client:
+            record = (await client.nodes()).get(name)
+            if record is None or record.type != "node.heartbeat":
+                raise fail(f"no running node named {name!r}")
+            await client.send(ConfigureNode(incarnation=record.incarnation, **changes), common.topics.work(name), name)
+
+    asyncio.run(go())
+
+
+def _taint(text: str) -> Taint:
+    key_value, sep, effect = text.rpartition(":")
+    key, _, value = key_value.partition("=")
+    if not sep or not key:
+        raise fail(f"a taint is key[=value]:Effect, got {text!r}")
+    try:
+        return Taint(key=key, value=value, effect=effect)  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise fail(f"bad taint {text!r}: {exc}") from None
+
+
+@node_app.command("add")
+def node_add(
+    name: str,
+    role: Annotated[str, typer.Option(help="runtime or isolated.")] = "runtime",
+    label: Annotated[Optional[list[str]], typer.Option(help="key=value")] = None,
+    taint: Annotated[Optional[list[str]], typer.Option(help="key=value:Effect")] = None,
+) -> None:
+    """Start another node agent in the embedded platform."""
+    common = settings()
+    _require_broker(common)
+    if platform.alive(platform.read_pid(common, f"agent-{name}")):
+        raise fail(f"node {name!r} is already running")
+    for text in taint or []:
+        _taint(text)
+    config = platform.PlatformConfig(common=common, embedded_broker=False)
+    comp = config.agent(name, role, ",".join(label or []), ",".join(taint or []))
+    asyncio.run(ensure_topics(common.bootstrap, [common.topics.work_spec(name)]))
+    platform.start_component(config, comp)
+    try:
+        platform.wait_ready(common, [comp.name])
+    except platform.PlatformError as exc:
+        raise fail(str(exc)) from None
+    console.print(f"node [bold]{name}[/bold] ({role}) is up")
+
+
+@node_app.command("label")
+def node_label(name: str, labels: Annotated[list[str], typer.Argument(help="key=value, or key- to remove")]) -> None:
+    """Set or remove labels of a node."""
+    changes: dict[str, str | None] = {}
+    for text in labels:
+        if text.endswith("-") and "=" not in text:
+            changes[text[:-1]] = None
+        else:
+            key, sep, value = text.partition("=")
+            if not sep or not key:
+                raise fail(f"a label is key=value (or key- to remove), got {text!r}")
+            changes[key] = value
+    _node_command(name, labels=changes)
+    console.print(f"labels of {name} changed")
+
+
+@node_app.command("taint")
+def node_taint(
+    name: str, taints: Annotated[list[str], typer.Argument(help="key=value:Effect, or key- to remove")]
+) -> None:
+    """Add or remove taints of a node (NoExecute drains functions that do not tolerate it)."""
+    add = [_taint(t) for t in taints if not t.endswith("-")]
+    remove = [t[:-1] for t in taints if t.endswith("-")]
+    _node_command(name, add_taints=add, remove_taints=remove)
+    console.print(f"taints of {name} changed")
+
+
+@node_app.command("cordon")
+def node_cordon(name: str) -> None:
+    """Take no new instances or invocations on a node."""
+    _node_command(name, unschedulable=True)
+    console.print(f"{name} cordoned")
+
+
+@node_app.command("uncordon")
+def node_uncordon(name: str) -> None:
+    _node_command(name, unschedulable=False)
+    console.print(f"{name} uncordoned")
+
+
+@node_app.command("drain")
+def node_drain(name: str) -> None:
+    """Cordon a node and retire its instances (busy ones when their invocation ends)."""
+    _node_command(name, drain=True)
+    console.print(f"{name} draining")
+
+
+@fn_app.command("isolate")
+def fn_isolate(
+    name: str,
+    seconds: Annotated[float, typer.Option("--for", help="How long, in seconds.")] = 600.0,
+    release: Annotated[bool, typer.Option(help="End an isolation now.")] = False,
+) -> None:
+    """Run a function only on isolation nodes for a while (or --release it)."""
+    common = settings()
+    _require_broker(common)
+    if _current(common, name) is None:
+        raise fail(f"no function named {name!r}")
+
+    async def go() -> None:
+        async with StokerClient(common) as client:
+            if release:
+                await client.tombstone(common.topics.placement, name)
+            else:
+                until = int(time.time() * 1000 + seconds * 1000)
+                override = PlacementOverride(function=name, until_ms=until, reason="stoker fn isolate", by="user")
+                await client.send(override, common.topics.placement, name)
+
+    asyncio.run(go())
+    console.print(f"{name} released" if release else f"{name} isolated for {seconds:g}s")
 
 
 repo_app = typer.Typer(help="Per-repository settings.", no_args_is_help=True)

@@ -14,7 +14,19 @@ from rich.markup import escape
 from events import codec
 from services.common.settings import CommonSettings
 
-SUMMARY_FIELDS = ("function", "status", "start", "node", "state", "instance", "reason", "incarnation", "id")
+SUMMARY_FIELDS = (
+    "function",
+    "action",
+    "status",
+    "start",
+    "node",
+    "state",
+    "instance",
+    "rule",
+    "reason",
+    "incarnation",
+    "id",
+)
 
 
 def summarize(value: bytes | None) -> str:

@@ -41,23 +41,48 @@ class PlatformConfig:
     embedded_broker: bool = True
     http_port: int = 8080
     nodes: int = 2
+    """Runtime nodes (tainted ``stoker.io/dedicated=runtime:NoSchedule``)."""
+    isolated: int = 1
+    """Isolation nodes (tainted ``stoker.io/dedicated=isolated:NoSchedule``): where outliers go."""
     pool_size: int = 2
 
     @property
     def node_names(self) -> list[str]:
-        return [f"runtime-{i}" for i in range(self.nodes)]
+        return (
+            ["management-0"]
+            + [f"runtime-{i}" for i in range(self.nodes)]
+            + [f"isolated-{i}" for i in range(self.isolated)]
+        )
+
+    def agent(self, node: str, role: str, labels: str = "", taints: str = "") -> Component:
+        env = {
+            "STOKER_NODE_NAME": node,
+            "STOKER_POOL_SIZE": str(self.pool_size),
+            "STOKER_NODE_LABELS": ",".join(filter(None, [f"stoker.io/role={role}", labels])),
+            "STOKER_NODE_TAINTS": ",".join(
+                filter(
+                    None, [f"stoker.io/dedicated={role}:NoSchedule" if role in ("runtime", "isolated") else "", taints]
+                )
+            ),
+        }
+        if role == "management":
+            # Management nodes run the services, no functions: no instances, no zygote.
+            env.update(STOKER_MAX_INSTANCES="0", STOKER_POOL_SIZE="0", STOKER_ZYGOTE="off")
+        return Component(f"agent-{node}", "services.agent", env)
 
     def components(self) -> list[Component]:
+        # The services are reported to run on the management node.
+        on_management = {"STOKER_NODE_NAME": "management-0"}
         comps = [
-            Component("dispatcher", "services.dispatcher"),
-            Component("poolmgr", "services.poolmgr", {"STOKER_POOL_SIZE": str(self.pool_size)}),
-            Component("builder", "services.builder"),
+            Component("dispatcher", "services.dispatcher", on_management),
+            Component("poolmgr", "services.poolmgr", {"STOKER_POOL_SIZE": str(self.pool_size), **on_management}),
+            Component("builder", "services.builder", on_management),
+            Component("throttler", "services.throttler", on_management),
         ]
-        comps += [
-            Component(f"agent-{n}", "services.agent", {"STOKER_NODE_NAME": n, "STOKER_POOL_SIZE": str(self.pool_size)})
-            for n in self.node_names
-        ]
-        comps.append(Component("gateway", "services.gateway", {"STOKER_HTTP_PORT": str(self.http_port)}))
+        comps += [self.agent(n, n.rsplit("-", 1)[0]) for n in self.node_names]
+        comps.append(
+            Component("gateway", "services.gateway", {"STOKER_HTTP_PORT": str(self.http_port), **on_management})
+        )
         return comps
 
 
@@ -100,6 +125,17 @@ def running_components(common: CommonSettings) -> dict[str, int]:
 
 def is_ready(common: CommonSettings, name: str) -> bool:
     return (common.run_dir / f"{name}.ready").exists() and alive(read_pid(common, name))
+
+
+def ready_facts(common: CommonSettings, name: str) -> dict[str, object]:
+    """What a component wrote in its ready file (pid, node, ...), or nothing."""
+    import orjson
+
+    try:
+        facts = orjson.loads((common.run_dir / f"{name}.ready").read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return {}
+    return facts if isinstance(facts, dict) else {}
 
 
 def log_tail(common: CommonSettings, name: str, lines: int = 30) -> str:

@@ -70,7 +70,18 @@ class StokerClient:
         await self._producer.send_and_wait(self.topics.function, encode(spec), key=spec.name.encode())
 
     async def delete_function(self, name: str) -> None:
-        await self._producer.send_and_wait(self.topics.function, None, key=name.encode())
+        await self.tombstone(self.topics.function, name)
+
+    async def tombstone(self, topic: str, key: str) -> None:
+        """Delete ``key`` from a compacted topic."""
+        await self._producer.send_and_wait(topic, None, key=key.encode())
+
+    async def table(self, topic: str, *models: type[Record]) -> dict[str, Record]:
+        """The current rows of a compacted topic."""
+        view: CompactedTable[Any] = CompactedTable(self.settings.bootstrap, topic, models)
+        await view.start()
+        await view.stop()
+        return dict(view.rows)
 
     async def functions(self) -> dict[str, FunctionSpec]:
         table: CompactedTable[FunctionSpec] = CompactedTable(

@@ -38,6 +38,7 @@ def ready_path(settings: CommonSettings, component: str) -> Path:
 
 def mark_ready(settings: CommonSettings, component: str, **facts: object) -> None:
     settings.run_dir.mkdir(parents=True, exist_ok=True)
+    facts = {"node": os.environ.get("STOKER_NODE_NAME", ""), **facts}
     ready_path(settings, component).write_bytes(orjson.dumps({"pid": os.getpid(), **facts}))
 
 

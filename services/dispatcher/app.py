@@ -5,7 +5,14 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from events import FunctionSpec, InstanceChanged, InvocationCompleted, NodeHeartbeat, NodeStopped
+from events import (
+    FunctionSpec,
+    InstanceChanged,
+    InvocationCompleted,
+    NodeHeartbeat,
+    NodeStopped,
+    PlacementOverride,
+)
 from events.base import Record
 from services.common.broker import dead_letter_for, make_broker
 from services.common.runner import configure_logging, serve
@@ -47,7 +54,10 @@ async def run(settings: DispatcherSettings) -> None:
             spec = functions.get(name)  # read-your-writes: the spec may have just been published
         return spec
 
-    dispatcher = Dispatcher(settings, publish, lookup)
+    overrides: CompactedTable[PlacementOverride] = CompactedTable(
+        common.bootstrap, common.topics.placement, (PlacementOverride,), on_bad_record=dead_letter
+    )
+    dispatcher = Dispatcher(settings, publish, lookup, overrides.get)
     node_events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
     nodes: CompactedTable[Any] = CompactedTable(
         common.bootstrap,
@@ -71,6 +81,7 @@ async def run(settings: DispatcherSettings) -> None:
         await results.start()
         await functions.start()
         await nodes.start()
+        await overrides.start()
         await instances.start()
 
     async def apply_node_events() -> None:
@@ -84,7 +95,7 @@ async def run(settings: DispatcherSettings) -> None:
             await dispatcher.tick()
 
     async def stop_views() -> None:
-        for view in (results, functions, nodes, instances):
+        for view in (results, functions, nodes, instances, overrides):
             await view.stop()
 
     await serve(

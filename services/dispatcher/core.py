@@ -17,12 +17,13 @@ from events import (
     InvocationRequested,
     NodeHeartbeat,
     NodeStopped,
+    PlacementOverride,
     Record,
     Status,
     Timings,
     now_ms,
 )
-from services.common import telemetry
+from services.common import placement, telemetry
 from services.dispatcher.ledger import InFlight, Ledger, Waiting
 from services.dispatcher.routing import NodeView, choose_node
 from services.dispatcher.settings import DispatcherSettings
@@ -36,7 +37,13 @@ FunctionLookup = Callable[[str], Awaitable[FunctionSpec | None]]
 class Dispatcher:
     """Routes invocations to nodes and keeps the promise of one terminal result each."""
 
-    def __init__(self, settings: DispatcherSettings, publish: Publish, lookup: FunctionLookup) -> None:
+    def __init__(
+        self,
+        settings: DispatcherSettings,
+        publish: Publish,
+        lookup: FunctionLookup,
+        overrides: Callable[[str], PlacementOverride | None] = lambda _name: None,
+    ) -> None:
         self.settings = settings
         self.topics = settings.common.topics
         self.ledger = Ledger()
@@ -44,6 +51,7 @@ class Dispatcher:
         self._affinity: dict[tuple[str, str], str] = {}
         self._publish = publish
         self._lookup = lookup
+        self._override = overrides
 
     # ----- invocations ------------------------------------------------------------------------
 
@@ -84,8 +92,14 @@ class Dispatcher:
             return
         inv, spec = item.invocation, item.spec
         live = {name: view for name, view in self.nodes.items() if not self._stale(view)}
+        selector, tolerations = placement.effective(spec, self._override(spec.name), now_ms())
         choice = choose_node(
-            spec.name, spec.code_version, live, affinity=self._affinity.get((spec.name, spec.code_version))
+            spec.name,
+            spec.code_version,
+            live,
+            selector=selector,
+            tolerations=tolerations,
+            affinity=self._affinity.get((spec.name, spec.code_version)),
         )
         if choice is None:
             wait()  # no eligible node now; retried on every tick until the deadline
@@ -167,6 +181,17 @@ class Dispatcher:
         else:
             await self._node_lost(name, f"node {name} stopped")
 
+    def _why_waiting(self, spec: FunctionSpec, now: int) -> ErrorInfo:
+        """Why an invocation waited until its deadline: no eligible node, or no capacity."""
+        if not self.ledger.has_room(spec):
+            return ErrorInfo(kind="no_capacity", message=f"{spec.name} was at its concurrency of {spec.concurrency}")
+        selector, tolerations = placement.effective(spec, self._override(spec.name), now)
+        live = [v.heartbeat for v in self.nodes.values() if not self._stale(v)]
+        if not any(placement.eligible(node, selector, tolerations) for node in live):
+            reasons = "; ".join(placement.why_not(node, selector, tolerations) for node in live) or "no live node"
+            return ErrorInfo(kind="no_eligible_node", message=f"no node may run {spec.name}: {reasons}")
+        return ErrorInfo(kind="no_capacity", message="no eligible node had capacity before the deadline")
+
     def on_instance(self, event: InstanceChanged) -> None:
         """A lifecycle event: routing sees a just-prewarmed instance before the next heartbeat."""
         view = self.nodes.get(event.node)
@@ -204,10 +229,6 @@ class Dispatcher:
                 await self._node_lost(name, f"node {name} missed its heartbeats")
         now = now_ms()
         for item in list(self.ledger.expired_waiting(now, int(self.settings.max_queue_s * 1000))):
-            await self._finish(
-                item.invocation,
-                "rejected",
-                ErrorInfo(kind="no_capacity", message="no eligible node had capacity before the deadline"),
-            )
+            await self._finish(item.invocation, "rejected", self._why_waiting(item.spec, now))
         for function in list(self.ledger.waiting):
             await self._drain(function)

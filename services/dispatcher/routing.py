@@ -1,9 +1,8 @@
 """Pure routing: which node runs an invocation.
 
 Preference, as the design says: a node with an idle ready instance of the function's version,
-then one with an idle generic instance, then the least loaded eligible node. Eligibility
-follows Kubernetes rules in their simplest form here: every NoSchedule/NoExecute taint of the
-node must be tolerated (functions tolerate the runtime taint by default).
+then one with an idle generic instance, then the least loaded eligible node. Eligibility follows
+the Kubernetes rules of :mod:`services.common.placement` (node selector, taints, tolerations).
 """
 
 from __future__ import annotations
@@ -12,9 +11,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from events.instance import InstanceChanged
-from events.node import InstanceSummary, NodeHeartbeat, Taint
-
-RUNTIME_TAINT = Taint(key="stoker.io/dedicated", value="runtime", effect="NoSchedule")
+from events.node import InstanceSummary, NodeHeartbeat
+from events.placement import ROLE, RUNTIME_TOLERATION, Toleration
+from services.common import placement
 
 
 @dataclass
@@ -69,17 +68,6 @@ class NodeView:
         return sum(self.in_flight.values())
 
 
-def tolerated(taint: Taint, tolerations: Iterable[Taint]) -> bool:
-    return taint.effect == "PreferNoSchedule" or any(
-        t.key == taint.key and t.value == taint.value and t.effect == taint.effect for t in tolerations
-    )
-
-
-def eligible(node: NodeHeartbeat, tolerations: Iterable[Taint] = (RUNTIME_TAINT,)) -> bool:
-    tols = list(tolerations)
-    return all(tolerated(t, tols) for t in node.taints)
-
-
 def _count(
     instances: Iterable[InstanceSummary], state: str, function: str | None = None, version: str | None = None
 ) -> int:
@@ -101,14 +89,20 @@ def choose_node(
     version: str,
     nodes: Mapping[str, NodeView],
     *,
+    selector: Mapping[str, str] | None = None,
+    tolerations: Iterable[Toleration] = (RUNTIME_TOLERATION,),
     affinity: str | None = None,
 ) -> Choice | None:
     """Pick a node for one invocation of ``function@version``; None when no node is eligible.
 
-    ``affinity`` is the node that last got this function: its instance may be warm already
-    although no heartbeat has said so yet.
+    Eligibility is the Kubernetes rule set of :mod:`services.common.placement`. Among eligible
+    nodes: an idle instance of this version first; then a node with an idle generic instance,
+    spreading the function over nodes (fewest of its instances first); then the least loaded.
+    ``affinity`` (the node that last got this version) breaks ties: its instance may be warm by now.
     """
-    candidates = [v for v in nodes.values() if eligible(v.heartbeat)]
+    tols = list(tolerations)
+    wanted = {ROLE: "runtime"} if selector is None else selector
+    candidates = [v for v in nodes.values() if placement.eligible(v.heartbeat, wanted, tols)]
     if not candidates:
         return None
 
@@ -123,15 +117,19 @@ def choose_node(
     def load(v: NodeView) -> float:
         return (max(v.heartbeat.in_flight, v.in_flight_total) + 1) / max(1, v.heartbeat.capacity.max_instances)
 
+    def spread(v: NodeView) -> int:
+        return sum(1 for i in v.instances if i.function == function) + v.in_flight.get(function, 0)
+
+    def avoided(v: NodeView) -> bool:
+        return placement.prefers_not(v.heartbeat, tols)
+
     warm = [v for v in candidates if warm_idle(v) > 0]
     if warm:
-        best = max(warm, key=lambda v: (warm_idle(v), v.name == affinity, -load(v)))
+        best = max(warm, key=lambda v: (not avoided(v), warm_idle(v), v.name == affinity, -load(v)))
         return Choice(best.name, "warm")
-    if affinity is not None and affinity in nodes and nodes[affinity] in candidates and load(nodes[affinity]) <= 1.0:
-        return Choice(affinity, "affinity")
     generic = [v for v in candidates if generic_idle(v) > 0]
     if generic:
-        best = max(generic, key=lambda v: (generic_idle(v), -load(v)))
+        best = min(generic, key=lambda v: (avoided(v), v.name != affinity, spread(v), -generic_idle(v), load(v)))
         return Choice(best.name, "generic")
-    best = min(candidates, key=lambda v: (load(v), v.name))
+    best = min(candidates, key=lambda v: (avoided(v), load(v) > 1.0, spread(v), load(v), v.name))
     return Choice(best.name, "least-loaded")

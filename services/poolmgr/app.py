@@ -24,12 +24,14 @@ from events import (
     InvocationCompleted,
     NodeHeartbeat,
     NodeStopped,
+    PlacementOverride,
     PrewarmCompleted,
     PrewarmRequested,
     Recycle,
     Specialize,
     now_ms,
 )
+from services.common import placement
 from services.common.broker import make_broker
 from services.common.runner import configure_logging, serve
 from services.common.settings import CommonSettings, env_float, env_int, env_str
@@ -58,6 +60,9 @@ async def run(
     provider = setup_tracing("poolmgr", common)
     broker = make_broker(common, "poolmgr", provider)
     functions: CompactedTable[FunctionSpec] = CompactedTable(common.bootstrap, topics.function, (FunctionSpec,))
+    overrides: CompactedTable[PlacementOverride] = CompactedTable(
+        common.bootstrap, topics.placement, (PlacementOverride,)
+    )
     beats: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
     nodes: CompactedTable[Any] = CompactedTable(
         common.bootstrap,
@@ -113,6 +118,7 @@ async def run(
         await functions.start()
         await results.start()
         await nodes.start()
+        await overrides.start()
 
     async def on_heartbeat(name: str, hb: NodeHeartbeat) -> None:
         if now_ms() - hb.at_ms > 5_000:
@@ -203,7 +209,8 @@ async def run(
         pending[key] = entry
         try:
             incarnations = {hb.node: hb.incarnation for hb in live}
-            for node, count in prewarm.spread(live, request.count - already).items():
+            selector, tolerations = placement.effective(target, overrides.get(target.name), now_ms())
+            for node, count in prewarm.spread(live, request.count - already, selector, tolerations).items():
                 await broker.publish(
                     Specialize(spec=target, incarnation=incarnations[node], count=count),
                     topics.work(node),
@@ -265,6 +272,7 @@ async def run(
         )
 
     async def stop_views() -> None:
+        await overrides.stop()
         await functions.stop()
         await nodes.stop()
         await instances.stop()

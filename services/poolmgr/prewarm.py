@@ -6,11 +6,12 @@ bounded wait), and never over a later push: ``pushed_ms`` orders pushes of one f
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from events import FunctionSpec, NodeHeartbeat, PrewarmRequested, now_ms
-from services.dispatcher.routing import eligible
+from events.placement import ROLE, RUNTIME_TOLERATION, Toleration
+from services.common import placement
 
 
 def target_spec(current: FunctionSpec, request: PrewarmRequested) -> FunctionSpec:
@@ -50,9 +51,16 @@ def holding(nodes: Iterable[NodeHeartbeat], function: str, version: str) -> int:
     )
 
 
-def spread(nodes: Iterable[NodeHeartbeat], count: int) -> dict[str, int]:
+def spread(
+    nodes: Iterable[NodeHeartbeat],
+    count: int,
+    selector: Mapping[str, str] | None = None,
+    tolerations: Iterable[Toleration] = (RUNTIME_TOLERATION,),
+) -> dict[str, int]:
     """Specialize commands per node: ``count`` instances spread over eligible nodes, most room first."""
-    candidates = [n for n in nodes if eligible(n)]
+    wanted = {ROLE: "runtime"} if selector is None else selector
+    tols = list(tolerations)
+    candidates = [n for n in nodes if placement.eligible(n, wanted, tols)]
     if not candidates or count <= 0:
         return {}
 

@@ -187,14 +187,20 @@ class Runtime:
             exec_ms = (time.perf_counter() - started) * 1000
             reply: dict[str, Any] = {"ok": True, "output": result, "exec_ms": exec_ms}
             if budget.exceeded:  # it caught OutputTruncated and went on: still not a clean run
-                reply = {"ok": False, "exec_ms": exec_ms, "error": {
-                    "kind": "output_truncated", "message": str(OutputTruncated.__doc__).strip()}}
+                reply = {
+                    "ok": False,
+                    "exec_ms": exec_ms,
+                    "error": {"kind": "output_truncated", "message": str(OutputTruncated.__doc__).strip()},
+                }
         except BaseException as exc:  # noqa: BLE001
             exec_ms = (time.perf_counter() - started) * 1000
             error = error_of(exc)
             if budget.exceeded:
-                error = {"kind": "output_truncated", "message": str(OutputTruncated.__doc__).strip(),
-                         "traceback": error.get("traceback")}
+                error = {
+                    "kind": "output_truncated",
+                    "message": str(OutputTruncated.__doc__).strip(),
+                    "traceback": error.get("traceback"),
+                }
             reply = {"ok": False, "error": error, "exec_ms": exec_ms}
         logs = "".join(filter(None, (out_tee.text(), err_tee.text())))
         if logs:

@@ -51,8 +51,13 @@ def _read_request(ctrl: socket.socket) -> tuple[dict[str, Any], list[int]]:
     return orjson.loads(body), list(fds)
 
 
-def _child(msg: dict[str, Any], channel_fd: int, ctrl: socket.socket, wake_fds: tuple[int, int],
-           resolved: sandbox.ResolvedSandbox) -> None:
+def _child(
+    msg: dict[str, Any],
+    channel_fd: int,
+    ctrl: socket.socket,
+    wake_fds: tuple[int, int],
+    resolved: sandbox.ResolvedSandbox,
+) -> None:
     """In the forked child: become the instance. Never returns into the zygote's loop."""
     code = 1
     try:
@@ -158,8 +163,10 @@ def main() -> None:
             preloaded.append(name)
         except Exception as exc:  # noqa: BLE001 - a bad preload entry must not stop the node
             print(f"zygote: cannot preload {name}: {exc!r}", file=sys.stderr)
-    print(f"zygote: preloaded {len(preloaded)} modules in {(time.perf_counter() - started) * 1000:.1f} ms",
-          file=sys.stderr)
+    print(
+        f"zygote: preloaded {len(preloaded)} modules in {(time.perf_counter() - started) * 1000:.1f} ms",
+        file=sys.stderr,
+    )
     # Move everything imported so far out of the collector's reach: a child's first collection
     # would otherwise touch (and so copy) every page of the shared heap.
     gc.collect()

@@ -1,0 +1,154 @@
+"""Composition root of the throttler: node metrics in; Clamp/Recycle commands, placement overrides
+and ``throttle.decided`` events out."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Any
+
+from faststream.middlewares import AckPolicy
+
+from events import (
+    Clamp,
+    FunctionSpec,
+    NodeHeartbeat,
+    NodeMetrics,
+    NodeStopped,
+    PlacementOverride,
+    Recycle,
+    ThrottleDecided,
+    now_ms,
+)
+from services.common.broker import make_broker
+from services.common.runner import configure_logging, serve
+from services.common.settings import CommonSettings, env_float, env_int
+from services.common.table import CompactedTable
+from services.common.telemetry import setup_tracing
+from services.throttler.policy import Action, PolicyConfig, Throttler
+from services.throttler.ranges import RangeConfig
+
+log = logging.getLogger("stoker.throttler")
+
+
+def config_from_env(env: Any) -> PolicyConfig:
+    return PolicyConfig(
+        outlier_intervals=env_int(env, "STOKER_THROTTLE_INTERVALS", 2),
+        isolate_after=env_int(env, "STOKER_THROTTLE_ISOLATE_AFTER", 3),
+        cooldown_s=env_float(env, "STOKER_THROTTLE_COOLDOWN_S", 30.0),
+        isolation_s=env_float(env, "STOKER_THROTTLE_ISOLATION_S", 300.0),
+        ranges=RangeConfig(
+            cpu_floor=env_float(env, "STOKER_NORMAL_CPU_FLOOR", 300.0),
+            cpu_ceiling=env_float(env, "STOKER_NORMAL_CPU_CEILING", 800.0),
+            memory_floor=env_float(env, "STOKER_NORMAL_MEMORY_FLOOR", 128.0),
+            memory_ceiling=env_float(env, "STOKER_NORMAL_MEMORY_CEILING", 512.0),
+        ),
+    )
+
+
+async def run(common: CommonSettings, config: PolicyConfig) -> None:
+    configure_logging(common)
+    topics = common.topics
+    provider = setup_tracing("throttler", common)
+    broker = make_broker(common, "throttler", provider)
+    functions: CompactedTable[FunctionSpec] = CompactedTable(common.bootstrap, topics.function, (FunctionSpec,))
+    overrides: CompactedTable[PlacementOverride] = CompactedTable(
+        common.bootstrap, topics.placement, (PlacementOverride,)
+    )
+    nodes: CompactedTable[Any] = CompactedTable(common.bootstrap, topics.node, (NodeHeartbeat, NodeStopped))
+    throttler = Throttler(config)
+
+    async def apply(action: Action) -> None:
+        log.warning("%s %s on %s/%s: %s", action.kind, action.function, action.node, action.instance, action.rule)
+        if action.kind in ("clamp", "release-clamp") and action.node and action.incarnation:
+            await broker.publish(
+                Clamp(
+                    incarnation=action.incarnation,
+                    instance=action.instance,
+                    cpu_millis=action.cpu_millis if action.kind == "clamp" else None,
+                    reason=action.rule,
+                ),
+                topics.work(action.node),
+                key=action.function.encode(),
+            )
+        elif action.kind == "kill" and action.node and action.incarnation:
+            await broker.publish(
+                Recycle(
+                    incarnation=action.incarnation,
+                    instance=action.instance,
+                    force=True,
+                    reason=f"killed by the throttler: {action.rule}",
+                ),
+                topics.work(action.node),
+                key=action.function.encode(),
+            )
+        elif action.kind == "isolate":
+            await broker.publish(
+                PlacementOverride(
+                    function=action.function, until_ms=action.until_ms, reason=action.rule, by="throttler"
+                ),
+                topics.placement,
+                key=action.function.encode(),
+            )
+            # Old instances drain: idle ones go now, busy ones when their invocation ends.
+            for node in nodes.rows.values():
+                if isinstance(node, NodeHeartbeat) and node.labels.get("stoker.io/role") != "isolated":
+                    await broker.publish(
+                        Recycle(
+                            incarnation=node.incarnation,
+                            function=action.function,
+                            busy_too=True,
+                            reason=f"isolated: {action.rule}",
+                        ),
+                        topics.work(node.node),
+                        key=action.function.encode(),
+                    )
+        elif action.kind == "release-isolation":
+            await broker.publish(None, topics.placement, key=action.function.encode())
+        await broker.publish(
+            ThrottleDecided(
+                function=action.function,
+                action=action.kind,
+                node=action.node,
+                instance=action.instance,
+                rule=action.rule,
+                figures=action.figures,
+            ),
+            topics.throttle,
+            key=action.function.encode(),
+        )
+
+    # Metrics are a stream of snapshots: one lost to a restart is replaced by the next interval.
+    @broker.subscriber(
+        topics.node_metric, group_id="stoker-throttler", auto_offset_reset="latest", ack_policy=AckPolicy.ACK
+    )
+    async def on_metrics(metrics: NodeMetrics) -> None:
+        if now_ms() - metrics.at_ms > 10_000:
+            return  # a backlog after a restart says nothing about now
+        for action in throttler.observe(metrics, functions.rows, overrides.rows, now_ms()):
+            await apply(action)
+
+    async def tick() -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            now = now_ms()
+            for action in throttler.releases(overrides.rows, now):
+                await apply(action)
+            throttler.forget(now)
+
+    async def start_views() -> None:
+        await functions.start()
+        await overrides.start()
+        await nodes.start()
+
+    async def stop_views() -> None:
+        for view in (functions, overrides, nodes):
+            await view.stop()
+
+    await serve("throttler", common, broker, on_start=[start_views], background=[tick], on_stop=[stop_views])
+    provider.shutdown()
+
+
+def main() -> None:
+    asyncio.run(run(CommonSettings.from_env(), config_from_env(os.environ)))
