@@ -28,6 +28,7 @@ from events import (
     Record,
     RepoConfigured,
     Taint,
+    Toleration,
 )
 from events.codec import DecodeError, loads
 from events.function import CodeSource
@@ -317,6 +318,22 @@ def _parse_env(pairs: list[str] | None) -> dict[str, str]:
     return env
 
 
+def _placement_options(selector: list[str] | None, tolerations: list[str] | None) -> dict[str, Any]:
+    """``--node-selector`` and ``--toleration`` as spec fields (only those given)."""
+    out: dict[str, Any] = {}
+    if selector:
+        pairs = dict(_parse_env(selector))
+        out["node_selector"] = pairs
+    if tolerations:
+        parsed = []
+        for text in tolerations:
+            key_value, _, effect = text.partition(":")
+            key, sep, value = key_value.partition("=")
+            parsed.append(Toleration(key=key, operator="Equal" if sep else "Exists", value=value, effect=effect))  # type: ignore[arg-type]
+        out["tolerations"] = parsed
+    return out
+
+
 def _current(common: CommonSettings, name: str) -> FunctionSpec | None:
     async def go() -> FunctionSpec | None:
         async with StokerClient(common) as client:
@@ -352,6 +369,12 @@ def fn_create(
     branch: Annotated[str, typer.Option(help="Branch to build (with --git).")] = "main",
     path: Annotated[str, typer.Option(help="Folder of the function in the repository (with --git).")] = "",
     prewarm_on_commit: Annotated[int, typer.Option(help="Instances loaded before a new commit goes live.")] = 1,
+    node_selector: Annotated[
+        Optional[list[str]], typer.Option(help="key=value a node must carry (default stoker.io/role=runtime).")
+    ] = None,
+    toleration: Annotated[
+        Optional[list[str]], typer.Option(help="key[=value][:Effect] of a taint to tolerate (runtime by default).")
+    ] = None,
     runtime: Annotated[str, typer.Option(help="Runtime.")] = "python3.11",
     memory: Annotated[int, typer.Option(help="Memory limit in MB.")] = 256,
     timeout: Annotated[float, typer.Option(help="Timeout in seconds.")] = 30.0,
@@ -387,6 +410,7 @@ def fn_create(
             idle_s=idle_s,
             env=_parse_env(env),
             prewarm_on_commit=prewarm_on_commit,
+            **_placement_options(node_selector, toleration),
             reuse=reuse,  # type: ignore[arg-type]
             cpu_millis=cpu,
             pids_limit=pids,
@@ -424,6 +448,8 @@ def fn_update(
     reuse: Annotated[Optional[str], typer.Option(help="keep, reset or fresh.")] = None,
     cpu: Annotated[Optional[int], typer.Option(help="CPU quota in millicores.")] = None,
     pids: Annotated[Optional[int], typer.Option(help="Most processes and threads per instance.")] = None,
+    node_selector: Annotated[Optional[list[str]], typer.Option(help="key=value (replaces the selector).")] = None,
+    toleration: Annotated[Optional[list[str]], typer.Option(help="key[=value][:Effect] (replaces them).")] = None,
     env: Annotated[Optional[list[str]], typer.Option()] = None,
 ) -> None:
     """Change a function: new code and/or settings (a new revision)."""
@@ -450,6 +476,7 @@ def fn_update(
                 changes[key] = value
         if env:
             changes["env"] = _parse_env(env)
+        changes.update(_placement_options(node_selector, toleration))
         new = FunctionSpec.model_validate({**spec.model_dump(), **changes})
     except (ArtifactError, ValueError) as exc:
         raise fail(str(exc)) from None
