@@ -131,5 +131,5 @@ def choose_node(
     if generic:
         best = min(generic, key=lambda v: (avoided(v), v.name != affinity, spread(v), -generic_idle(v), load(v)))
         return Choice(best.name, "generic")
-    best = min(candidates, key=lambda v: (avoided(v), load(v) > 1.0, spread(v), load(v), v.name))
+    best = min(candidates, key=lambda v: (avoided(v), load(v) > 1.0, load(v), spread(v), v.name))
     return Choice(best.name, "least-loaded")

@@ -69,7 +69,7 @@ def spread(
         free = n.capacity.max_instances - len(n.instances)
         return generic, free
 
-    ordered = sorted(candidates, key=lambda n: (room(n), n.node), reverse=True)
+    ordered = sorted(candidates, key=lambda n: (not placement.prefers_not(n, tols), room(n), n.node), reverse=True)
     plan: dict[str, int] = {}
     for i in range(count):
         node = ordered[i % len(ordered)].node

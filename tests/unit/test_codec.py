@@ -31,7 +31,10 @@ from events import (
 )
 from events.code import ArtifactReady, BuildFailed, BuildFinished, BuildStarted, CodeCommitted
 from events.codec import MODELS, SUPPORTED_VERSIONS, from_object
+from events.metrics import InstanceMetrics, NodeMetrics, ThrottleDecided
+from events.placement import ISOLATED_TOLERATION, RUNTIME_TOLERATION, PlacementOverride, Toleration
 from events.pool import PrewarmCompleted, PrewarmRequested, RepoConfigured
+from events.work import Clamp, ConfigureNode
 
 DIGEST = "sha256:" + "ab" * 32
 
@@ -47,7 +50,13 @@ def _samples() -> dict[str, object]:
     inv = InvocationRequested(
         id="inv-1", function="hello", payload={"a": [1, 2.5, None, "x"]}, reply_to="stoker.reply.gw", deadline_ms=123
     )
-    spec = _spec(env={"K": "V"}, max_invocations=5, max_age_s=60.0)
+    spec = _spec(
+        env={"K": "V"},
+        max_invocations=5,
+        max_age_s=60.0,
+        node_selector={"stoker.io/role": "runtime", "zone": "eu-1"},
+        tolerations=[RUNTIME_TOLERATION, Toleration(key="gpu", operator="Exists", effect="NoExecute")],
+    )
     return {
         "function.spec": spec,
         "invocation.requested": inv,
@@ -94,6 +103,7 @@ def _samples() -> dict[str, object]:
                 )
             ],
             in_flight=1,
+            unschedulable=True,
             seq=17,
             interval_ms=250,
             at_ms=11,
@@ -128,6 +138,55 @@ def _samples() -> dict[str, object]:
         "prewarm.requested": PrewarmRequested(function="hello", count=2, digest="sha256:00", activate=True, at_ms=1),
         "prewarm.completed": PrewarmCompleted(function="hello", status="ready", ready=2, wanted=2, at_ms=1),
         "repo.configured": RepoConfigured(repo="file:///r.git", webhook_secret="s", at_ms=1),
+        "placement.override": PlacementOverride(
+            function="hello",
+            node_selector={"stoker.io/role": "isolated", "zone": "eu-1"},
+            tolerations=[ISOLATED_TOLERATION, Toleration(operator="Exists")],
+            until_ms=99,
+            reason="cpu hog",
+            by="throttler",
+            at_ms=14,
+        ),
+        "node.metrics": NodeMetrics(
+            node="n1",
+            incarnation="inc-1",
+            interval_ms=1000,
+            instances=[
+                InstanceMetrics(
+                    instance="i1",
+                    function="hello",
+                    function_version="v",
+                    state="busy",
+                    cpu_millis=950.5,
+                    memory_mb=64.25,
+                    pids=3,
+                    throttled_ms=12.5,
+                    cpu_quota_millis=1000,
+                    clamped=True,
+                )
+            ],
+            cpu_millis=1000.0,
+            memory_mb=128.0,
+            at_ms=15,
+        ),
+        "throttle.decided": ThrottleDecided(
+            function="hello",
+            action="isolate",
+            node="n1",
+            instance="i1",
+            rule="cpu 1950m > 600m for 3 intervals (platform range)",
+            figures={"cpu_millis": 1950.0},
+            at_ms=16,
+        ),
+        "work.clamp": Clamp(incarnation="inc-1", instance="i1", function="hello", cpu_millis=200, reason="hog"),
+        "work.configure-node": ConfigureNode(
+            incarnation="inc-1",
+            labels={"stoker.io/role": "isolated", "old": None},
+            add_taints=[Taint(key="stoker.io/dedicated", value="isolated", effect="NoSchedule")],
+            remove_taints=["maintenance"],
+            unschedulable=False,
+            drain=True,
+        ),
         "record.dead-lettered": DeadLettered(
             source_topic="stoker.invocation",
             partition=1,
@@ -438,6 +497,73 @@ def test_function_spec_defaults() -> None:
         "keep",
     )
     assert spec.idle_s is None
+    assert spec.node_selector == {"stoker.io/role": "runtime"}
+    assert spec.tolerations == [
+        Toleration(key="stoker.io/dedicated", operator="Equal", value="runtime", effect="NoSchedule")
+    ]
+    assert spec.tolerations == [RUNTIME_TOLERATION]
+    # Each spec gets its own defaults.
+    assert spec.node_selector is not _spec().node_selector
+
+
+def test_function_spec_from_before_placement_decodes_with_the_defaults() -> None:
+    raw = orjson.loads(encode(_spec()))
+    del raw["node_selector"], raw["tolerations"]
+    rec = decode(orjson.dumps(raw))
+    assert isinstance(rec, FunctionSpec)
+    assert rec.node_selector == {"stoker.io/role": "runtime"}
+    assert rec.tolerations == [RUNTIME_TOLERATION]
+
+
+def test_node_heartbeat_is_schedulable_by_default() -> None:
+    hb = NodeHeartbeat(node="n", incarnation="i")
+    assert hb.unschedulable is False
+    assert (hb.labels, hb.taints) == ({}, [])
+    rec = decode(b'{"type":"node.heartbeat","node":"n","incarnation":"i"}')
+    assert isinstance(rec, NodeHeartbeat) and rec.unschedulable is False
+
+
+def test_toleration_defaults() -> None:
+    tol = Toleration()
+    assert (tol.key, tol.operator, tol.value, tol.effect) == ("", "Equal", "", "")
+    assert ISOLATED_TOLERATION == Toleration(
+        key="stoker.io/dedicated", operator="Equal", value="isolated", effect="NoSchedule"
+    )
+
+
+def test_placement_override_defaults_isolate() -> None:
+    override = PlacementOverride(function="hello")
+    assert override.node_selector == {"stoker.io/role": "isolated"}
+    assert override.tolerations == [ISOLATED_TOLERATION]
+    assert (override.until_ms, override.reason, override.by) == (None, "", "")
+    rec = decode(b'{"type":"placement.override","function":"hello"}')
+    assert isinstance(rec, PlacementOverride)
+    assert rec.node_selector == {"stoker.io/role": "isolated"}
+    assert rec.tolerations == [ISOLATED_TOLERATION]
+
+
+@pytest.mark.parametrize(
+    "toleration",
+    [
+        {"key": "k", "operator": "In"},
+        {"key": "k", "effect": "NoEvict"},
+        {"key": "k", "operator": "exists"},
+    ],
+)
+def test_bad_toleration_on_the_wire_is_a_decode_error(toleration: dict) -> None:
+    raw = orjson.loads(encode(_spec()))
+    raw["tolerations"] = [toleration]
+    reason = _reason(orjson.dumps(raw))
+    assert "function.spec failed its schema" in reason
+    assert "tolerations.0" in reason
+
+
+def test_bad_taint_effect_on_the_wire_is_a_decode_error() -> None:
+    hb = orjson.loads(encode(_samples()["node.heartbeat"]))  # type: ignore[arg-type]
+    hb["taints"][0]["effect"] = ""
+    reason = _reason(orjson.dumps(hb))
+    assert "node.heartbeat failed its schema" in reason
+    assert "taints.0.effect" in reason
 
 
 # ----- topics ----------------------------------------------------------------------------------
@@ -458,7 +584,11 @@ def test_topic_names_use_the_prefix() -> None:
 def test_topic_catalogue() -> None:
     t = Topics("p.")
     specs = {s.name: s for s in t.catalogue(invocation_partitions=5)}
-    assert len(specs) == 13
+    assert len(specs) == 14
+    assert t.throttle == "p.throttle"
+    assert not specs["p.throttle"].compacted
+    assert specs["p.throttle"].configs()["retention.ms"] == str(7 * 24 * 3600 * 1000)
+    assert t.placement == "p.placement"
     assert all(name.startswith("p.") for name in specs)
     assert specs["p.invocation"].partitions == 5
     assert specs["p.result"].partitions == 5

@@ -22,8 +22,10 @@ from events import (
     InvocationRequested,
     NodeHeartbeat,
     NodeStopped,
+    PlacementOverride,
     Record,
     Taint,
+    Toleration,
     now_ms,
 )
 from services.common.settings import CommonSettings
@@ -34,6 +36,10 @@ from services.dispatcher.settings import DispatcherSettings
 PREFIX = "ut."
 RESULT = f"{PREFIX}result"
 DIGEST = "sha256:" + "cd" * 32
+RUNTIME = {"stoker.io/role": "runtime"}
+ISOLATED = {"stoker.io/role": "isolated"}
+RUNTIME_TAINT = Taint(key="stoker.io/dedicated", value="runtime", effect="NoSchedule")
+ISOLATED_TAINT = Taint(key="stoker.io/dedicated", value="isolated", effect="NoSchedule")
 
 
 class Clock:
@@ -63,8 +69,9 @@ class Harness:
         self.clock = clock
         self.sent: list[tuple[Record, str, str | None]] = []
         self.specs = {s.name: s for s in (specs if specs is not None else [_spec()])}
+        self.overrides: dict[str, PlacementOverride] = {}
         self.settings = DispatcherSettings(CommonSettings(home=tmp_path, topic_prefix=PREFIX), **settings)
-        self.d = Dispatcher(self.settings, self.publish, self.lookup)
+        self.d = Dispatcher(self.settings, self.publish, self.lookup, self.overrides.get)
 
     async def publish(self, record: Record, topic: str, key: str | None) -> None:
         self.sent.append((record, topic, key))
@@ -82,14 +89,22 @@ class Harness:
         at_ms: int | None = None,
         instances: list[InstanceSummary] | None = None,
         taints: list[Taint] | None = None,
+        labels: dict[str, str] | None = None,
+        unschedulable: bool = False,
     ) -> NodeHeartbeat:
+        """A runtime node by default: the runtime role label and the runtime taint."""
         return NodeHeartbeat(
             node=node,
             incarnation=incarnation or f"{node}-1",
             at_ms=self.clock.t if at_ms is None else at_ms,
             instances=instances or [],
-            taints=taints or [],
+            taints=[RUNTIME_TAINT] if taints is None else taints,
+            labels=RUNTIME if labels is None else labels,
+            unschedulable=unschedulable,
         )
+
+    async def isolated(self, node: str, **kw: Any) -> None:
+        await self.beat(node, labels=ISOLATED, taints=[ISOLATED_TAINT], **kw)
 
     async def beat(self, node: str, incarnation: str | None = None, **kw: Any) -> None:
         await self.d.on_node(node, self.heartbeat(node, incarnation, **kw))
@@ -600,7 +615,7 @@ def test_node_returning_after_loss_gets_work_again(tmp_path: Path, clock: Clock)
 # ----- queueing limit --------------------------------------------------------------------------
 
 
-def test_waiting_past_max_queue_is_rejected_no_capacity(tmp_path: Path, clock: Clock) -> None:
+def test_waiting_past_max_queue_without_any_node_is_rejected_no_eligible_node(tmp_path: Path, clock: Clock) -> None:
     h = Harness(tmp_path, clock, max_queue_s=2.0)
 
     async def scenario() -> None:
@@ -615,7 +630,8 @@ def test_waiting_past_max_queue_is_rejected_no_capacity(tmp_path: Path, clock: C
         assert sorted(t for _, t, _ in results) == sorted([RESULT, f"{PREFIX}reply.gw"])
         for r, _, _ in results:
             assert (r.id, r.status) == (inv.id, "rejected")
-            assert r.error is not None and r.error.kind == "no_capacity"
+            assert r.error is not None and r.error.kind == "no_eligible_node"
+            assert r.error.message == "no node may run hello: no live node"
         assert h.d.ledger.waiting == {}
         await h.d.tick()
         await h.beat("a")
@@ -660,5 +676,262 @@ def test_waiting_past_deadline_gets_exactly_one_result(tmp_path: Path, clock: Cl
         [(r, topic, _)] = h.results()
         assert (topic, r.id) == (RESULT, inv.id)
         assert r.status in ("timeout", "rejected")
+
+    run(scenario)
+
+
+def test_no_capacity_names_the_concurrency_limit(tmp_path: Path, clock: Clock) -> None:
+    h = Harness(tmp_path, clock, specs=[_spec(concurrency=1)], max_queue_s=1.0, node_timeout_s=60.0)
+
+    async def scenario() -> None:
+        await h.beat("a")
+        first, second = InvocationRequested(function="hello"), InvocationRequested(function="hello")
+        await h.d.on_invocation(first)
+        await h.d.on_invocation(second)
+        clock.advance(1_000)
+        await h.d.tick()
+        [(r, _, _)] = h.results()
+        assert r.id == second.id
+        assert r.error is not None
+        assert (r.error.kind, r.error.message) == ("no_capacity", "hello was at its concurrency of 1")
+
+    run(scenario)
+
+
+# ----- placement: selectors, taints, cordons, overrides ----------------------------------------
+
+
+def test_no_eligible_node_reason_names_every_live_node(tmp_path: Path, clock: Clock) -> None:
+    h = Harness(tmp_path, clock, max_queue_s=1.0, node_timeout_s=60.0)
+
+    async def scenario() -> None:
+        await h.beat("cordoned", instances=[warm()], unschedulable=True)
+        await h.isolated("iso", instances=[warm()])
+        await h.beat("tainted", taints=[RUNTIME_TAINT, ISOLATED_TAINT])
+        await h.beat("unlabelled", labels={})
+        inv = InvocationRequested(function="hello", reply_to=f"{PREFIX}reply.gw")
+        await h.d.on_invocation(inv)
+        assert h.executes() == []
+        clock.advance(999)
+        await h.d.tick()
+        assert h.sent == []
+        clock.advance(1)
+        await h.d.tick()
+        results = h.results()
+        assert sorted(t for _, t, _ in results) == sorted([RESULT, f"{PREFIX}reply.gw"])
+        for r, _, key in results:
+            assert (r.id, r.status, key) == (inv.id, "rejected", inv.id)
+            assert r.error is not None and r.error.kind == "no_eligible_node"
+            assert r.error.message == (
+                "no node may run hello: cordoned: cordoned; "
+                "iso: labels do not match {'stoker.io/role': 'runtime'}; "
+                "tainted: untolerated taint stoker.io/dedicated=isolated:NoSchedule; "
+                "unlabelled: labels do not match {'stoker.io/role': 'runtime'}"
+            )
+        assert h.d.ledger.waiting == {}
+        await h.beat("ok")
+        assert h.executes() == []  # rejected means never dispatched afterwards
+
+    run(scenario)
+
+
+def test_no_eligible_node_reason_leaves_out_stopped_and_silent_nodes(tmp_path: Path, clock: Clock) -> None:
+    h = Harness(tmp_path, clock, max_queue_s=5.0, node_timeout_s=3.0)
+
+    async def scenario() -> None:
+        await h.beat("gone")
+        await h.beat("silent", unschedulable=True)
+        await h.isolated("iso")
+        await h.d.on_node("gone", NodeStopped(node="gone", incarnation="gone-1"))
+        inv = InvocationRequested(function="hello")
+        await h.d.on_invocation(inv)
+        clock.advance(2_000)
+        await h.isolated("iso")
+        clock.advance(3_000)
+        await h.d.tick()  # "iso" beat 3 s ago: still live
+        [(r, _, _)] = h.results()
+        assert r.error is not None and r.error.kind == "no_eligible_node"
+        assert r.error.message == "no node may run hello: iso: labels do not match {'stoker.io/role': 'runtime'}"
+
+    run(scenario)
+
+
+def test_selector_mismatch_node_never_gets_work(tmp_path: Path, clock: Clock) -> None:
+    h = Harness(tmp_path, clock)
+
+    async def scenario() -> None:
+        await h.beat("builder", labels={"stoker.io/role": "builder"}, instances=[warm()])
+        await h.beat("bare", labels={}, taints=[])
+        await h.d.on_invocation(InvocationRequested(function="hello"))
+        assert h.executes() == []
+        await h.beat("rt")
+        assert [t for _, t, _ in h.executes()] == [f"{PREFIX}work.rt"]
+
+    run(scenario)
+
+
+def test_cordoned_node_gets_no_work_until_uncordoned(tmp_path: Path, clock: Clock) -> None:
+    h = Harness(tmp_path, clock)
+
+    async def scenario() -> None:
+        await h.beat("a", instances=[warm()], unschedulable=True)
+        inv = InvocationRequested(function="hello")
+        await h.d.on_invocation(inv)
+        assert h.executes() == []
+        await h.d.tick()
+        assert h.executes() == []
+        await h.beat("a", instances=[warm()], unschedulable=False)  # same incarnation: uncordoned
+        [(cmd, topic, _)] = h.executes()
+        assert (cmd.invocation.id, topic) == (inv.id, f"{PREFIX}work.a")
+
+    run(scenario)
+
+
+def test_cordoning_a_node_moves_new_work_elsewhere(tmp_path: Path, clock: Clock) -> None:
+    h = Harness(tmp_path, clock)
+
+    async def scenario() -> None:
+        await h.beat("a", instances=[warm()])
+        await h.beat("b")
+        first = InvocationRequested(function="hello")
+        await h.d.on_invocation(first)
+        await h.beat("a", instances=[warm()], unschedulable=True)
+        second = InvocationRequested(function="hello")
+        await h.d.on_invocation(second)
+        assert [(c.invocation.id, t) for c, t, _ in h.executes()] == [
+            (first.id, f"{PREFIX}work.a"),
+            (second.id, f"{PREFIX}work.b"),
+        ]
+        # The invocation already on the cordoned node stays there: cordoning does not evict.
+        assert h.d.ledger.in_flight[first.id].node == "a"
+        assert h.results() == []
+
+    run(scenario)
+
+
+def test_isolation_override_routes_to_isolated_nodes_only(tmp_path: Path, clock: Clock) -> None:
+    h = Harness(tmp_path, clock, specs=[_spec("hello"), _spec("other")], node_timeout_s=60.0)
+
+    async def scenario() -> None:
+        await h.beat("rt", instances=[warm()])  # warm for hello: the best node without the override
+        await h.isolated("iso")
+        h.overrides["hello"] = PlacementOverride(function="hello", until_ms=clock.t + 10_000, by="throttler")
+        await h.d.on_invocation(InvocationRequested(function="hello"))
+        await h.d.on_invocation(InvocationRequested(function="other"))
+        assert [(c.invocation.function, t) for c, t, _ in h.executes()] == [
+            ("hello", f"{PREFIX}work.iso"),
+            ("other", f"{PREFIX}work.rt"),  # the override is per function
+        ]
+        # Once the override has ended, hello goes back to the runtime nodes.
+        clock.advance(10_000)
+        await h.d.on_invocation(InvocationRequested(function="hello"))
+        assert h.executes()[-1][1] == f"{PREFIX}work.rt"
+
+    run(scenario)
+
+
+def test_override_without_isolated_nodes_waits_until_one_appears(tmp_path: Path, clock: Clock) -> None:
+    h = Harness(tmp_path, clock, node_timeout_s=60.0)
+    h.overrides["hello"] = PlacementOverride(function="hello")
+
+    async def scenario() -> None:
+        await h.beat("rt", instances=[warm()])
+        inv = InvocationRequested(function="hello")
+        await h.d.on_invocation(inv)
+        await h.d.tick()
+        assert h.executes() == []
+        await h.isolated("iso")
+        [(cmd, topic, _)] = h.executes()
+        assert (cmd.invocation.id, topic, cmd.incarnation) == (inv.id, f"{PREFIX}work.iso", "iso-1")
+
+    run(scenario)
+
+
+def test_override_without_isolated_nodes_is_rejected_no_eligible_node(tmp_path: Path, clock: Clock) -> None:
+    h = Harness(tmp_path, clock, max_queue_s=1.0, node_timeout_s=60.0)
+    h.overrides["hello"] = PlacementOverride(function="hello")
+
+    async def scenario() -> None:
+        await h.beat("rt")
+        await h.beat("iso-no-label", labels={}, taints=[ISOLATED_TAINT])
+        await h.d.on_invocation(InvocationRequested(function="hello"))
+        clock.advance(1_000)
+        await h.d.tick()
+        [(r, _, _)] = h.results()
+        assert r.error is not None and r.error.kind == "no_eligible_node"
+        assert r.error.message == (
+            "no node may run hello: rt: labels do not match {'stoker.io/role': 'isolated'}; "
+            "iso-no-label: labels do not match {'stoker.io/role': 'isolated'}"
+        )
+
+    run(scenario)
+
+
+def test_override_ending_lets_waiting_invocations_run(tmp_path: Path, clock: Clock) -> None:
+    h = Harness(tmp_path, clock, max_queue_s=30.0, node_timeout_s=60.0)
+
+    async def scenario() -> None:
+        h.overrides["hello"] = PlacementOverride(function="hello", until_ms=clock.t + 2_000)
+        await h.beat("rt")
+        inv = InvocationRequested(function="hello")
+        await h.d.on_invocation(inv)
+        clock.advance(1_999)
+        await h.d.tick()
+        assert h.executes() == []
+        clock.advance(1)
+        await h.d.tick()
+        [(cmd, topic, _)] = h.executes()
+        assert (cmd.invocation.id, topic) == (inv.id, f"{PREFIX}work.rt")
+        assert h.results() == []
+
+    run(scenario)
+
+
+def test_retry_after_node_loss_keeps_to_the_override(tmp_path: Path, clock: Clock) -> None:
+    h = Harness(tmp_path, clock, max_attempts=2, node_timeout_s=60.0)
+    h.overrides["hello"] = PlacementOverride(function="hello")
+
+    async def scenario() -> None:
+        await h.beat("rt", instances=[warm()])
+        await h.isolated("iso-a")
+        await h.isolated("iso-b", incarnation="iso-b-3")
+        inv = InvocationRequested(function="hello")
+        await h.d.on_invocation(inv)
+        assert [t for _, t, _ in h.executes()] == [f"{PREFIX}work.iso-a"]
+        await h.d.on_node("iso-a", NodeStopped(node="iso-a", incarnation="iso-a-1"))
+        [_, (retry, topic, _)] = h.executes()
+        assert (topic, retry.attempt, retry.incarnation) == (f"{PREFIX}work.iso-b", 2, "iso-b-3")
+
+    run(scenario)
+
+
+def test_override_of_another_function_changes_nothing(tmp_path: Path, clock: Clock) -> None:
+    h = Harness(tmp_path, clock)
+    h.overrides["other"] = PlacementOverride(function="other")
+
+    async def scenario() -> None:
+        await h.beat("rt")
+        await h.isolated("iso")
+        await h.d.on_invocation(InvocationRequested(function="hello"))
+        assert [t for _, t, _ in h.executes()] == [f"{PREFIX}work.rt"]
+
+    run(scenario)
+
+
+def test_spec_tolerations_and_selector_are_used(tmp_path: Path, clock: Clock) -> None:
+    gpu_taint = Taint(key="gpu", value="true", effect="NoSchedule")
+    spec = _spec().model_copy(
+        update={
+            "node_selector": {"stoker.io/role": "runtime", "gpu": "true"},
+            "tolerations": [*_spec().tolerations, Toleration(key="gpu", operator="Exists")],
+        }
+    )
+    h = Harness(tmp_path, clock, specs=[spec])
+
+    async def scenario() -> None:
+        await h.beat("plain", instances=[warm()])
+        await h.beat("gpu", labels={"stoker.io/role": "runtime", "gpu": "true"}, taints=[RUNTIME_TAINT, gpu_taint])
+        await h.d.on_invocation(InvocationRequested(function="hello"))
+        assert [t for _, t, _ in h.executes()] == [f"{PREFIX}work.gpu"]
 
     run(scenario)

@@ -10,9 +10,14 @@ from events import (
     InstanceSummary,
     NodeCapacity,
     NodeHeartbeat,
+    PlacementOverride,
     PrewarmRequested,
     Taint,
+    Toleration,
+    now_ms,
 )
+from events.placement import ISOLATED_TOLERATION
+from services.common import placement
 from services.poolmgr.prewarm import PendingPrewarm, activated, holding, spread, superseded, target_spec
 
 OLD_DIGEST = "sha256:" + "1" * 64
@@ -21,6 +26,8 @@ OLD_COMMIT = "a" * 40
 NEW_COMMIT = "b" * 40
 ISOLATED = Taint(key="stoker.io/dedicated", value="isolated", effect="NoSchedule")
 RUNTIME = Taint(key="stoker.io/dedicated", value="runtime", effect="NoSchedule")
+RUNTIME_LABELS = {"stoker.io/role": "runtime"}
+ISOLATED_LABELS = {"stoker.io/role": "isolated"}
 
 
 def _spec(*, pushed_ms: int = 1000, revision: int = 3) -> FunctionSpec:
@@ -158,15 +165,24 @@ def _inst(i: str, state: str, fn: str | None = None, ver: str | None = None) -> 
     return InstanceSummary(instance=i, state=state, function=fn, function_version=ver)  # type: ignore[arg-type]
 
 
-def _node(name: str, instances=(), *, taints=(), max_instances: int = 8) -> NodeHeartbeat:
+def _node(
+    name: str, instances=(), *, labels=None, taints=(RUNTIME,), unschedulable: bool = False, max_instances: int = 8
+) -> NodeHeartbeat:
+    """A runtime node unless told otherwise: the runtime role label and the runtime taint."""
     return NodeHeartbeat(
         node=name,
         incarnation=f"{name}-1",
         instances=list(instances),
+        labels=dict(RUNTIME_LABELS if labels is None else labels),
         taints=list(taints),
+        unschedulable=unschedulable,
         capacity=NodeCapacity(max_instances=max_instances),
         at_ms=1,
     )
+
+
+def _isolated(name: str, instances=(), **kw) -> NodeHeartbeat:
+    return _node(name, instances, labels=ISOLATED_LABELS, taints=(ISOLATED,), **kw)
 
 
 def test_holding_counts_ready_and_busy_instances_of_the_version_across_nodes() -> None:
@@ -222,6 +238,7 @@ def test_spread_tolerates_the_runtime_taint_and_prefer_no_schedule() -> None:
     assert spread(nodes, 2) == {"rt": 1, "soft": 1}
     other = Taint(key="gpu", value="true", effect="NoExecute")
     assert spread([_node("gpu", taints=[other])], 1) == {}
+    assert spread([_node("gpu", taints=[RUNTIME, other])], 1) == {}
 
 
 def test_spread_puts_the_first_instances_on_the_node_with_most_generic_instances() -> None:
@@ -255,6 +272,78 @@ def test_spread_is_round_robin_over_the_ordered_nodes() -> None:
 
 def test_spread_accepts_any_iterable() -> None:
     assert spread(iter([_node("a"), _node("b", taints=[ISOLATED])]), 2) == {"a": 2}
+    assert spread([_isolated("i")], 1, ISOLATED_LABELS, iter([ISOLATED_TOLERATION])) == {"i": 1}
+
+
+def test_spread_needs_the_runtime_role_by_default() -> None:
+    generics = [_inst("g1", "generic"), _inst("g2", "generic")]
+    nodes = [
+        _node("unlabelled", generics, labels={}),
+        _node("builder", generics, labels={"stoker.io/role": "builder"}),
+        _node("rt", labels={"stoker.io/role": "runtime", "zone": "eu-1"}),
+    ]
+    assert spread(nodes, 3) == {"rt": 3}
+    assert spread(nodes, 3, None) == {"rt": 3}
+    assert spread(nodes[:2], 3) == {}
+
+
+def test_spread_skips_cordoned_nodes() -> None:
+    nodes = [_node("cordoned", [_inst("g1", "generic"), _inst("g2", "generic")], unschedulable=True), _node("ok")]
+    assert spread(nodes, 4) == {"ok": 4}
+    assert spread(nodes[:1], 1) == {}
+    assert spread(nodes[:1], 1, {}, [Toleration(operator="Exists")]) == {}
+
+
+def test_spread_with_explicit_selector_and_tolerations() -> None:
+    nodes = [
+        _node("rt", [_inst("g1", "generic")]),
+        _node("gpu", labels={"stoker.io/role": "runtime", "gpu": "true"}),
+    ]
+    assert spread(nodes, 2, {"gpu": "true"}) == {"gpu": 2}
+    assert spread(nodes, 2, {"gpu": "false"}) == {}
+    # An empty selector matches every node; explicit tolerations replace the runtime default.
+    assert spread(nodes, 2, {}) == {"rt": 1, "gpu": 1}
+    assert spread(nodes, 2, {}, []) == {}
+    assert spread([_node("bare", labels={}, taints=[])], 1, {}, []) == {"bare": 1}
+
+
+def test_spread_with_the_isolation_override_uses_isolated_nodes_only() -> None:
+    override = PlacementOverride(function="hello")
+    spec = _spec()
+    selector, tolerations = placement.effective(spec, override, now_ms())
+    generics = [_inst("g1", "generic"), _inst("g2", "generic"), _inst("g3", "generic")]
+    nodes = [
+        _node("rt", generics),
+        _isolated("iso-1", [_inst("g4", "generic")]),
+        _isolated("iso-2"),
+        _node("half", labels=ISOLATED_LABELS),  # isolated label, runtime taint
+        _isolated("iso-cordoned", generics, unschedulable=True),
+    ]
+    assert spread(nodes, 3, selector, tolerations) == {"iso-1": 2, "iso-2": 1}
+    # Without the override the isolated nodes are never used.
+    assert spread(nodes, 3, *placement.effective(spec, None, now_ms())) == {"rt": 3}
+    assert spread(nodes, 3) == {"rt": 3}
+    # An ended override changes nothing.
+    ended = PlacementOverride(function="hello", until_ms=1)
+    assert spread(nodes, 3, *placement.effective(spec, ended, now_ms())) == {"rt": 3}
+
+
+def test_spread_puts_prefer_no_schedule_nodes_last() -> None:
+    """PreferNoSchedule lowers the preference in prewarming too, as the dispatcher does in routing.
+
+    Otherwise the prewarmed (warm) instances land on the avoided node, and the dispatcher, which
+    prefers warm instances over all else, routes the function there after all.
+    """
+    soft = Taint(key="maintenance", value="soon", effect="PreferNoSchedule")
+    nodes = [
+        _node("soft", [_inst("g1", "generic"), _inst("g2", "generic"), _inst("g3", "generic")], taints=[RUNTIME, soft]),
+        _node("plain", [_inst("g4", "generic")]),
+    ]
+    assert spread(nodes, 1) == {"plain": 1}
+    # Still used when there is more to place than preferred nodes, and when tolerated.
+    assert sum(spread(nodes, 2).values()) == 2
+    tolerant = [*_spec().tolerations, Toleration(key="maintenance", operator="Exists")]
+    assert spread(nodes, 1, None, tolerant) == {"soft": 1}
 
 
 # --- PendingPrewarm --------------------------------------------------------------------------------
