@@ -23,6 +23,19 @@ log = logging.getLogger("stoker.table")
 R = TypeVar("R", bound=Record)
 
 
+async def _stop(task: asyncio.Task[None] | None, *consumers: AIOKafkaConsumer | None) -> None:
+    """Cancel a follower task and close its consumers."""
+    if task is not None:
+        task.cancel()
+        try:
+            await task
+        except (asyncio.CancelledError, Exception):
+            pass  # the follower's own failure was reported where it happened
+    for consumer in consumers:
+        if consumer is not None:
+            await consumer.stop()
+
+
 async def partitions_of(consumer: AIOKafkaConsumer, topic: str, timeout_s: float = 15.0) -> list[TopicPartition]:
     """Every partition of ``topic``, waiting for metadata; fails clearly if the topic is missing."""
     # Without a subscription the consumer's metadata does not cover the topic: ask for it.
@@ -84,15 +97,7 @@ class CompactedTable(Generic[R]):
             await self.wait_caught_up(timeout_s=30)
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
-        for consumer in (self._consumer, self._probe):
-            if consumer is not None:
-                await consumer.stop()
+        await _stop(self._task, self._consumer, self._probe)
 
     def get(self, key: str) -> R | None:
         return self.rows.get(key)
@@ -207,14 +212,7 @@ class TopicTail:
             await asyncio.sleep(0.02)
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
-        if self._consumer:
-            await self._consumer.stop()
+        await _stop(self._task, self._consumer)
 
     async def _follow(self) -> None:
         assert self._consumer is not None
