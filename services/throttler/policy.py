@@ -67,6 +67,8 @@ class Throttler:
         self.ranges = NormalRanges(config.ranges)
         self.instances: dict[str, _InstanceState] = {}
         self.isolated: dict[str, int] = {}
+        self.isolated_until: dict[str, int] = {}
+        """Isolations decided here, until when: the override table learns of them only later."""
         """Functions this throttler isolated -> when they were last seen abnormal (ms)."""
 
     def bounds(self, function: str | None, spec: FunctionSpec | None) -> Bounds:
@@ -160,8 +162,28 @@ class Throttler:
                             )
                         )
                         self.isolated[m.function] = now_ms
+                        self.isolated_until[m.function] = now_ms + int(c.isolation_s * 1000)
                     elif m.function in self.isolated:
                         self.isolated[m.function] = now_ms
+                elif not m.clamped and m.cpu_millis > bounds.cpu_millis:
+                    # The clamp did not take (lost command, new instance): not quiet; send it again.
+                    state.quiet_since_ms = None
+                    if m.function in self.isolated:
+                        self.isolated[m.function] = now_ms
+                    state.cpu_over += 1
+                    # One more interval of grace: the sample after a clamp was measured before it.
+                    if state.cpu_over > c.outlier_intervals:
+                        state.cpu_over = 0
+                        actions.append(
+                            Action(
+                                "clamp",
+                                m.function,
+                                (f"cpu {m.cpu_millis:.0f}m > {bounds.cpu_millis:.0f}m and its clamp is not in force"),
+                                cpu_millis=int(bounds.cpu_millis),
+                                figures=figures,
+                                **where,
+                            )
+                        )
                 else:
                     state.pressing = 0
                     state.quiet_since_ms = state.quiet_since_ms or now_ms
@@ -181,6 +203,8 @@ class Throttler:
         return actions
 
     def _isolated(self, function: str, overrides: Mapping[str, PlacementOverride], now_ms: int) -> bool:
+        if self.isolated_until.get(function, 0) > now_ms:
+            return True
         override = overrides.get(function)
         return override is not None and override.active(now_ms)
 
@@ -190,6 +214,7 @@ class Throttler:
         for function, last_bad in list(self.isolated.items()):
             if now_ms - last_bad >= self.config.cooldown_s * 1000:
                 del self.isolated[function]
+                self.isolated_until.pop(function, None)
                 override = overrides.get(function)
                 if override is not None and override.by == "throttler":
                     out.append(Action("release-isolation", function, f"quiet for {self.config.cooldown_s:g}s"))
