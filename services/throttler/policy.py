@@ -170,8 +170,8 @@ class Throttler:
                     state.quiet_since_ms = None
                     if m.function in self.isolated:
                         self.isolated[m.function] = now_ms
-                    state.cpu_over += 1
-                    # One more interval of grace: the sample after a clamp was measured before it.
+                    # (cpu_over counts these samples, above.) One more interval of grace: the sample
+                    # right after a clamp was measured before it took effect.
                     if state.cpu_over > c.outlier_intervals:
                         state.cpu_over = 0
                         actions.append(
