@@ -102,6 +102,7 @@ class Platform:
         hb = NodeHeartbeat(
             node=NODE,
             incarnation="inc-1",
+            labels={"stoker.io/role": "runtime"},  # eligible for functions' default node selector
             capacity=NodeCapacity(max_instances=8),
             pool_target=2,
             instances=[generic, *instances],
