@@ -88,3 +88,15 @@ from events.metrics import InstanceMetrics, NodeMetrics, ThrottleDecided  # noqa
 from events.work import Clamp, ConfigureNode  # noqa: E402
 
 __all__ += ["Clamp", "ConfigureNode", "InstanceMetrics", "NodeMetrics", "ThrottleDecided"]
+
+from events.workflow import (  # noqa: E402
+    RunEvent,
+    RunFinished,
+    RunStarted,
+    StepFinished,
+    StepSpec,
+    StepStarted,
+    WorkflowSpec,
+)
+
+__all__ += ["RunEvent", "RunFinished", "RunStarted", "StepFinished", "StepSpec", "StepStarted", "WorkflowSpec"]

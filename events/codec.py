@@ -22,6 +22,7 @@ from events.node import NodeHeartbeat, NodeStopped
 from events.placement import PlacementOverride
 from events.pool import PrewarmCompleted, PrewarmRequested, RepoConfigured
 from events.work import Clamp, ConfigureNode, EnsurePool, Execute, Recycle, Specialize
+from events.workflow import RunFinished, RunStarted, StepFinished, StepStarted, WorkflowSpec
 
 MODELS: dict[str, type[Record]] = {
     model.model_fields["type"].default: model
@@ -50,6 +51,11 @@ MODELS: dict[str, type[Record]] = {
         ThrottleDecided,
         Clamp,
         ConfigureNode,
+        WorkflowSpec,
+        RunStarted,
+        StepStarted,
+        StepFinished,
+        RunFinished,
     )
 }
 """Every record model by its ``type``."""

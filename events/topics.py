@@ -105,6 +105,16 @@ class Topics:
         return f"{self.prefix}throttle"
 
     @property
+    def workflow(self) -> str:
+        """Compacted workflow definitions, key = workflow name (tombstone = deleted)."""
+        return f"{self.prefix}workflow"
+
+    @property
+    def workflow_run(self) -> str:
+        """Event-sourced run state of workflows, key = run id."""
+        return f"{self.prefix}workflow-run"
+
+    @property
     def dlq(self) -> str:
         """Dead letters: records a consumer could not decode or process, with the reason."""
         return f"{self.prefix}dlq"
@@ -132,6 +142,8 @@ class Topics:
             TopicSpec(self.placement, compacted=True),
             TopicSpec(self.build, retention_ms=7 * 24 * _HOUR_MS),
             TopicSpec(self.throttle, retention_ms=7 * 24 * _HOUR_MS),
+            TopicSpec(self.workflow, compacted=True),
+            TopicSpec(self.workflow_run, partitions=invocation_partitions, retention_ms=7 * 24 * _HOUR_MS),
             TopicSpec(self.repo, compacted=True),
             TopicSpec(self.dlq, retention_ms=7 * 24 * _HOUR_MS),
         ]

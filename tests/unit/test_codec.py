@@ -31,6 +31,7 @@ from events import (
 )
 from events.code import ArtifactReady, BuildFailed, BuildFinished, BuildStarted, CodeCommitted
 from events.codec import MODELS, SUPPORTED_VERSIONS, from_object
+from events.workflow import RunFinished, RunStarted, StepFinished, StepSpec, StepStarted, WorkflowSpec
 from events.metrics import InstanceMetrics, NodeMetrics, ThrottleDecided
 from events.placement import ISOLATED_TOLERATION, RUNTIME_TOLERATION, PlacementOverride, Toleration
 from events.pool import PrewarmCompleted, PrewarmRequested, RepoConfigured
@@ -44,6 +45,14 @@ def _spec(**kw) -> FunctionSpec:
     kw.setdefault("entrypoint", "handler:main")
     kw.setdefault("source", CodeSource(digest=DIGEST, uri="file:///tmp/a.zip", size=10))
     return FunctionSpec(**kw)
+
+
+def _workflow() -> WorkflowSpec:
+    steps = [
+        StepSpec(id="a", function="f"),
+        StepSpec(id="b", function="g", after=["a"], map="$.steps.a.output", max_parallel=2, retries=1, line=7),
+    ]
+    return WorkflowSpec(name="w", steps=steps, output="$.steps.b.output", source="steps: []", updated_ms=1)
 
 
 def _samples() -> dict[str, object]:
@@ -187,6 +196,24 @@ def _samples() -> dict[str, object]:
             unschedulable=False,
             drain=True,
         ),
+        "workflow.spec": _workflow(),
+        "workflow.run-started": RunStarted(
+            run="r1", workflow=_workflow(), input={"a": 1}, reply_to="x", deadline_ms=5, requested_ms=1, at_ms=2
+        ),
+        "workflow.step-started": StepStarted(
+            run="r1", step="s", item=2, attempt=2, invocation="r1:s:2:2", input=[1], at_ms=3
+        ),
+        "workflow.step-finished": StepFinished(
+            run="r1",
+            step="s",
+            item=2,
+            attempt=2,
+            status="error",
+            error=ErrorInfo(kind="ValueError"),
+            start="warm",
+            at_ms=4,
+        ),
+        "workflow.run-finished": RunFinished(run="r1", workflow="w", status="ok", output={"o": 1}, at_ms=5),
         "record.dead-lettered": DeadLettered(
             source_topic="stoker.invocation",
             partition=1,
@@ -584,7 +611,8 @@ def test_topic_names_use_the_prefix() -> None:
 def test_topic_catalogue() -> None:
     t = Topics("p.")
     specs = {s.name: s for s in t.catalogue(invocation_partitions=5)}
-    assert len(specs) == 14
+    assert len(specs) == 16
+    assert specs["p.workflow"].compacted and not specs["p.workflow-run"].compacted
     assert t.throttle == "p.throttle"
     assert not specs["p.throttle"].compacted
     assert specs["p.throttle"].configs()["retention.ms"] == str(7 * 24 * 3600 * 1000)
