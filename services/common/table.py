@@ -83,6 +83,7 @@ class CompactedTable(Generic[R]):
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             fetch_max_wait_ms=100,
+            isolation_level="read_committed",  # never show a record of an aborted transaction
         )
         await self._consumer.start()
         # End offsets are asked on a connection of their own: on the follower's connection the
@@ -189,6 +190,7 @@ class TopicTail:
             bootstrap_servers=self._bootstrap,
             enable_auto_commit=False,
             fetch_max_wait_ms=100,
+            isolation_level="read_committed",
             # aiokafka resolves a seek to the beginning with this policy, not the seek's own: they must agree.
             auto_offset_reset="earliest" if replay else "latest",
         )

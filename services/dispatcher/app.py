@@ -12,6 +12,7 @@ from events import (
     NodeHeartbeat,
     NodeStopped,
     PlacementOverride,
+    WorkflowSpec,
 )
 from events.base import Record
 from services.common.broker import dead_letter_for, make_broker
@@ -57,7 +58,16 @@ async def run(settings: DispatcherSettings) -> None:
     overrides: CompactedTable[PlacementOverride] = CompactedTable(
         common.bootstrap, common.topics.placement, (PlacementOverride,), on_bad_record=dead_letter
     )
-    dispatcher = Dispatcher(settings, publish, lookup, overrides.get)
+    workflows: CompactedTable[WorkflowSpec] = CompactedTable(
+        common.bootstrap, common.topics.workflow, (WorkflowSpec,), on_bad_record=dead_letter
+    )
+
+    async def is_workflow(name: str) -> bool:
+        if workflows.get(name) is None:
+            await workflows.wait_caught_up(timeout_s=1.0)
+        return workflows.get(name) is not None
+
+    dispatcher = Dispatcher(settings, publish, lookup, overrides.get, is_workflow)
     node_events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
     nodes: CompactedTable[Any] = CompactedTable(
         common.bootstrap,
@@ -82,6 +92,7 @@ async def run(settings: DispatcherSettings) -> None:
         await functions.start()
         await nodes.start()
         await overrides.start()
+        await workflows.start()
         await instances.start()
 
     async def apply_node_events() -> None:
@@ -95,7 +106,7 @@ async def run(settings: DispatcherSettings) -> None:
             await dispatcher.tick()
 
     async def stop_views() -> None:
-        for view in (results, functions, nodes, instances, overrides):
+        for view in (results, functions, nodes, instances, overrides, workflows):
             await view.stop()
 
     await serve(

@@ -43,6 +43,7 @@ class Dispatcher:
         publish: Publish,
         lookup: FunctionLookup,
         overrides: Callable[[str], PlacementOverride | None] = lambda _name: None,
+        is_workflow: Callable[[str], Awaitable[bool]] | None = None,
     ) -> None:
         self.settings = settings
         self.topics = settings.common.topics
@@ -52,6 +53,7 @@ class Dispatcher:
         self._publish = publish
         self._lookup = lookup
         self._override = overrides
+        self._is_workflow = is_workflow or _never
 
     # ----- invocations ------------------------------------------------------------------------
 
@@ -64,6 +66,8 @@ class Dispatcher:
             return
         spec = await self._lookup(inv.function)
         if spec is None:
+            if await self._is_workflow(inv.function):
+                return  # the workflow engine runs it; its steps come back here as invocations
             await self._finish(
                 inv, "rejected", ErrorInfo(kind="unknown_function", message=f"no function named {inv.function!r}")
             )
@@ -232,3 +236,7 @@ class Dispatcher:
             await self._finish(item.invocation, "rejected", self._why_waiting(item.spec, now))
         for function in list(self.ledger.waiting):
             await self._drain(function)
+
+
+async def _never(_name: str) -> bool:
+    return False

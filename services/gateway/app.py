@@ -19,7 +19,15 @@ from fastapi.responses import Response
 from opentelemetry import trace
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 
-from events import CodeCommitted, FunctionSpec, InvocationCompleted, InvocationRequested, RepoConfigured, now_ms
+from events import (
+    CodeCommitted,
+    FunctionSpec,
+    InvocationCompleted,
+    InvocationRequested,
+    RepoConfigured,
+    WorkflowSpec,
+    now_ms,
+)
 from events.codec import DecodeError, encode_value, loads
 from services.common import telemetry
 from services.common.admin import ensure_topics
@@ -90,6 +98,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     reply_topic = topics.reply(settings.gateway_id)
     replies = TopicTail(common.bootstrap, reply_topic, (InvocationCompleted,), book.resolve)
     repos: CompactedTable[RepoConfigured] = CompactedTable(common.bootstrap, topics.repo, (RepoConfigured,))
+    workflows: CompactedTable[WorkflowSpec] = CompactedTable(common.bootstrap, topics.workflow, (WorkflowSpec,))
     deliveries: set[str] = set()
     delivery_lock = asyncio.Lock()
     # Delivery ids already published, read back from the topic itself: a redelivery after a
@@ -104,6 +113,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         await replies.start()
         await functions.start()
         await repos.start()
+        await workflows.start()
         await commits.start(replay=True)
         await broker.start()
         mark_ready(common, "gateway", url=f"http://{settings.host}:{settings.port}")
@@ -115,6 +125,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             await functions.stop()
             await replies.stop()
             await repos.stop()
+            await workflows.stop()
             await commits.stop()
             provider.shutdown()
 
@@ -169,16 +180,26 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             log.warning("could not publish invocation %s: %r", inv.id, exc)
             raise HttpError(503, "the broker did not confirm the invocation; it was not accepted") from exc
 
-    async def accept(request: Request, name: str, sync: bool) -> tuple[InvocationRequested, FunctionSpec]:
+    async def time_budget(name: str) -> float:
+        """How long a call of ``name`` may take: a function's timeout, or a workflow's steps' together."""
+        flow = workflows.get(name)
+        if flow is None and functions.get(name) is None:
+            await workflows.wait_caught_up(timeout_s=1.0)
+            flow = workflows.get(name)
+        if flow is not None:
+            return min(3600.0, sum(s.timeout_s * (s.retries + 1) for s in flow.steps))
+        return (await known_function(name)).timeout_s
+
+    async def accept(request: Request, name: str, sync: bool) -> tuple[InvocationRequested, float]:
         payload = await read_payload(request)
-        spec = await known_function(name)
-        deadline = now_ms() + int((spec.timeout_s + settings.sync_queue_s) * 1000) if sync else None
+        budget = await time_budget(name)
+        deadline = now_ms() + int((budget + settings.sync_queue_s) * 1000) if sync else None
         inv = InvocationRequested(function=name, payload=payload, reply_to=reply_topic, deadline_ms=deadline)
         # FastAPI opens the server span of the request; it gets the ids that `stoker trace` looks up.
         span = trace.get_current_span()
         span.set_attribute(telemetry.INVOCATION_ID, inv.id)
         span.set_attribute(telemetry.FUNCTION, name)
-        return inv, spec
+        return inv, budget
 
     @app.post("/fn/{name}")
     async def invoke_sync(name: str, request: Request) -> Response:
