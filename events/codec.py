@@ -12,6 +12,7 @@ import orjson
 from pydantic import ValidationError
 
 from events.base import Record
+from events.cluster import NodeObserved, NodeTaintsRequested
 from events.code import ArtifactReady, BuildFailed, BuildFinished, BuildStarted, CodeCommitted
 from events.dlq import DeadLettered
 from events.function import FunctionSpec
@@ -52,6 +53,8 @@ MODELS: dict[str, type[Record]] = {
         Clamp,
         ConfigureNode,
         WorkflowSpec,
+        NodeObserved,
+        NodeTaintsRequested,
         RunStarted,
         StepStarted,
         StepFinished,

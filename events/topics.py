@@ -105,6 +105,11 @@ class Topics:
         return f"{self.prefix}throttle"
 
     @property
+    def node_taint(self) -> str:
+        """Compacted taints Stoker wants on Kubernetes nodes (``node.taints-requested``), key = node."""
+        return f"{self.prefix}node-taint"
+
+    @property
     def workflow(self) -> str:
         """Compacted workflow definitions, key = workflow name (tombstone = deleted)."""
         return f"{self.prefix}workflow"
@@ -143,6 +148,7 @@ class Topics:
             TopicSpec(self.build, retention_ms=7 * 24 * _HOUR_MS),
             TopicSpec(self.throttle, retention_ms=7 * 24 * _HOUR_MS),
             TopicSpec(self.workflow, compacted=True),
+            TopicSpec(self.node_taint, compacted=True),
             TopicSpec(self.workflow_run, partitions=invocation_partitions, retention_ms=7 * 24 * _HOUR_MS),
             TopicSpec(self.repo, compacted=True),
             TopicSpec(self.dlq, retention_ms=7 * 24 * _HOUR_MS),

@@ -214,6 +214,8 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readabl
         report["throttle_decisions"] = [d.model_dump(mode="json", exclude={"type", "version"}) for d in decisions[-10:]]
         now = time.time() * 1000
         for name, rec in sorted(nodes.items()):
+            if rec.type not in ("node.heartbeat", "node.stopped"):
+                continue  # node.observed (from Kubernetes) adds nothing an agent's heartbeat does not show
             entry: dict[str, Any] = {"type": rec.type, "incarnation": rec.incarnation}
             if rec.type == "node.heartbeat":
                 hb: Any = rec

@@ -16,6 +16,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind
 
 from events import FunctionSpec, InvocationCompleted, InvocationRequested, NodeHeartbeat, NodeStopped, Record, now_ms
+from events.cluster import NodeObserved
 from events.codec import encode
 from events.function import CodeSource
 from services.common import telemetry
@@ -93,7 +94,7 @@ class StokerClient:
 
     async def nodes(self) -> dict[str, NodeHeartbeat | NodeStopped]:
         table: CompactedTable[Any] = CompactedTable(
-            self.settings.bootstrap, self.topics.node, (NodeHeartbeat, NodeStopped)
+            self.settings.bootstrap, self.topics.node, (NodeHeartbeat, NodeStopped, NodeObserved)
         )
         await table.start()
         await table.stop()

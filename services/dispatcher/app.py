@@ -15,6 +15,7 @@ from events import (
     WorkflowSpec,
 )
 from events.base import Record
+from events.cluster import NodeObserved
 from services.common.broker import dead_letter_for, make_broker
 from services.common.runner import configure_logging, serve
 from services.common.table import CompactedTable, TopicTail
@@ -72,7 +73,7 @@ async def run(settings: DispatcherSettings) -> None:
     nodes: CompactedTable[Any] = CompactedTable(
         common.bootstrap,
         common.topics.node,
-        (NodeHeartbeat, NodeStopped),
+        (NodeHeartbeat, NodeStopped, NodeObserved),
         on_change=lambda name, rec: node_events.put_nowait((name, rec)),
         on_bad_record=dead_letter,
     )

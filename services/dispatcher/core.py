@@ -165,7 +165,9 @@ class Dispatcher:
 
     # ----- nodes ------------------------------------------------------------------------------
 
-    async def on_node(self, name: str, record: NodeHeartbeat | NodeStopped | None) -> None:
+    async def on_node(self, name: str, record: Any) -> None:
+        if record is not None and not isinstance(record, (NodeHeartbeat, NodeStopped)):
+            return  # what Kubernetes says of a node (node.observed): its agent's heartbeat is what counts
         if isinstance(record, NodeHeartbeat):
             view = self.nodes.get(name)
             if view is not None and view.heartbeat.incarnation != record.incarnation:

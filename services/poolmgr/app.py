@@ -31,6 +31,7 @@ from events import (
     Specialize,
     now_ms,
 )
+from events.cluster import NodeObserved
 from services.common import placement
 from services.common.broker import make_broker
 from services.common.runner import configure_logging, serve
@@ -67,7 +68,7 @@ async def run(
     nodes: CompactedTable[Any] = CompactedTable(
         common.bootstrap,
         topics.node,
-        (NodeHeartbeat, NodeStopped),
+        (NodeHeartbeat, NodeStopped, NodeObserved),
         on_change=lambda name, rec: beats.put_nowait((name, rec)),
     )
     told: dict[str, tuple[str, int]] = {}  # node -> (incarnation, target) last commanded
@@ -148,7 +149,7 @@ async def run(
             name, record = await beats.get()
             if isinstance(record, NodeHeartbeat):
                 await on_heartbeat(name, record)
-            else:
+            elif record is None or isinstance(record, NodeStopped):
                 told.pop(name, None)
 
     async def keepalive_tick() -> None:

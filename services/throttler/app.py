@@ -21,6 +21,7 @@ from events import (
     ThrottleDecided,
     now_ms,
 )
+from events.cluster import NodeObserved
 from services.common.broker import make_broker
 from services.common.runner import configure_logging, serve
 from services.common.settings import CommonSettings, env_float, env_int
@@ -56,7 +57,9 @@ async def run(common: CommonSettings, config: PolicyConfig) -> None:
     overrides: CompactedTable[PlacementOverride] = CompactedTable(
         common.bootstrap, topics.placement, (PlacementOverride,)
     )
-    nodes: CompactedTable[Any] = CompactedTable(common.bootstrap, topics.node, (NodeHeartbeat, NodeStopped))
+    nodes: CompactedTable[Any] = CompactedTable(
+        common.bootstrap, topics.node, (NodeHeartbeat, NodeStopped, NodeObserved)
+    )
     throttler = Throttler(config)
 
     async def apply(action: Action) -> None:

@@ -29,13 +29,14 @@ from events import (
     decode,
     encode,
 )
+from events.cluster import NodeObserved, NodeTaintsRequested
 from events.code import ArtifactReady, BuildFailed, BuildFinished, BuildStarted, CodeCommitted
 from events.codec import MODELS, SUPPORTED_VERSIONS, from_object
-from events.workflow import RunFinished, RunStarted, StepFinished, StepSpec, StepStarted, WorkflowSpec
 from events.metrics import InstanceMetrics, NodeMetrics, ThrottleDecided
 from events.placement import ISOLATED_TOLERATION, RUNTIME_TOLERATION, PlacementOverride, Toleration
 from events.pool import PrewarmCompleted, PrewarmRequested, RepoConfigured
 from events.work import Clamp, ConfigureNode
+from events.workflow import RunFinished, RunStarted, StepFinished, StepSpec, StepStarted, WorkflowSpec
 
 DIGEST = "sha256:" + "ab" * 32
 
@@ -197,6 +198,18 @@ def _samples() -> dict[str, object]:
             drain=True,
         ),
         "workflow.spec": _workflow(),
+        "node.observed": NodeObserved(
+            node="n1",
+            labels={"a": "b"},
+            taints=[Taint(key="k", effect="NoExecute")],
+            capacity=NodeCapacity(cpu_millis=1500),
+            unschedulable=True,
+            ready=False,
+            at_ms=1,
+        ),
+        "node.taints-requested": NodeTaintsRequested(
+            node="n1", taints=[Taint(key="stoker.io/x")], keys=["stoker.io/x"], at_ms=1
+        ),
         "workflow.run-started": RunStarted(
             run="r1", workflow=_workflow(), input={"a": 1}, reply_to="x", deadline_ms=5, requested_ms=1, at_ms=2
         ),
@@ -611,7 +624,7 @@ def test_topic_names_use_the_prefix() -> None:
 def test_topic_catalogue() -> None:
     t = Topics("p.")
     specs = {s.name: s for s in t.catalogue(invocation_partitions=5)}
-    assert len(specs) == 16
+    assert len(specs) == 17
     assert specs["p.workflow"].compacted and not specs["p.workflow-run"].compacted
     assert t.throttle == "p.throttle"
     assert not specs["p.throttle"].compacted

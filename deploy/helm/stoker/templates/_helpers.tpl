@@ -1,0 +1,54 @@
+{{/*
+Helpers. deploy/render.py renders these templates too: keep to the subset it documents
+(fields, if/else/range/with/define, include, toYaml, nindent, quote, default, required, dict...).
+*/}}
+
+{{/* Labels of every object; call with (dict "root" $ "component" "gateway"). */}}
+{{- define "stoker.labels" -}}
+app.kubernetes.io/name: stoker
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+app.kubernetes.io/component: {{ .component }}
+app.kubernetes.io/part-of: stoker
+helm.sh/chart: stoker-{{ .root.Chart.Version }}
+{{- end }}
+
+{{/* Selector labels (immutable once applied); same argument as stoker.labels. */}}
+{{- define "stoker.selectorLabels" -}}
+app.kubernetes.io/name: stoker
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/* The one image of every service; call with $. */}}
+{{- define "stoker.image" -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end }}
+
+{{/* Where management pods run and how their containers are locked down; call with $. */}}
+{{- define "stoker.managementPlacement" -}}
+nodeSelector:
+  {{- toYaml .Values.management.nodeSelector | nindent 2 }}
+{{- with .Values.management.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* The shared settings, into a container's envFrom; call with $. */}}
+{{- define "stoker.envFrom" -}}
+envFrom:
+  - configMapRef:
+      name: {{ .Release.Name }}-config
+{{- end }}
+
+{{/* A worker's readiness: the file services.common.runner writes once the service is up.
+     Call with (dict "component" "dispatcher"). */}}
+{{- define "stoker.readyProbe" -}}
+readinessProbe:
+  exec:
+    command: ["sh", "-c", "test -f \"$STOKER_HOME/run/{{ .component }}.ready\""]
+  initialDelaySeconds: 2
+  periodSeconds: 5
+  failureThreshold: 3
+{{- end }}
