@@ -22,10 +22,10 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from deploy.render import manifest_text, render_chart
 from events import Taint
+from events.cluster import NodeObserved
 from services.nodewatch.app import Nodewatch, PatchFailed, follow_nodes
 from services.nodewatch.book import NodeBook
 from services.nodewatch.mapping import node_to_registration, taint_patch
-from events.cluster import NodeObserved
 from services.nodewatch.settings import NodewatchSettings
 
 pytestmark = pytest.mark.k8s

@@ -11,6 +11,7 @@ import orjson
 import pytest
 
 from events import NodeCapacity, NodeHeartbeat, Taint
+from events.cluster import NodeObserved, NodeTaintsRequested, observed_key
 from services.nodewatch.app import Nodewatch, PatchFailed
 from services.nodewatch.book import NodeBook
 from services.nodewatch.mapping import (
@@ -25,7 +26,6 @@ from services.nodewatch.mapping import (
     taint_patch,
     wanted_taints,
 )
-from events.cluster import NodeObserved, NodeTaintsRequested, observed_key
 from services.nodewatch.settings import DEFAULT_SELECTOR, NodewatchSettings
 
 

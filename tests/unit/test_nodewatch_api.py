@@ -14,9 +14,9 @@ from aiohttp import web
 from kubernetes_asyncio import client
 
 from events import Taint
+from events.cluster import NodeObserved, NodeTaintsRequested
 from services.nodewatch.app import Nodewatch, PatchFailed, follow_nodes, make_patch
 from services.nodewatch.book import NodeBook
-from events.cluster import NodeObserved, NodeTaintsRequested
 from services.nodewatch.settings import NodewatchSettings
 from tests.unit.test_nodewatch import RUNTIME_TAINT, k8s_node
 
