@@ -62,6 +62,8 @@ class RunStarted(Record):
     reply_to: str | None = None
     deadline_ms: int | None = None
     requested_ms: int = 0
+    trace: dict[str, str] = Field(default_factory=dict)
+    """The W3C trace context of the run: every step's span joins this one trace."""
     at_ms: int = Field(default_factory=now_ms)
 
 

@@ -27,8 +27,13 @@ from events import (
     PrewarmRequested,
     Record,
     RepoConfigured,
+    RunFinished,
+    RunStarted,
+    StepFinished,
+    StepStarted,
     Taint,
     Toleration,
+    WorkflowSpec,
 )
 from events.codec import DecodeError, loads
 from events.function import CodeSource
@@ -664,6 +669,189 @@ def fn_logs(
         sys.stdout.write(LocalArtifactStore(common.artifacts_dir).get(found[0]["log_uri"]).decode(errors="replace"))
     except ArtifactError as exc:
         raise fail(str(exc)) from None
+
+
+wf_app = typer.Typer(help="Workflows: compose functions into one invocable unit.", no_args_is_help=True)
+app.add_typer(wf_app, name="wf")
+
+
+@wf_app.command("create")
+def wf_create(
+    name: str,
+    file: Annotated[Path, typer.Option("--file", "-f", help="The workflow's YAML.", exists=True, dir_okay=False)],
+    update: Annotated[bool, typer.Option(help="Replace an existing workflow.")] = False,
+) -> None:
+    """Create (or with --update, replace) a workflow from YAML; every problem is reported with its line."""
+    from services.workflow.dsl import WorkflowInvalid, load
+
+    common = settings()
+    _require_broker(common)
+
+    async def go() -> None:
+        async with StokerClient(common) as client:
+            functions = await client.functions()
+            current = (await client.table(common.topics.workflow, WorkflowSpec)).get(name)
+            if current is not None and not update:
+                raise fail(f"workflow {name!r} exists; use --update to replace it")
+            if name in functions:
+                raise fail(f"{name!r} is a function; a workflow needs a name of its own")
+            try:
+                spec = load(name, file.read_text(), lambda fn: fn in functions)
+            except WorkflowInvalid as exc:
+                for line, reason in exc.errors:
+                    err.print(f"{file}:{line}: {reason}" if line else f"{file}: {reason}", highlight=False)
+                raise fail(f"workflow {name!r} is not valid ({len(exc.errors)} problem(s))") from None
+            if current is not None:
+                spec = spec.model_copy(update={"revision": current.revision + 1})  # type: ignore[attr-defined]
+            await client.send(spec, common.topics.workflow, name)
+
+    asyncio.run(go())
+    console.print(f"{'updated' if update else 'created'} workflow [bold]{name}[/bold]")
+
+
+def _workflows(common: CommonSettings) -> dict[str, Any]:
+    async def go() -> dict[str, Any]:
+        async with StokerClient(common) as client:
+            return await client.table(common.topics.workflow, WorkflowSpec)
+
+    return asyncio.run(go())
+
+
+@wf_app.command("get")
+def wf_get(name: str) -> None:
+    """Print a workflow's YAML."""
+    common = settings()
+    _require_broker(common)
+    spec = _workflows(common).get(name)
+    if spec is None:
+        raise fail(f"no workflow named {name!r}")
+    sys.stdout.write(spec.source if spec.source.endswith("\n") else spec.source + "\n")
+
+
+@wf_app.command("list")
+def wf_list() -> None:
+    """List workflows."""
+    common = settings()
+    _require_broker(common)
+    table = Table("name", "steps", "functions", "revision")
+    for name, spec in sorted(_workflows(common).items()):
+        table.add_row(
+            name, str(len(spec.steps)), ", ".join(sorted({s.function for s in spec.steps})), str(spec.revision)
+        )
+    console.print(table)
+
+
+@wf_app.command("delete")
+def wf_delete(name: str) -> None:
+    """Delete a workflow."""
+    common = settings()
+    _require_broker(common)
+    if name not in _workflows(common):
+        raise fail(f"no workflow named {name!r}")
+
+    async def go() -> None:
+        async with StokerClient(common) as client:
+            await client.tombstone(common.topics.workflow, name)
+
+    asyncio.run(go())
+    console.print(f"deleted workflow [bold]{name}[/bold]")
+
+
+@wf_app.command("run")
+def wf_run(
+    name: str,
+    data: Annotated[str, typer.Option("--data", "-d", help="JSON input.")] = "null",
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the result.")] = 300.0,
+) -> None:
+    """Run a workflow and print its result (exit code non-zero unless ok)."""
+    fn_invoke(name, data, timeout)
+
+
+def _run_events(common: CommonSettings) -> list[Any]:
+    async def go() -> list[Any]:
+        async with StokerClient(common) as client:
+            return await client.history(common.topics.workflow_run)
+
+    return asyncio.run(go())
+
+
+@wf_app.command("runs")
+def wf_runs(name: str, last: Annotated[int, typer.Option(help="Runs to show.")] = 20) -> None:
+    """A workflow's recent runs: status and duration."""
+    from services.workflow.plan import replay
+
+    common = settings()
+    _require_broker(common)
+    by_run: dict[str, list[Any]] = {}
+    for event in _run_events(common):
+        by_run.setdefault(event.run, []).append(event)
+    table = Table("run", "started", "status", "took", "failed step", title=f"runs of {name}")
+    shown = [
+        events for events in by_run.values() if isinstance(events[0], RunStarted) and events[0].workflow.name == name
+    ][-last:]
+    for events in shown:
+        state = replay(events)
+        took = f"{state.finished_ms - state.started_ms} ms" if state.finished else "-"
+        started = time.strftime("%H:%M:%S", time.localtime(state.started_ms / 1000))
+        table.add_row(state.run, started, state.status or "running", took, state.failed_step or "")
+    console.print(table)
+
+
+@wf_app.command("run-status")
+def wf_run_status(run_id: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Every step of one run: status, timing, start kind and output."""
+    common = settings()
+    _require_broker(common)
+    events = [e for e in _run_events(common) if e.run == run_id]
+    if not events or not isinstance(events[0], RunStarted):
+        raise fail(f"no workflow run {run_id!r}")
+    rows: list[dict[str, Any]] = []
+    status: dict[str, Any] = {"run": run_id, "workflow": events[0].workflow.name, "steps": rows}
+    started: dict[tuple[str, int | None, int], int] = {}
+    for event in events:
+        if isinstance(event, StepStarted):
+            started[(event.step, event.item, event.attempt)] = event.at_ms
+        elif isinstance(event, StepFinished):
+            began = started.get((event.step, event.item, event.attempt))
+            rows.append(
+                {
+                    "step": event.step,
+                    "item": event.item,
+                    "attempt": event.attempt,
+                    "status": event.status,
+                    "took_ms": event.at_ms - began if began else None,
+                    "start": event.start,
+                    "output": event.output,
+                    "error": event.error.model_dump() if event.error else None,
+                }
+            )
+        elif isinstance(event, RunFinished):
+            status.update(
+                status=event.status,
+                output=event.output,
+                error=event.error.model_dump() if event.error else None,
+                took_ms=event.at_ms - events[0].at_ms,
+            )
+    if as_json:
+        print_json(status)
+        return
+    console.print(
+        f"run {run_id} of [bold]{status['workflow']}[/bold]: {status.get('status', 'running')}"
+        + (f" in {status['took_ms']} ms" if "took_ms" in status else "")
+    )
+    table = Table("step", "item", "attempt", "status", "took", "start", "output / error")
+    for r in rows:
+        shown = r["error"]["kind"] if r["error"] else orjson.dumps(r["output"]).decode()[:60]
+        table.add_row(
+            r["step"],
+            "" if r["item"] is None else str(r["item"]),
+            str(r["attempt"]),
+            r["status"],
+            f"{r['took_ms']} ms" if r["took_ms"] is not None else "-",
+            r["start"] or "-",
+            shown,
+        )
+    console.print(table)
 
 
 node_app = typer.Typer(help="Nodes of a running platform: add, label, taint, cordon, drain.", no_args_is_help=True)

@@ -78,6 +78,7 @@ class PlatformConfig:
             Component("poolmgr", "services.poolmgr", {"STOKER_POOL_SIZE": str(self.pool_size), **on_management}),
             Component("builder", "services.builder", on_management),
             Component("throttler", "services.throttler", on_management),
+            Component("workflow", "services.workflow", on_management),
         ]
         comps += [self.agent(n, n.rsplit("-", 1)[0]) for n in self.node_names]
         comps.append(

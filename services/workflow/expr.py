@@ -296,6 +296,7 @@ class _Parser:
         if op is None:
             return left
         right = self.operand()
+        self.skip()
         at = self.pos
         if self.operator() is not None:
             raise self.error("comparisons do not chain: join them with `and`", at)
@@ -348,6 +349,8 @@ class _Parser:
             return self.list_literal()
         if char in "'\"":
             return _Literal(self.string())
+        if char == "!":
+            raise self.error("`!` is not an operator: use `not`")
         if char == "-" or char.isdigit():
             return _Literal(self.number())
         word = _WORD.match(self.text, self.pos)
