@@ -17,7 +17,7 @@ COMMITTED = REPO / "deploy" / "k8s" / "stoker.yaml"
 LATEST = kubernetes_validate.utils.latest_version()
 # The newest schemas kubernetes-validate ships, and an older release still common in clusters.
 VERSIONS = [LATEST, "1.30.0"]
-MANAGEMENT = ["gateway", "dispatcher", "poolmgr", "builder", "nodewatch"]
+MANAGEMENT = ["gateway", "dispatcher", "poolmgr", "builder", "throttler", "workflow", "nodewatch"]
 
 
 def manifests(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
