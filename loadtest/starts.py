@@ -64,7 +64,8 @@ async def new_function(client: StokerClient, settings: CommonSettings, variant: 
 async def wait_generic(client: StokerClient, want: int) -> None:
     for _ in range(100):
         nodes = await client.nodes()
-        beats = [n for n in nodes.values() if n.type == "node.heartbeat"]
+        beats = [n for n in nodes.values() if n.type == "node.heartbeat"
+                 and n.labels.get("stoker.io/role") == "runtime"]  # type: ignore[union-attr]
         if beats and all(sum(i.state == "generic" for i in n.instances) >= want for n in beats):  # type: ignore[union-attr]
             return
         await asyncio.sleep(0.05)

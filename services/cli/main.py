@@ -1032,6 +1032,18 @@ def push(
 # ----- observing ------------------------------------------------------------------------------------
 
 
+@app.command(
+    "bench",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def bench(ctx: typer.Context) -> None:
+    """Benchmarks side by side with the floor: floor, warm, cold, throughput, trace, hops, report, all."""
+    from loadtest.__main__ import main as bench_main
+
+    raise typer.Exit(bench_main(list(ctx.args)))
+
+
 @app.command("trace")
 def trace_cmd(ident: Annotated[str, typer.Argument(help="Invocation id (or trace id).")]) -> None:
     """Print the span tree of one invocation's trace, with durations."""

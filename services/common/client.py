@@ -48,6 +48,7 @@ class StokerClient:
             request_timeout_ms=15_000,
         )
         self._results: TopicTail | None = None
+        self._results_lock = asyncio.Lock()
         self._waiting: dict[str, asyncio.Future[InvocationCompleted]] = {}
 
     async def __aenter__(self) -> StokerClient:
@@ -115,11 +116,13 @@ class StokerClient:
     # ----- invocations --------------------------------------------------------------------------
 
     async def _ensure_results(self) -> None:
-        if self._results is None:
-            self._results = TopicTail(
-                self.settings.bootstrap, self.topics.result, (InvocationCompleted,), self._resolve
-            )
-            await self._results.start()
+        # Concurrent first calls must all wait for the one listener to be in place: a result that
+        # arrives before it has fixed its start position would be missed.
+        async with self._results_lock:
+            if self._results is None:
+                tail = TopicTail(self.settings.bootstrap, self.topics.result, (InvocationCompleted,), self._resolve)
+                await tail.start()
+                self._results = tail
 
     def _resolve(self, result: InvocationCompleted) -> None:
         future = self._waiting.pop(result.id, None)
