@@ -51,11 +51,11 @@ tracer = trace.get_tracer("stoker.workflow")
 class Engine:
     """Every run in memory, driven by :func:`plan.next_actions`."""
 
-    def __init__(self, common: CommonSettings, broker: Any, finisher: AIOKafkaProducer) -> None:
+    def __init__(self, common: CommonSettings, broker: Any, finisher: AIOKafkaProducer | None = None) -> None:
         self.common = common
         self.topics = common.topics
         self.broker = broker
-        self.finisher = finisher
+        self.finisher = finisher or self.new_finisher()
         self.reply_topic = self.topics.reply("workflow-engine")
         self.runs: dict[str, plan.RunState] = {}
         self.started: dict[str, StepStarted] = {}
@@ -207,6 +207,25 @@ class Engine:
         with tracer.start_as_current_span(f"workflow step {started.step}", context=parent, attributes=attributes):
             await self.broker.publish(request, self.topics.invocation, key=function.encode())
 
+    def new_finisher(self) -> AIOKafkaProducer:
+        return AIOKafkaProducer(
+            bootstrap_servers=self.common.bootstrap,
+            enable_idempotence=True,
+            acks="all",
+            # One engine per platform: a restarted one fences (and aborts) its predecessor's open transaction.
+            transactional_id=f"stoker-workflow-{self.topics.prefix}",
+            transaction_timeout_ms=60_000,
+            request_timeout_ms=10_000,
+        )
+
+    async def restart_finisher(self) -> None:
+        try:
+            await self.finisher.stop()
+        except Exception:  # noqa: BLE001 - it is being replaced because it broke
+            pass
+        self.finisher = self.new_finisher()
+        await self.finisher.start()
+
     async def _record(self, event: RunStarted | StepStarted | StepFinished | RunFinished) -> None:
         await self.broker.publish(event, self.topics.workflow_run, key=event.run.encode())
 
@@ -221,12 +240,25 @@ class Engine:
             timings_ms=Timings(total=float(max(0, now_ms() - (state.started_ms or now_ms())))),
         )
         # One producer, one transaction at a time: runs that end together take turns.
-        async with self._finishing, self.finisher.transaction():
-            await self.finisher.send(self.topics.workflow_run, encode(action.event), key=state.run.encode())
-            await self.finisher.send(self.topics.result, encode(result), key=state.run.encode())
-            if state.reply_to:
-                await self.finisher.send(state.reply_to, encode(result), key=state.run.encode())
+        async with self._finishing:
+            for attempt in range(1, 4):
+                try:
+                    async with self.finisher.transaction():
+                        await self.finisher.send(self.topics.workflow_run, encode(action.event), key=state.run.encode())
+                        await self.finisher.send(self.topics.result, encode(result), key=state.run.encode())
+                    break
+                except Exception as exc:  # noqa: BLE001 - a fenced or failed producer is replaced, not retried
+                    # Nothing of an aborted transaction is visible (readers read committed): start a
+                    # new transactional producer (which fences the old one) and write the end again.
+                    log.warning("finishing run %s failed (attempt %d): %r; new producer", state.run, attempt, exc)
+                    await self.restart_finisher()
+                    if attempt == 3:
+                        raise
         state.apply(action.event)
+        if state.reply_to:
+            # The copy for the caller's reply topic is outside the transaction: exactly-once is the
+            # result topic's promise; a reply topic's reader drops a repeated id (after a crash).
+            await self.broker.publish(result, state.reply_to, key=state.run.encode())
         log.info("run %s of %s finished %s", state.run, state.spec.name, action.status)
 
 
@@ -235,15 +267,7 @@ async def run(common: CommonSettings) -> None:
     topics = common.topics
     provider = setup_tracing("workflow", common)
     broker = make_broker(common, "workflow", provider)
-    finisher = AIOKafkaProducer(
-        bootstrap_servers=common.bootstrap,
-        enable_idempotence=True,
-        acks="all",
-        # One engine per platform: a restarted one fences (and aborts) its predecessor's open transaction.
-        transactional_id=f"stoker-workflow-{topics.prefix}",
-        transaction_timeout_ms=10_000,
-    )
-    engine = Engine(common, broker, finisher)
+    engine = Engine(common, broker)
     workflows: CompactedTable[WorkflowSpec] = CompactedTable(common.bootstrap, topics.workflow, (WorkflowSpec,))
     functions: CompactedTable[FunctionSpec] = CompactedTable(common.bootstrap, topics.function, (FunctionSpec,))
 
@@ -275,7 +299,7 @@ async def run(common: CommonSettings) -> None:
 
     async def start() -> None:
         await ensure_topics(common.bootstrap, [topics.reply_spec("workflow-engine")])
-        await finisher.start()
+        await engine.finisher.start()
         await workflows.start()
         await functions.start()
         history = TopicTail(
@@ -293,7 +317,7 @@ async def run(common: CommonSettings) -> None:
     async def stop() -> None:
         await workflows.stop()
         await functions.stop()
-        await finisher.stop()
+        await engine.finisher.stop()
 
     await serve("workflow", common, broker, on_start=[start], background=[resume], on_stop=[stop])
     provider.shutdown()
