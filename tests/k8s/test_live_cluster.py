@@ -95,7 +95,7 @@ def test_rendered_manifests_pass_a_server_side_dry_run(tmp_path: Path) -> None:
     require_kubeconfig()
     kubectl = shutil.which("kubectl")
     if kubectl is None:
-        pytest.skip("kubectl is not installed")
+        pytest.fail("kubectl is not installed: the live-cluster tests need it (apt-get install kubectl)")
     # Into a namespace that exists: a dry run creates no namespace for the others to land in.
     text = manifest_text(render_chart(values={"createNamespace": False}, namespace="default"))
     manifest = tmp_path / "stoker.yaml"
@@ -184,7 +184,7 @@ def test_deployed_stoker_is_ready() -> None:
                 await client.CoreV1Api(api).read_namespace(NAMESPACE)
             except ApiException as exc:
                 if exc.status == 404:
-                    pytest.skip(f"Stoker is not deployed (no namespace {NAMESPACE})")
+                    pytest.fail(f"Stoker is not deployed (no namespace {NAMESPACE}): kubectl apply -f deploy/k8s/ first")
                 raise
             apps = client.AppsV1Api(api)
             deployments = (await apps.list_namespaced_deployment(NAMESPACE)).items

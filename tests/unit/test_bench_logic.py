@@ -89,8 +89,8 @@ def test_execution_times_follow_the_percentiles() -> None:
     assert replay.draw_exec_ms(pct, 1.0) == 100.0
 
 
-@pytest.mark.skipif(not DATA.is_dir(), reason="the shared trace sample is not beside the repository")
 def test_the_plan_spreads_each_minute_and_compresses_time() -> None:
+    assert DATA.is_dir(), f"the shared trace sample is not beside the repository ({DATA})"
     window = replay.load_window(DATA, 100, 1, 10)
     picked = replay.pick(window, 5, 60, random.Random(1))
     assert 0 < len(picked) <= 5 and all(sum(f.counts) > 0 and max(f.counts) <= 60 for f in picked)
