@@ -184,7 +184,7 @@ def test_deployed_stoker_is_ready() -> None:
                 await client.CoreV1Api(api).read_namespace(NAMESPACE)
             except ApiException as exc:
                 if exc.status == 404:
-                    pytest.fail(f"Stoker is not deployed (no namespace {NAMESPACE}): kubectl apply -f deploy/k8s/ first")
+                    pytest.fail(f"Stoker is not deployed (no namespace {NAMESPACE}): apply deploy/k8s/ first")
                 raise
             apps = client.AppsV1Api(api)
             deployments = (await apps.list_namespaced_deployment(NAMESPACE)).items
