@@ -8,8 +8,9 @@ import signal
 import sys
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Optional, TypeVar
 
 import orjson
 import typer
@@ -37,6 +38,7 @@ from events import (
 )
 from events.codec import DecodeError, loads
 from events.function import CodeSource
+from services.agent.settings import parse_taints
 from services.cli import platform
 from services.cli.broker import BrokerError, broker_is_reachable
 from services.common.admin import ensure_topics
@@ -225,7 +227,7 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readabl
             if rec.type == "node.heartbeat":
                 hb: Any = rec
                 entry.update(
-                    up=now - hb.at_ms < 3 * max(hb.interval_ms, 500),
+                    up=hb.fresh(int(now)),
                     last_seen_s=round((now - hb.at_ms) / 1000, 1),
                     labels=hb.labels,
                     taints=[f"{t.key}={t.value}:{t.effect}" for t in hb.taints],
@@ -341,28 +343,29 @@ def _placement_options(selector: list[str] | None, tolerations: list[str] | None
     return out
 
 
-def _current(common: CommonSettings, name: str) -> FunctionSpec | None:
-    async def go() -> FunctionSpec | None:
+T = TypeVar("T")
+
+
+def _with_client(common: CommonSettings, work: Callable[[StokerClient], Awaitable[T]]) -> T:
+    """Run one piece of async work with a connected client: each command is one short session."""
+
+    async def go() -> T:
         async with StokerClient(common) as client:
-            return (await client.functions()).get(name)
+            return await work(client)
 
     return asyncio.run(go())
 
 
-def _publish(common: CommonSettings, record: Record, topic: str, key: str) -> None:
-    async def go() -> None:
-        async with StokerClient(common) as client:
-            await client.send(record, topic, key)
+def _current(common: CommonSettings, name: str) -> FunctionSpec | None:
+    return _with_client(common, lambda c: c.functions()).get(name)
 
-    asyncio.run(go())
+
+def _publish(common: CommonSettings, record: Record, topic: str, key: str) -> None:
+    _with_client(common, lambda c: c.send(record, topic, key))
 
 
 def _put(common: CommonSettings, spec: FunctionSpec) -> None:
-    async def go() -> None:
-        async with StokerClient(common) as client:
-            await client.put_function(spec)
-
-    asyncio.run(go())
+    _with_client(common, lambda c: c.put_function(spec))
 
 
 @fn_app.command("create")
@@ -508,11 +511,7 @@ def fn_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     common = settings()
     _require_broker(common)
 
-    async def go() -> dict[str, FunctionSpec]:
-        async with StokerClient(common) as client:
-            return await client.functions()
-
-    specs = asyncio.run(go())
+    specs = _with_client(common, lambda c: c.functions())
     if as_json:
         print_json([s.model_dump(mode="json") for s in sorted(specs.values(), key=lambda s: s.name)])
         return
@@ -538,11 +537,7 @@ def fn_delete(name: str) -> None:
     if _current(common, name) is None:
         raise fail(f"no function named {name!r}")
 
-    async def go() -> None:
-        async with StokerClient(common) as client:
-            await client.delete_function(name)
-
-    asyncio.run(go())
+    _with_client(common, lambda c: c.delete_function(name))
     console.print(f"deleted [bold]{name}[/bold]")
 
 
@@ -594,12 +589,9 @@ def fn_prewarm(
 
 
 def _builds(common: CommonSettings, name: str) -> list[dict[str, Any]]:
-    async def go() -> list[Any]:
-        async with StokerClient(common) as client:
-            return await client.history(common.topics.build, key=name)
-
     rows: dict[str, dict[str, Any]] = {}
-    for record in asyncio.run(go()):
+    history: list[Any] = _with_client(common, lambda c: c.history(common.topics.build, key=name))
+    for record in history:
         row = rows.setdefault(record.build_id, {"build": record.build_id})
         if isinstance(record, BuildStarted):
             row.update(started=record.at_ms, commit=record.commit, ref=record.ref, status="building")
@@ -644,12 +636,8 @@ def fn_logs(
     common = settings()
     _require_broker(common)
     if build is None:
-
-        async def go() -> list[Any]:
-            async with StokerClient(common) as client:
-                return await client.history(common.topics.result)
-
-        results = [r for r in asyncio.run(go()) if isinstance(r, InvocationCompleted) and r.function == name]
+        history = _with_client(common, lambda c: c.history(common.topics.result))
+        results = [r for r in history if isinstance(r, InvocationCompleted) and r.function == name]
         for result in results[-last:]:
             when = time.strftime("%H:%M:%S", time.localtime(result.completed_ms / 1000))
             console.print(
@@ -710,11 +698,7 @@ def wf_create(
 
 
 def _workflows(common: CommonSettings) -> dict[str, Any]:
-    async def go() -> dict[str, Any]:
-        async with StokerClient(common) as client:
-            return await client.table(common.topics.workflow, WorkflowSpec)
-
-    return asyncio.run(go())
+    return _with_client(common, lambda c: c.table(common.topics.workflow, WorkflowSpec))
 
 
 @wf_app.command("get")
@@ -749,11 +733,7 @@ def wf_delete(name: str) -> None:
     if name not in _workflows(common):
         raise fail(f"no workflow named {name!r}")
 
-    async def go() -> None:
-        async with StokerClient(common) as client:
-            await client.tombstone(common.topics.workflow, name)
-
-    asyncio.run(go())
+    _with_client(common, lambda c: c.tombstone(common.topics.workflow, name))
     console.print(f"deleted workflow [bold]{name}[/bold]")
 
 
@@ -768,11 +748,7 @@ def wf_run(
 
 
 def _run_events(common: CommonSettings) -> list[Any]:
-    async def go() -> list[Any]:
-        async with StokerClient(common) as client:
-            return await client.history(common.topics.workflow_run)
-
-    return asyncio.run(go())
+    return _with_client(common, lambda c: c.history(common.topics.workflow_run))
 
 
 @wf_app.command("runs")
@@ -873,14 +849,14 @@ def _node_command(name: str, **changes: Any) -> None:
 
 
 def _taint(text: str) -> Taint:
-    key_value, sep, effect = text.rpartition(":")
-    key, _, value = key_value.partition("=")
-    if not sep or not key:
-        raise fail(f"a taint is key[=value]:Effect, got {text!r}")
+    """One ``key[=value]:Effect``, parsed as an agent parses ``STOKER_NODE_TAINTS``."""
     try:
-        return Taint(key=key, value=value, effect=effect)  # type: ignore[arg-type]
-    except ValueError as exc:
+        taints = parse_taints(text)
+    except ValueError as exc:  # pydantic's errors are ValueErrors too
         raise fail(f"bad taint {text!r}: {exc}") from None
+    if len(taints) != 1:
+        raise fail(f"a taint is key[=value]:Effect, got {text!r}")
+    return taints[0]
 
 
 @node_app.command("add")
