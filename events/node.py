@@ -66,6 +66,10 @@ class NodeHeartbeat(Record):
     interval_ms: int = 500
     at_ms: int = Field(default_factory=now_ms)
 
+    def fresh(self, at_ms: int) -> bool:
+        """Recent enough that the node counts as up: fewer than three heartbeats missed."""
+        return at_ms - self.at_ms < 3 * max(self.interval_ms, 500)
+
 
 class NodeStopped(Record):
     """A node's agent shut down cleanly: its work is done and it takes no more."""

@@ -81,11 +81,7 @@ async def run(
 
     def live_nodes() -> list[NodeHeartbeat]:
         now = now_ms()
-        return [
-            n
-            for n in nodes.rows.values()
-            if isinstance(n, NodeHeartbeat) and now - n.at_ms < 3 * max(n.interval_ms, 500)
-        ]
+        return [n for n in nodes.rows.values() if isinstance(n, NodeHeartbeat) and n.fresh(now)]
 
     async def on_instance(event: InstanceChanged) -> None:
         if event.function is None or event.function_version is None:
