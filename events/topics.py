@@ -120,6 +120,26 @@ class Topics:
         return f"{self.prefix}workflow-run"
 
     @property
+    def dispatch(self) -> str:
+        """Compacted state of the dispatchers: what each accepted invocation waits for or runs on.
+
+        Key = invocation id; each record is written to the partition number of the invocation's
+        own partition, so the dispatcher that is assigned invocation partition *p* rebuilds its
+        queue and in-flight ledger from partition *p* here. A tombstone = the invocation ended.
+        """
+        return f"{self.prefix}dispatch"
+
+    @property
+    def workflow_invocation(self) -> str:
+        """Invocations of workflows, forwarded by the dispatcher (it owns the name), key = workflow name."""
+        return f"{self.prefix}workflow-invocation"
+
+    @property
+    def name(self) -> str:
+        """Compacted claims of invocable names: a name is a function or a workflow, never both."""
+        return f"{self.prefix}name"
+
+    @property
     def dlq(self) -> str:
         """Dead letters: records a consumer could not decode or process, with the reason."""
         return f"{self.prefix}dlq"
@@ -132,11 +152,14 @@ class Topics:
         """A private reply topic (one per gateway process) for synchronous calls."""
         return f"{self.prefix}reply.{name}"
 
-    def catalogue(self, invocation_partitions: int = 3) -> list[TopicSpec]:
+    def catalogue(self, invocation_partitions: int = 6) -> list[TopicSpec]:
         """Every shared topic, as ``stoker up`` creates it (work and reply topics come per node)."""
         return [
             TopicSpec(self.function, compacted=True),
             TopicSpec(self.invocation, partitions=invocation_partitions, retention_ms=24 * _HOUR_MS),
+            TopicSpec(self.dispatch, partitions=invocation_partitions, compacted=True),
+            TopicSpec(self.workflow_invocation, partitions=invocation_partitions, retention_ms=24 * _HOUR_MS),
+            TopicSpec(self.name, compacted=True),
             TopicSpec(self.result, partitions=invocation_partitions, retention_ms=24 * _HOUR_MS),
             TopicSpec(self.instance, retention_ms=6 * _HOUR_MS),
             TopicSpec(self.node, compacted=True),
