@@ -624,7 +624,9 @@ def test_topic_names_use_the_prefix() -> None:
 def test_topic_catalogue() -> None:
     t = Topics("p.")
     specs = {s.name: s for s in t.catalogue(invocation_partitions=5)}
-    assert len(specs) == 17
+    assert len(specs) == 20
+    assert specs["p.dispatch"].compacted and specs["p.dispatch"].partitions == 5  # co-partitioned with invocations
+    assert specs["p.workflow-invocation"].partitions == 5 and specs["p.name"].compacted
     assert specs["p.workflow"].compacted and not specs["p.workflow-run"].compacted
     assert t.throttle == "p.throttle"
     assert not specs["p.throttle"].compacted
