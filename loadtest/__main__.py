@@ -1,7 +1,8 @@
 """``python -m loadtest SCENARIO [options]``: the benchmark scenarios and the report.
 
 Scenarios: floor, warm, cold, throughput, trace, hops; all (floor to trace in turn, then the report;
-``--quick`` for small sizes); report; and the other programs spine, starts, prewarm, keepalive, throttle, workflows.
+``--quick`` for small sizes); report; and the other programs spine, starts, prewarm, keepalive, throttle,
+workflows, idle.
 ``python -m loadtest SCENARIO --help`` lists a scenario's options.
 """
 
@@ -25,6 +26,7 @@ SCENARIOS: dict[str, tuple[str, str]] = {
     "keepalive": ("loadtest.keepalive_sim", "keep-alive policies simulated on the trace"),
     "throttle": ("loadtest.throttle", "noisy-neighbour throttling"),
     "workflows": ("loadtest.workflows", "workflow overhead and prewarm"),
+    "idle": ("loadtest.idle", "CPU and broker connections of the idle platform, per component"),
 }
 ALL = ("floor", "warm", "cold", "throughput", "trace")
 QUICK: dict[str, list[str]] = {
