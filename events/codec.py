@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from events.base import Record
 from events.cluster import NodeObserved, NodeTaintsRequested
 from events.code import ArtifactReady, BuildFailed, BuildFinished, BuildStarted, CodeCommitted
+from events.dispatch import InvocationQueued, InvocationSent
 from events.dlq import DeadLettered
 from events.function import FunctionSpec
 from events.instance import InstanceChanged
@@ -31,6 +32,8 @@ MODELS: dict[str, type[Record]] = {
         FunctionSpec,
         InvocationRequested,
         InvocationCompleted,
+        InvocationQueued,
+        InvocationSent,
         Execute,
         Specialize,
         EnsurePool,

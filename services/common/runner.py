@@ -50,7 +50,7 @@ def clear_ready(settings: CommonSettings, component: str) -> None:
 async def serve(
     component: str,
     settings: CommonSettings,
-    broker: KafkaBroker,
+    broker: KafkaBroker | None,
     *,
     on_start: Sequence[Hook] = (),
     background: Sequence[Hook] = (),
@@ -58,7 +58,11 @@ async def serve(
     ready_facts: dict[str, object] | None = None,
     stop_event: asyncio.Event | None = None,
 ) -> None:
-    """Run a service until SIGTERM/SIGINT (or ``stop_event``), then stop it cleanly."""
+    """Run a service until SIGTERM/SIGINT (or ``stop_event``), then stop it cleanly.
+
+    ``broker`` is the service's faststream broker, or None for a service that reads and writes
+    Kafka with its own clients (the dispatcher's intake).
+    """
     stop = stop_event or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -66,7 +70,8 @@ async def serve(
     log = logging.getLogger(f"stoker.{component}")
     for hook in on_start:
         await hook()
-    await broker.start()
+    if broker is not None:
+        await broker.start()
     tasks = [asyncio.create_task(loop_fn(), name=f"{component}:{i}") for i, loop_fn in enumerate(background)]
     mark_ready(settings, component, **(ready_facts or {}))
     log.info("%s ready", component)
@@ -86,5 +91,6 @@ async def serve(
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         stopper.cancel()
-        await broker.stop()
+        if broker is not None:
+            await broker.stop()
     log.info("%s stopped", component)

@@ -1,9 +1,12 @@
-"""Composition root of the dispatcher."""
+"""Composition root of the dispatcher: its producer, its views, the intake and the core."""
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any
+
+from aiokafka import AIOKafkaProducer
+from opentelemetry import propagate
 
 from events import (
     FunctionSpec,
@@ -13,36 +16,62 @@ from events import (
     NodeStopped,
     PlacementOverride,
     WorkflowSpec,
+    codec,
 )
 from events.base import Record
 from events.cluster import NodeObserved
-from services.common.broker import dead_letter_for, make_broker
+from services.common.broker import dead_letter_for
 from services.common.runner import configure_logging, serve
 from services.common.table import CompactedTable, TopicTail
 from services.common.telemetry import setup_tracing
-from services.dispatcher import handlers
 from services.dispatcher.core import Dispatcher
+from services.dispatcher.intake import Intake
 from services.dispatcher.settings import DispatcherSettings
+
+
+def _headers() -> list[tuple[str, bytes]]:
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)  # the current span (the invocation's process span) becomes the parent
+    return [(k, v.encode()) for k, v in carrier.items()]
 
 
 async def run(settings: DispatcherSettings) -> None:
     configure_logging(settings.common)
     common = settings.common
     provider = setup_tracing("dispatcher", common)
-    broker = make_broker(common, "dispatcher", provider)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=common.bootstrap,
+        client_id=f"stoker-{settings.instance_name}",
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=0,
+        request_timeout_ms=15_000,
+    )
 
-    async def publish(record: Record, topic: str, key: str | None) -> Any:
-        return await broker.publish(record, topic, key=key.encode() if key else None)
+    async def send(record: Record | None, topic: str, key: str | None, partition: int | None) -> Any:
+        value = codec.encode(record) if record is not None else None
+        return await producer.send(
+            topic,
+            value,
+            key=key.encode() if key is not None else None,
+            partition=partition,
+            headers=_headers() if record is not None else None,
+        )
+
+    async def dead_letter_record(
+        topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None, why: str
+    ) -> Any:
+        letter = dead_letter_for(
+            topic=topic, partition=partition, offset=offset, key=key, value=value, reason=why, consumer="dispatcher"
+        )
+        return await send(letter, common.topics.dlq, letter.key, None)
 
     pending_letters: set[asyncio.Task[Any]] = set()
 
     def dead_letter(topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None, why: str) -> None:
         # The dispatcher is the one reader that dead-letters bad records of the shared views
         # (functions, nodes, results), so each bad record is reported once, not by every reader.
-        letter = dead_letter_for(
-            topic=topic, partition=partition, offset=offset, key=key, value=value, reason=why, consumer="dispatcher"
-        )
-        task = asyncio.ensure_future(publish(letter, common.topics.dlq, letter.key))
+        task = asyncio.ensure_future(dead_letter_record(topic, partition, offset, key, value, why))
         pending_letters.add(task)
         task.add_done_callback(pending_letters.discard)
 
@@ -68,7 +97,14 @@ async def run(settings: DispatcherSettings) -> None:
             await workflows.wait_caught_up(timeout_s=1.0)
         return workflows.get(name) is not None
 
-    dispatcher = Dispatcher(settings, publish, lookup, overrides.get, is_workflow)
+    dispatcher = Dispatcher(settings, send, lookup, overrides.get, is_workflow)
+
+    async def intake_dead_letter(
+        topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None, why: str
+    ) -> Any:
+        return await dead_letter_record(topic, partition, offset, key, value, why)
+
+    intake = Intake(settings, dispatcher, intake_dead_letter, client_id=f"stoker-{settings.instance_name}")
     node_events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
     nodes: CompactedTable[Any] = CompactedTable(
         common.bootstrap,
@@ -85,9 +121,9 @@ async def run(settings: DispatcherSettings) -> None:
         on_bad_record=dead_letter,
     )
     instances = TopicTail(common.bootstrap, common.topics.instance, (InstanceChanged,), dispatcher.on_instance)
-    handlers.register(broker, dispatcher)
 
-    async def start_views() -> None:
+    async def start() -> None:
+        await producer.start()
         # Results first: every Execute sent from now on must have its result seen.
         await results.start()
         await functions.start()
@@ -95,6 +131,10 @@ async def run(settings: DispatcherSettings) -> None:
         await overrides.start()
         await workflows.start()
         await instances.start()
+        while not node_events.empty():  # the nodes as they are now, before any invocation is routed
+            name, record = node_events.get_nowait()
+            await dispatcher.on_node(name, record)
+        await intake.start()
 
     async def apply_node_events() -> None:
         while True:
@@ -103,14 +143,21 @@ async def run(settings: DispatcherSettings) -> None:
 
     async def tick() -> None:
         while True:
-            await asyncio.sleep(settings.tick_s)
+            await asyncio.sleep(settings.tick_s if not dispatcher.idle else 1.0)
             await dispatcher.tick()
 
-    async def stop_views() -> None:
+    async def stop() -> None:
+        await intake.stop()
         for view in (results, functions, nodes, instances, overrides, workflows):
             await view.stop()
+        await producer.stop()
 
     await serve(
-        "dispatcher", common, broker, on_start=[start_views], background=[apply_node_events, tick], on_stop=[stop_views]
+        settings.instance_name,
+        common,
+        None,
+        on_start=[start],
+        background=[intake.run, intake.commit_loop, apply_node_events, tick],
+        on_stop=[stop],
     )
     provider.shutdown()

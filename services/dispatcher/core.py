@@ -1,9 +1,21 @@
-"""The dispatcher's state and actions around the pure routing and ledger modules."""
+"""The dispatcher's state and actions around the pure routing and ledger modules.
+
+Every accepted invocation is *handed on* by durable writes before its offset may be committed:
+an Execute command on a node's work topic plus an ``dispatch.sent`` record, a ``dispatch.queued``
+record while it waits for room, a forward to the workflow engine, or its terminal result. The
+``dispatch`` records (key = invocation id, on the invocation's own partition number) are what
+the next owner of a partition rebuilds its queue and in-flight ledger from after a crash or a
+rebalance; a tombstone there means the invocation ended.
+
+Handlers do not await the broker record by record: :meth:`Dispatcher.on_invocation` queues its
+writes and returns their confirmations, which the intake awaits in batches.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from opentelemetry import trace
@@ -23,6 +35,7 @@ from events import (
     Timings,
     now_ms,
 )
+from events.dispatch import DispatchState, InvocationQueued, InvocationSent
 from services.common import placement, telemetry
 from services.dispatcher.ledger import InFlight, Ledger, Waiting
 from services.dispatcher.routing import NodeView, choose_node
@@ -30,8 +43,13 @@ from services.dispatcher.settings import DispatcherSettings
 
 log = logging.getLogger("stoker.dispatcher")
 
-Publish = Callable[[Record, str, str | None], Awaitable[Any]]
+Send = Callable[[Record | None, str, str | None, int | None], Awaitable["asyncio.Future[Any]"]]
+"""Queue one write (record or tombstone, topic, key, partition) and return its confirmation."""
 FunctionLookup = Callable[[str], Awaitable[FunctionSpec | None]]
+
+
+class DispatcherBroken(RuntimeError):
+    """A write the delivery promise depends on failed: the process must stop and be restarted."""
 
 
 class Dispatcher:
@@ -40,7 +58,7 @@ class Dispatcher:
     def __init__(
         self,
         settings: DispatcherSettings,
-        publish: Publish,
+        send: Send,
         lookup: FunctionLookup,
         overrides: Callable[[str], PlacementOverride | None] = lambda _name: None,
         is_workflow: Callable[[str], Awaitable[bool]] | None = None,
@@ -49,51 +67,51 @@ class Dispatcher:
         self.topics = settings.common.topics
         self.ledger = Ledger()
         self.nodes: dict[str, NodeView] = {}
+        self.broken: BaseException | None = None
+        """Set when a background write failed; the intake stops the process."""
         self._affinity: dict[tuple[str, str], str] = {}
-        self._publish = publish
+        self._send = send
         self._lookup = lookup
         self._override = overrides
         self._is_workflow = is_workflow or _never
+        self._started_ms = now_ms()
 
     # ----- invocations ------------------------------------------------------------------------
 
-    async def on_invocation(self, inv: InvocationRequested) -> None:
+    async def on_invocation(
+        self, inv: InvocationRequested, partition: int = 0, offset: int = 0
+    ) -> list[asyncio.Future[Any]]:
+        """Accept one invocation; returns the confirmations of the writes that hand it on."""
         span = trace.get_current_span()
         span.set_attribute(telemetry.INVOCATION_ID, inv.id)
         span.set_attribute(telemetry.FUNCTION, inv.function)
         if not self.ledger.first_sight(inv.id):
             log.info("duplicate invocation %s ignored", inv.id)
-            return
+            return []
         spec = await self._lookup(inv.function)
         if spec is None:
             if await self._is_workflow(inv.function):
-                return  # the workflow engine runs it; its steps come back here as invocations
-            await self._finish(
+                # The workflow engine runs it; its steps come back here as invocations.
+                return [await self._send(inv, self.topics.workflow_invocation, inv.function, None)]
+            return await self._finish(
                 inv, "rejected", ErrorInfo(kind="unknown_function", message=f"no function named {inv.function!r}")
             )
-            return
         if spec.source.digest is None:
-            await self._finish(
+            return await self._finish(
                 inv,
                 "rejected",
                 ErrorInfo(kind="not_built", message=f"function {inv.function!r} has no built version yet"),
             )
-            return
         if inv.expired(now_ms()):
-            await self._finish(
+            return await self._finish(
                 inv, "timeout", ErrorInfo(kind="deadline_passed", message="deadline passed before it was dispatched")
             )
-            return
-        await self._route(Waiting(inv, spec, since_ms=now_ms()))
+        return await self._route(Waiting(inv, spec, since_ms=now_ms(), partition=partition, source_offset=offset))
 
-    async def _route(self, item: Waiting, *, requeue_front: bool = False) -> None:
-        def wait() -> None:
-            # An item taken from the head of its queue goes back to the head: arrival order holds.
-            (self.ledger.wait_front if requeue_front else self.ledger.wait)(item)
-
+    async def _route(self, item: Waiting, *, requeue_front: bool = False) -> list[asyncio.Future[Any]]:
+        """Send ``item`` to a node, or queue it (durably, the first time)."""
         if not self.ledger.has_room(item.spec):
-            wait()
-            return
+            return await self._wait(item, requeue_front)
         inv, spec = item.invocation, item.spec
         live = {name: view for name, view in self.nodes.items() if not self._stale(view)}
         selector, tolerations = placement.effective(spec, self._override(spec.name), now_ms())
@@ -106,26 +124,53 @@ class Dispatcher:
             affinity=self._affinity.get((spec.name, spec.code_version)),
         )
         if choice is None:
-            wait()  # no eligible node now; retried on every tick until the deadline
-            return
+            return await self._wait(item, requeue_front)  # retried on every tick until the deadline
         view = self.nodes[choice.node]
-        cmd = Execute(invocation=inv, spec=spec, incarnation=view.heartbeat.incarnation, attempt=item.attempt)
+        incarnation = view.heartbeat.incarnation
+        cmd = Execute(invocation=inv, spec=spec, incarnation=incarnation, attempt=item.attempt)
         trace.get_current_span().set_attribute(telemetry.NODE, choice.node)
-        entry = InFlight(inv, spec, choice.node, view.heartbeat.incarnation, item.attempt, now_ms())
+        entry = InFlight(
+            inv, spec, choice.node, incarnation, item.attempt, now_ms(), item.partition, item.source_offset
+        )
         self.ledger.add(entry)
         view.in_flight[spec.name] = view.in_flight.get(spec.name, 0) + 1
         self._affinity[(spec.name, spec.code_version)] = choice.node
-        try:
-            await self._publish(cmd, self.topics.work(choice.node), inv.function)
-        except Exception:
-            self._forget(inv.id)
-            raise
+        sent = InvocationSent(
+            invocation=inv,
+            source_offset=item.source_offset,
+            node=choice.node,
+            incarnation=incarnation,
+            attempt=item.attempt,
+            dispatched_ms=entry.dispatched_ms,
+        )
+        # Both writes are queued before either is sent, so on one broker they travel in one request.
+        return [
+            await self._send(cmd, self.topics.work(choice.node), inv.function, None),
+            await self._send(sent, self.topics.dispatch, inv.id, item.partition),
+        ]
+
+    async def _wait(self, item: Waiting, front: bool) -> list[asyncio.Future[Any]]:
+        # An item taken from the head of its queue goes back to the head: arrival order holds.
+        (self.ledger.wait_front if front else self.ledger.wait)(item)
+        if item.recorded:
+            return []
+        item.recorded = True
+        queued = InvocationQueued(
+            invocation=item.invocation, source_offset=item.source_offset, since_ms=item.since_ms, attempt=item.attempt
+        )
+        return [await self._send(queued, self.topics.dispatch, item.invocation.id, item.partition)]
 
     # ----- results ----------------------------------------------------------------------------
 
+    def wants_result(self, invocation_id: str) -> bool:
+        """Whether a result with this id concerns this dispatcher (cheap: read before decoding)."""
+        return invocation_id in self.ledger.in_flight
+
     async def on_result(self, result: InvocationCompleted) -> None:
-        if self._forget(result.id) is None:
+        entry = self._forget(result.id)
+        if entry is None:
             return
+        self._background([await self._send(None, self.topics.dispatch, result.id, entry.partition)])
         await self._drain(result.function)
 
     def _forget(self, invocation_id: str) -> InFlight | None:
@@ -144,11 +189,20 @@ class Dispatcher:
             item = self.ledger.next_waiting(function)
             assert item is not None
             before = self.ledger.running(function)
-            await self._route(item, requeue_front=True)
+            self._background(await self._route(item, requeue_front=True))
             if self.ledger.running(function) == before:
                 return  # it went back to waiting (no eligible node): stop here
 
-    async def _finish(self, inv: InvocationRequested, status: Status, error: ErrorInfo, **extra: Any) -> None:
+    async def _finish(
+        self,
+        inv: InvocationRequested,
+        status: Status,
+        error: ErrorInfo,
+        *,
+        recorded_on: int | None = None,
+        **extra: Any,
+    ) -> list[asyncio.Future[Any]]:
+        """Write the terminal result (and clear its ``dispatch`` record, if it has one)."""
         result = InvocationCompleted(
             id=inv.id,
             function=inv.function,
@@ -157,11 +211,87 @@ class Dispatcher:
             timings_ms=Timings(total=float(max(0, now_ms() - inv.requested_ms))),
             **extra,
         )
-        writes = [self._publish(result, self.topics.result, inv.id)]
+        writes = [await self._send(result, self.topics.result, inv.id, None)]
         if inv.reply_to:
-            writes.append(self._publish(result, inv.reply_to, inv.id))
+            writes.append(await self._send(result, inv.reply_to, inv.id, None))
+        if recorded_on is not None:
+            writes.append(await self._send(None, self.topics.dispatch, inv.id, recorded_on))
+        return writes
+
+    def _background(self, writes: Iterable[asyncio.Future[Any]]) -> None:
+        """Writes no offset waits for (a retry, a drained queue, a tombstone): failures stop the process."""
         for write in writes:
-            await write
+            write.add_done_callback(self._check_write)
+
+    def _check_write(self, write: asyncio.Future[Any]) -> None:
+        if write.cancelled():
+            return
+        exc = write.exception()
+        if exc is not None and self.broken is None:
+            log.error("a write the delivery promise depends on failed: %r", exc)
+            self.broken = exc
+
+    # ----- recovery ---------------------------------------------------------------------------
+
+    async def recover(self, partition: int, states: Iterable[DispatchState], ended: set[str]) -> None:
+        """Take over a partition: its queued and in-flight invocations, as the ``dispatch`` topic has them.
+
+        ``ended`` holds the ids with a terminal result already on ``result`` (their record is
+        cleared). Every id recovered here counts as seen, so a re-read of its invocation is skipped.
+        """
+        queued: list[InvocationQueued] = []
+        for state in states:
+            inv = state.invocation
+            self.ledger.first_sight(inv.id)
+            if inv.id in ended:
+                self._background([await self._send(None, self.topics.dispatch, inv.id, partition)])
+                continue
+            if isinstance(state, InvocationQueued):
+                queued.append(state)
+                continue
+            spec = await self._lookup(inv.function)
+            entry = InFlight(
+                inv, spec, state.node, state.incarnation, state.attempt, state.dispatched_ms, partition,
+                state.source_offset,
+            )
+            self.ledger.add(entry)
+            view = self.nodes.get(state.node)
+            if view is not None:
+                view.in_flight[inv.function] = view.in_flight.get(inv.function, 0) + 1
+        for state in sorted(queued, key=lambda s: s.source_offset):
+            spec = await self._lookup(state.invocation.function)
+            if spec is None:
+                self._background(
+                    await self._finish(
+                        state.invocation,
+                        "rejected",
+                        ErrorInfo(kind="unknown_function", message=f"{state.invocation.function!r} was deleted"),
+                        recorded_on=partition,
+                    )
+                )
+                continue
+            item = Waiting(
+                state.invocation, spec, state.since_ms, state.attempt, partition, state.source_offset, recorded=True
+            )
+            self.ledger.wait(item)
+        log.info(
+            "partition %d recovered: %d in flight, %d queued, %d already ended",
+            partition,
+            sum(1 for e in self.ledger.in_flight.values() if e.partition == partition),
+            len(queued),
+            len(ended),
+        )
+        for function in list(self.ledger.waiting):
+            await self._drain(function)
+
+    def release(self, partition: int) -> None:
+        """A rebalance took ``partition`` away: forget its entries (the next owner recovers them)."""
+        gone, dropped = self.ledger.drop_partition(partition)
+        for entry in gone:
+            view = self.nodes.get(entry.node)
+            if view is not None and view.in_flight.get(entry.invocation.function):
+                view.in_flight[entry.invocation.function] -= 1
+        log.info("partition %d released: %d in flight, %d queued handed over", partition, len(gone), len(dropped))
 
     # ----- nodes ------------------------------------------------------------------------------
 
@@ -180,6 +310,8 @@ class Dispatcher:
                 for entry in self.ledger.on_node(name):
                     view.in_flight[entry.invocation.function] = view.in_flight.get(entry.invocation.function, 0) + 1
                 self.nodes[name] = view
+                # Work recovered for an older incarnation of this node died with it.
+                await self._node_lost(name, f"node {name} restarted", keep_incarnation=record.incarnation)
             view.beat(record)
             if not self._stale(view):
                 for function in list(self.ledger.waiting):
@@ -214,18 +346,35 @@ class Dispatcher:
         for entry in lost:
             self._forget(entry.invocation.id)
             inv = entry.invocation
-            if entry.attempt < self.settings.max_attempts and not inv.expired(now_ms()):
+            spec = await self._lookup(inv.function)
+            if spec is not None and entry.attempt < self.settings.max_attempts and not inv.expired(now_ms()):
                 log.warning("%s: retrying invocation %s elsewhere", reason, inv.id)
-                await self._route(Waiting(inv, entry.spec, since_ms=now_ms(), attempt=entry.attempt + 1))
+                retry = Waiting(
+                    inv,
+                    spec,
+                    since_ms=now_ms(),
+                    attempt=entry.attempt + 1,
+                    partition=entry.partition,
+                    source_offset=entry.source_offset,
+                )
+                self._background(await self._route(retry))
             else:
                 log.warning("%s: invocation %s lost", reason, inv.id)
-                await self._finish(
-                    inv,
-                    "lost",
-                    ErrorInfo(kind="node_lost", message=f"{reason} while running it (attempt {entry.attempt})"),
-                    node=name,
-                    attempt=entry.attempt,
+                self._background(
+                    await self._finish(
+                        inv,
+                        "lost",
+                        ErrorInfo(kind="node_lost", message=f"{reason} while running it (attempt {entry.attempt})"),
+                        recorded_on=entry.partition,
+                        node=name,
+                        attempt=entry.attempt,
+                    )
                 )
+
+    @property
+    def idle(self) -> bool:
+        """Nothing waits and nothing is in flight: periodic duties can pause."""
+        return self.ledger.is_empty()
 
     async def tick(self) -> None:
         """Periodic duties: declare silent nodes down, expire what waited too long."""
@@ -234,8 +383,19 @@ class Dispatcher:
                 log.warning("node %s missed its heartbeats", name)
                 await self._node_lost(name, f"node {name} missed its heartbeats")
         now = now_ms()
+        if now - self._started_ms > self.settings.node_timeout_s * 1000:
+            # Recovered work on a node that has not been heard of since this dispatcher started.
+            for orphan in {e.node for e in self.ledger.in_flight.values() if e.node not in self.nodes}:
+                await self._node_lost(orphan, f"node {orphan} is gone")
         for item in list(self.ledger.expired_waiting(now, int(self.settings.max_queue_s * 1000))):
-            await self._finish(item.invocation, "rejected", self._why_waiting(item.spec, now))
+            self._background(
+                await self._finish(
+                    item.invocation,
+                    "rejected",
+                    self._why_waiting(item.spec, now),
+                    recorded_on=item.partition if item.recorded else None,
+                )
+            )
         for function in list(self.ledger.waiting):
             await self._drain(function)
 

@@ -3,6 +3,8 @@
 Its job is the delivery promise: every accepted invocation ends in exactly one terminal
 result. The ledger remembers each dispatched invocation until its result is seen, so when a
 node dies (missed heartbeats, or a new incarnation) the dispatcher can retry or report it lost.
+Every entry belongs to the invocation partition it came from: when a rebalance takes a
+partition away, its entries go (the next owner rebuilds them from the ``dispatch`` topic).
 """
 
 from __future__ import annotations
@@ -17,11 +19,15 @@ from events import FunctionSpec, InvocationRequested
 @dataclass
 class InFlight:
     invocation: InvocationRequested
-    spec: FunctionSpec
+    spec: FunctionSpec | None
+    """None only for work recovered after its function was deleted (it is not retried)."""
     node: str
     incarnation: str
     attempt: int
     dispatched_ms: int
+    partition: int = 0
+    """The invocation partition it came from (its ``dispatch`` record lives on the same number)."""
+    source_offset: int = 0
 
 
 @dataclass
@@ -30,6 +36,10 @@ class Waiting:
     spec: FunctionSpec
     since_ms: int
     attempt: int = 1
+    partition: int = 0
+    source_offset: int = 0
+    recorded: bool = False
+    """Its ``dispatch.queued`` record is written: it survives a crash of this dispatcher."""
 
 
 class Ledger:
@@ -92,6 +102,25 @@ class Ledger:
         if not queue:
             del self.waiting[function]
         return item
+
+    def drop_partition(self, partition: int) -> tuple[list[InFlight], list[Waiting]]:
+        """Forget every entry of a partition this dispatcher no longer owns; returns them."""
+        gone = [e for e in self.in_flight.values() if e.partition == partition]
+        for entry in gone:
+            self.complete(entry.invocation.id)
+        dropped: list[Waiting] = []
+        for function in list(self.waiting):
+            queue = self.waiting[function]
+            keep = deque(w for w in queue if w.partition != partition)
+            dropped.extend(w for w in queue if w.partition == partition)
+            if keep:
+                self.waiting[function] = keep
+            else:
+                del self.waiting[function]
+        return gone, dropped
+
+    def is_empty(self) -> bool:
+        return not self.in_flight and not self.waiting
 
     def expired_waiting(self, now_ms: int, max_wait_ms: int) -> Iterator[Waiting]:
         """Remove and yield waiting invocations whose deadline (or the queueing limit) passed."""

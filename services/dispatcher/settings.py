@@ -19,6 +19,12 @@ class DispatcherSettings:
     max_queue_s: float = 60.0
     """How long an invocation without a deadline may wait for capacity before it is rejected."""
     tick_s: float = 0.25
+    """How often queues and node liveness are checked while anything waits or runs (else every second)."""
+    commit_interval_s: float = 0.1
+    """Confirmed positions are committed at most this often (a crash re-reads at most this much,
+    and the ``dispatch`` records tell which of those re-read records were already handed on)."""
+    instance_name: str = "dispatcher"
+    """This copy's name (``STOKER_INSTANCE_NAME``): its client id in the consumer group."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> DispatcherSettings:
@@ -28,4 +34,5 @@ class DispatcherSettings:
             node_timeout_s=env_float(env, "STOKER_NODE_TIMEOUT_S", 3.0),
             max_attempts=env_int(env, "STOKER_MAX_ATTEMPTS", 2),
             max_queue_s=env_float(env, "STOKER_MAX_QUEUE_S", 60.0),
+            instance_name=env.get("STOKER_INSTANCE_NAME") or "dispatcher",
         )

@@ -68,13 +68,22 @@ class Harness:
     def __init__(self, tmp_path: Path, clock: Clock, specs: list[FunctionSpec] | None = None, **settings: Any) -> None:
         self.clock = clock
         self.sent: list[tuple[Record, str, str | None]] = []
+        self.state: list[tuple[Record | None, str | None, int | None]] = []
+        """Writes to the dispatch topic: (record or tombstone, invocation id, partition)."""
         self.specs = {s.name: s for s in (specs if specs is not None else [_spec()])}
         self.overrides: dict[str, PlacementOverride] = {}
         self.settings = DispatcherSettings(CommonSettings(home=tmp_path, topic_prefix=PREFIX), **settings)
         self.d = Dispatcher(self.settings, self.publish, self.lookup, self.overrides.get)
 
-    async def publish(self, record: Record, topic: str, key: str | None) -> None:
-        self.sent.append((record, topic, key))
+    async def publish(self, record: Record | None, topic: str, key: str | None, partition: int | None) -> Any:
+        if topic == f"{PREFIX}dispatch":
+            self.state.append((record, key, partition))
+        else:
+            assert record is not None
+            self.sent.append((record, topic, key))
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
 
     async def lookup(self, name: str) -> FunctionSpec | None:
         return self.specs.get(name)
