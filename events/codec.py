@@ -20,6 +20,7 @@ from events.function import FunctionSpec
 from events.instance import InstanceChanged
 from events.invocation import InvocationCompleted, InvocationRequested
 from events.metrics import NodeMetrics, ThrottleDecided
+from events.names import NameClaimed
 from events.node import NodeHeartbeat, NodeStopped
 from events.placement import PlacementOverride
 from events.pool import PrewarmCompleted, PrewarmRequested, RepoConfigured
@@ -34,6 +35,7 @@ MODELS: dict[str, type[Record]] = {
         InvocationCompleted,
         InvocationQueued,
         InvocationSent,
+        NameClaimed,
         Execute,
         Specialize,
         EnsurePool,
