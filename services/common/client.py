@@ -19,7 +19,8 @@ from events import FunctionSpec, InvocationCompleted, InvocationRequested, NodeH
 from events.cluster import NodeObserved
 from events.codec import encode
 from events.function import CodeSource
-from services.common import telemetry
+from events.workflow import WorkflowSpec
+from services.common import names, telemetry
 from services.common.artifacts import LocalArtifactStore, package_directory
 from services.common.settings import CommonSettings
 from services.common.table import CompactedTable, TopicTail
@@ -69,10 +70,31 @@ class StokerClient:
         await self._producer.send_and_wait(topic, encode(record), key=key.encode())
 
     async def put_function(self, spec: FunctionSpec) -> None:
+        """Create or replace a function; :class:`NameTaken` if the name is a workflow's."""
+        await self._claim(spec.name, "function")
         await self._producer.send_and_wait(self.topics.function, encode(spec), key=spec.name.encode())
 
     async def delete_function(self, name: str) -> None:
         await self.tombstone(self.topics.function, name)
+        await names.release(self._producer, self.topics.name, name, "function")
+
+    async def put_workflow(self, spec: WorkflowSpec) -> None:
+        """Create or replace a workflow; :class:`NameTaken` if the name is a function's."""
+        await self._claim(spec.name, "workflow")
+        await self._producer.send_and_wait(self.topics.workflow, encode(spec), key=spec.name.encode())
+
+    async def delete_workflow(self, name: str) -> None:
+        await self.tombstone(self.topics.workflow, name)
+        await names.release(self._producer, self.topics.name, name, "workflow")
+
+    async def _claim(self, name: str, kind: names.Kind) -> None:
+        functions = await self.functions()
+        workflows = await self.table(self.topics.workflow, WorkflowSpec)
+
+        def has_spec(of: str, who: str) -> bool:
+            return who in (functions if of == "function" else workflows)
+
+        await names.claim(self._producer, self.settings.bootstrap, self.topics.name, name, kind, has_spec)
 
     async def tombstone(self, topic: str, key: str) -> None:
         """Delete ``key`` from a compacted topic."""
