@@ -944,3 +944,95 @@ def test_spec_tolerations_and_selector_are_used(tmp_path: Path, clock: Clock) ->
         assert [t for _, t, _ in h.executes()] == [f"{PREFIX}work.gpu"]
 
     run(scenario)
+
+
+# ----- the dispatch records and recovery ------------------------------------------------------
+
+
+def test_every_hand_off_is_recorded_and_a_result_clears_it(tmp_path: Path, clock: Clock) -> None:
+    from events.dispatch import InvocationQueued, InvocationSent
+
+    h = Harness(tmp_path, clock, specs=[_spec(concurrency=1)])
+
+    async def scenario() -> None:
+        await h.beat("a")
+        first, second = InvocationRequested(function="hello"), InvocationRequested(function="hello")
+        writes = await h.d.on_invocation(first, partition=3, offset=40)
+        assert len(writes) == 2  # the Execute and its dispatch.sent, confirmed together
+        await h.d.on_invocation(second, partition=3, offset=41)
+        [(sent, key, part), (queued, key2, part2)] = h.state
+        assert isinstance(sent, InvocationSent) and (key, part, sent.node, sent.source_offset) == (first.id, 3, "a", 40)
+        assert isinstance(queued, InvocationQueued) and (key2, part2, queued.source_offset) == (second.id, 3, 41)
+        await h.d.on_result(h.ok(first))
+        # The first is cleared; the second is sent (its record now says where).
+        assert h.state[2] == (None, first.id, 3)
+        assert isinstance(h.state[3][0], InvocationSent) and h.state[3][1] == second.id
+
+    run(scenario)
+
+
+def test_recover_takes_over_queued_and_in_flight_work(tmp_path: Path, clock: Clock) -> None:
+    from events.dispatch import InvocationQueued, InvocationSent
+
+    h = Harness(tmp_path, clock, specs=[_spec(concurrency=1)])
+
+    async def scenario() -> None:
+        await h.beat("a", "a-1")
+        running = InvocationRequested(id="running", function="hello")
+        ended = InvocationRequested(id="ended", function="hello")
+        later = [InvocationRequested(id=f"q{i}", function="hello") for i in range(3)]
+        states = [
+            InvocationSent(invocation=running, source_offset=1, node="a", incarnation="a-1"),
+            InvocationSent(invocation=ended, source_offset=0, node="a", incarnation="a-1"),
+            # Out of order on purpose: arrival order is the source offset.
+            InvocationQueued(invocation=later[2], source_offset=9),
+            InvocationQueued(invocation=later[0], source_offset=5),
+            InvocationQueued(invocation=later[1], source_offset=7),
+        ]
+        await h.d.recover(2, states, ended={"ended"})
+        assert (None, "ended", 2) in h.state  # its result is already out: the record is cleared
+        assert set(h.d.ledger.in_flight) == {"running"} and h.d.ledger.running("hello") == 1
+        assert [w.invocation.id for w in h.d.ledger.waiting["hello"]] == ["q0", "q1", "q2"]
+        assert h.executes() == []  # the concurrency of 1 holds across the takeover
+        # A re-read of any recovered invocation is not run again.
+        for inv in [running, ended, *later]:
+            assert await h.d.on_invocation(inv, partition=2) == []
+        await h.d.on_result(h.ok(running))
+        assert [c.invocation.id for c, _, _ in h.executes()] == ["q0"]
+        # Losing the partition forgets its work; the next owner has it on the dispatch topic.
+        h.d.release(2)
+        assert h.d.ledger.in_flight == {} and h.d.ledger.waiting == {}
+
+    run(scenario)
+
+
+def test_recovered_work_on_a_restarted_node_is_retried(tmp_path: Path, clock: Clock) -> None:
+    from events.dispatch import InvocationSent
+
+    h = Harness(tmp_path, clock, max_attempts=2)
+
+    async def scenario() -> None:
+        inv = InvocationRequested(id="r", function="hello")
+        await h.d.recover(0, [InvocationSent(invocation=inv, source_offset=0, node="a", incarnation="old")], set())
+        await h.beat("a", "new")  # the node came back as a new incarnation: what it ran is gone
+        [(cmd, topic, _)] = h.executes()
+        assert (cmd.invocation.id, cmd.incarnation, cmd.attempt, topic) == ("r", "new", 2, f"{PREFIX}work.a")
+
+    run(scenario)
+
+
+def test_a_workflow_name_is_forwarded_to_the_engine(tmp_path: Path, clock: Clock) -> None:
+    h = Harness(tmp_path, clock)
+
+    async def is_workflow(name: str) -> bool:
+        return name == "flow"
+
+    h.d = Dispatcher(h.settings, h.publish, h.lookup, h.overrides.get, is_workflow)
+
+    async def scenario() -> None:
+        inv = InvocationRequested(function="flow")
+        writes = await h.d.on_invocation(inv)
+        assert len(writes) == 1
+        assert h.sent == [(inv, f"{PREFIX}workflow-invocation", "flow")]
+
+    run(scenario)
