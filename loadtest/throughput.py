@@ -1,6 +1,6 @@
 """Open-loop load at increasing rates until latency or errors break, for Stoker and the direct consumer.
 
-    python -m loadtest throughput [--rates 25,50,75,100,150,200,300,400,600,800,1200,1600,2400,3200]
+    python -m loadtest throughput [--rates 25,50,...,3200,4800,6400] [--dispatchers N]
                                   [--step-s 5] [--p99-limit-ms 250]
 
 For each system (the direct consumer first, then Stoker over Kafka with ``StokerClient``, on the
@@ -103,13 +103,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--rates",
-        default="25,50,75,100,150,200,300,400,600,800,1200,1600,2400,3200",
+        default="25,50,75,100,150,200,300,400,600,800,1200,1600,2400,3200,4800,6400",
         help="offered rates to step through, /s",
     )
     parser.add_argument("--step-s", type=float, default=5.0, help="seconds per rate")
     parser.add_argument("--p99-limit-ms", type=float, default=250.0, help="a step with a higher p99 is broken")
     parser.add_argument("--max-error-share", type=float, default=0.01)
     parser.add_argument("--systems", default="direct,stoker", help="which to measure: direct, stoker")
+    parser.add_argument("--dispatchers", type=int, default=1, help="dispatcher processes of the platform it starts")
     harness.add_common_args(parser)
     args = parser.parse_args(argv)
     rates = sorted(float(r) for r in args.rates.split(",") if r)
@@ -127,13 +128,14 @@ def main(argv: list[str] | None = None) -> int:
                 "min_answered_share": rule.min_achieved_share,
             },
             "systems": systems,
+            "dispatchers": args.dispatchers,
             "function": "no-op (loadtest.spine.NOOP), reuse keep",
             "path": "Kafka, StokerClient.invoke (open loop, one client process)",
         },
     )
     runs: dict[str, list[dict[str, Any]]] = {}
     name = f"bench-tput-{uuid.uuid4().hex[:6]}"
-    with harness.target(args) as where:
+    with harness.target(args, None, "--dispatchers", str(args.dispatchers)) as where:
         report["platform"] = where.describe()
         if "direct" in systems:
             with noop_code() as code, direct_consumer(where.settings, code) as direct:
