@@ -15,7 +15,7 @@ from typing import Annotated, Any, Optional, TypeVar
 import orjson
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from events import (
     BuildFinished,
@@ -114,12 +114,28 @@ def up(
     pool_size: Annotated[int, typer.Option(help="Generic instances per node.", min=0, max=64)] = 2,
     http_port: Annotated[Optional[int], typer.Option(help="Gateway port (default $STOKER_HTTP_PORT or 8080).")] = None,
     example: Annotated[bool, typer.Option(help="Deploy and invoke examples/hello once up.")] = True,
+    dispatchers: Annotated[
+        int, typer.Option(help="Dispatcher processes (dispatcher-0 … when more than one).", min=1, max=8)
+    ] = 1,
+    poolmgrs: Annotated[int, typer.Option(help="Pool manager processes.", min=1, max=8)] = 1,
+    workflow_engines: Annotated[int, typer.Option(help="Workflow engine processes.", min=1, max=8)] = 1,
 ) -> None:
-    """Start the embedded platform: Kafka, the services, a management node, runtime and isolation nodes."""
+    """Start the embedded platform: Kafka, the services, a management node, runtime and isolation nodes.
+
+    A supervisor starts every service and node agent again when it dies (log: <home>/logs/platform.log);
+    `stoker status` shows each one's restarts."""
     common = settings(bootstrap)
     port = http_port or int(os.environ.get("STOKER_HTTP_PORT") or 8080)
     config = platform.PlatformConfig(
-        common=common, embedded_broker=bootstrap is None, http_port=port, nodes=nodes, pool_size=pool_size
+        common=common,
+        embedded_broker=bootstrap is None,
+        http_port=port,
+        nodes=nodes,
+        isolated=isolated,
+        pool_size=pool_size,
+        dispatchers=dispatchers,
+        poolmgrs=poolmgrs,
+        workflow_engines=workflow_engines,
     )
     started = time.monotonic()
     try:
@@ -147,13 +163,20 @@ def up(
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    reported: set[str] = set()
+    seen: dict[str, float] = {}  # when each component's last exit was reported
     while not stop["now"]:
         time.sleep(0.5)
-        for comp in config.components():
-            if comp.name not in reported and not platform.alive(platform.read_pid(common, comp.name)):
-                reported.add(comp.name)
-                err.print(f"[red]{comp.name} exited[/red]; see {common.logs_dir / (comp.name + '.log')}")
+        if platform.supervisor_pid(common) is None:
+            err.print(f"[red]the supervisor exited[/red]; see {platform.platform_log(common)}")
+            break
+        for name in platform.supervised(common):
+            last = (platform.restart_record(common, name) or {}).get("last_exit")
+            if last and last["at"] != seen.get(name):
+                seen[name] = last["at"]
+                err.print(
+                    f"[yellow]{name} {last['reason']}[/yellow] after {last['uptime_s']}s up; it is started again "
+                    f"(see {platform.platform_log(common)})"
+                )
     console.print("stopping…")
     platform.down(common)
     console.print("stopped.")
@@ -186,17 +209,10 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readabl
     host, _, port = common.bootstrap.rpartition(":")
     reachable = broker_is_reachable(host or "127.0.0.1", int(port))
     running = platform.running_components(common)
-    services = {
-        name: {
-            "pid": pid,
-            "ready": platform.is_ready(common, name),
-            "node": platform.ready_facts(common, name).get("node"),
-        }
-        for name, pid in running.items()
-        if name != "broker"
-    }
+    services = platform.services_status(common)
     report: dict[str, Any] = {
         "broker": {"bootstrap": common.bootstrap, "reachable": reachable, "embedded_pid": running.get("broker")},
+        "supervisor": {"pid": platform.supervisor_pid(common), "log": str(platform.platform_log(common))},
         "services": services,
         "nodes": {},
         "functions": {},
@@ -266,9 +282,22 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readabl
         f"broker {common.bootstrap}: {broker_line}"
         + (f" (embedded, pid {running['broker']})" if "broker" in running else "")
     )
-    table = Table("service", "pid", "ready", "node", title="services")
+    table = Table(
+        Column("service", no_wrap=True), "pid", "ready", "node", "up for", "restarts", "last exit", title="services"
+    )
     for name, info in services.items():
-        table.add_row(name, str(info["pid"]), "yes" if info["ready"] else "no", str(info.get("node") or "-"))
+        last = info.get("last_exit")
+        table.add_row(
+            name,
+            str(info["pid"] or "-"),
+            "yes" if info["ready"] else "no",
+            str(info.get("node") or "-"),
+            _duration(info["uptime_s"]) if info.get("uptime_s") is not None else info["state"],
+            str(info["restarts"]),
+            f"{last['signal'] or 'exit ' + str(last['exit_code'])}, {_duration(time.time() - last['at'])} ago"
+            if last
+            else "-",
+        )
     console.print(table)
     table = Table("node", "up", "role / taints", "instances (state: function@version)", "in flight", title="nodes")
     for name, entry in report["nodes"].items():
@@ -312,6 +341,15 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readabl
             fn["reuse"],
         )
     console.print(table)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m"
 
 
 # ----- functions -----------------------------------------------------------------------------------
@@ -869,15 +907,15 @@ def node_add(
     """Start another node agent in the embedded platform."""
     common = settings()
     _require_broker(common)
-    if platform.alive(platform.read_pid(common, f"agent-{name}")):
+    if platform.alive(platform.read_pid(common, f"agent-{name}")) or f"agent-{name}" in platform.supervised(common):
         raise fail(f"node {name!r} is already running")
     for text in taint or []:
         _taint(text)
     config = platform.PlatformConfig(common=common, embedded_broker=False)
     comp = config.agent(name, role, ",".join(label or []), ",".join(taint or []))
     asyncio.run(ensure_topics(common.bootstrap, [common.topics.work_spec(name)]))
-    platform.start_component(config, comp)
     try:
+        platform.start_component(config, comp)
         platform.wait_ready(common, [comp.name])
     except platform.PlatformError as exc:
         raise fail(str(exc)) from None

@@ -33,7 +33,8 @@ def configure_logging(settings: CommonSettings) -> None:
 
 
 def ready_path(settings: CommonSettings, component: str) -> Path:
-    return settings.run_dir / f"{component}.ready"
+    # Several copies of one service (`stoker up --dispatchers 2`) each get their own name.
+    return settings.run_dir / f"{os.environ.get('STOKER_INSTANCE_NAME') or component}.ready"
 
 
 def mark_ready(settings: CommonSettings, component: str, **facts: object) -> None:

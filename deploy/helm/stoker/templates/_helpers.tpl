@@ -42,13 +42,23 @@ envFrom:
       name: {{ .Release.Name }}-config
 {{- end }}
 
-{{/* A worker's readiness: the file services.common.runner writes once the service is up.
-     Call with (dict "component" "dispatcher"). */}}
+{{/* A worker's readiness: the file services.common.runner writes once the service is up, named
+     after the copy ($STOKER_INSTANCE_NAME) where it has a name. Call with (dict "component" "dispatcher"). */}}
 {{- define "stoker.readyProbe" -}}
 readinessProbe:
   exec:
-    command: ["sh", "-c", "test -f \"$STOKER_HOME/run/{{ .component }}.ready\""]
+    command: ["sh", "-c", "test -f \"$STOKER_HOME/run/${STOKER_INSTANCE_NAME:-{{ .component }}}.ready\""]
   initialDelaySeconds: 2
   periodSeconds: 5
   failureThreshold: 3
+{{- end }}
+
+{{/* The per-copy name of a service run as several replicas (STOKER_INSTANCE_NAME, as `stoker up
+     --dispatchers N` gives each copy): the pod's name, unique among the copies. A Deployment's
+     replaced pod gets a new name. */}}
+{{- define "stoker.instanceEnv" -}}
+- name: STOKER_INSTANCE_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.name
 {{- end }}
