@@ -20,10 +20,11 @@ from events import (
 )
 from events.base import Record
 from events.cluster import NodeObserved
+from events.dlq import DeadLettered
 from services.common.broker import dead_letter_for
 from services.common.runner import configure_logging, serve
-from services.common.table import CompactedTable, TopicTail
 from services.common.telemetry import setup_tracing
+from services.common.views import Reader
 from services.dispatcher.core import Dispatcher
 from services.dispatcher.intake import Intake
 from services.dispatcher.settings import DispatcherSettings
@@ -66,18 +67,12 @@ async def run(settings: DispatcherSettings) -> None:
         )
         return await send(letter, common.topics.dlq, letter.key, None)
 
-    pending_letters: set[asyncio.Task[Any]] = set()
+    async def to_dlq(letter: DeadLettered) -> None:
+        await (await send(letter, common.topics.dlq, letter.key, None))
 
-    def dead_letter(topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None, why: str) -> None:
-        # The dispatcher is the one reader that dead-letters bad records of the shared views
-        # (functions, nodes, results), so each bad record is reported once, not by every reader.
-        task = asyncio.ensure_future(dead_letter_record(topic, partition, offset, key, value, why))
-        pending_letters.add(task)
-        task.add_done_callback(pending_letters.discard)
-
-    functions: CompactedTable[FunctionSpec] = CompactedTable(
-        common.bootstrap, common.topics.function, (FunctionSpec,), on_bad_record=dead_letter
-    )
+    # One reader for every view: tables of the compacted topics, tails of results and instances.
+    reader = Reader(common.bootstrap, "dispatcher", dead_letters=to_dlq)
+    functions = reader.table(common.topics.function, (FunctionSpec,))
 
     async def lookup(name: str) -> FunctionSpec | None:
         spec = functions.get(name)
@@ -85,12 +80,8 @@ async def run(settings: DispatcherSettings) -> None:
             spec = functions.get(name)  # read-your-writes: the spec may have just been published
         return spec
 
-    overrides: CompactedTable[PlacementOverride] = CompactedTable(
-        common.bootstrap, common.topics.placement, (PlacementOverride,), on_bad_record=dead_letter
-    )
-    workflows: CompactedTable[WorkflowSpec] = CompactedTable(
-        common.bootstrap, common.topics.workflow, (WorkflowSpec,), on_bad_record=dead_letter
-    )
+    overrides = reader.table(common.topics.placement, (PlacementOverride,))
+    workflows = reader.table(common.topics.workflow, (WorkflowSpec,))
 
     async def is_workflow(name: str) -> bool:
         if workflows.get(name) is None:
@@ -106,31 +97,23 @@ async def run(settings: DispatcherSettings) -> None:
 
     intake = Intake(settings, dispatcher, intake_dead_letter, client_id=f"stoker-{settings.instance_name}")
     node_events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-    nodes: CompactedTable[Any] = CompactedTable(
-        common.bootstrap,
+    reader.table(
         common.topics.node,
         (NodeHeartbeat, NodeStopped, NodeObserved),
         on_change=lambda name, rec: node_events.put_nowait((name, rec)),
-        on_bad_record=dead_letter,
+        traced=False,  # a heartbeat is its own one-span trace
     )
-    results = TopicTail(
-        common.bootstrap,
-        common.topics.result,
-        (InvocationCompleted,),
-        dispatcher.on_result,
-        on_bad_record=dead_letter,
-    )
-    instances = TopicTail(common.bootstrap, common.topics.instance, (InstanceChanged,), dispatcher.on_instance)
+
+    def holds(key: bytes | None) -> bool:
+        return key is not None and dispatcher.wants_result(key.decode("utf-8", errors="replace"))
+
+    reader.tail(common.topics.result, (InvocationCompleted,), dispatcher.on_result, accept_key=holds)
+    reader.tail(common.topics.instance, (InstanceChanged,), dispatcher.on_instance, traced=False)
 
     async def start() -> None:
         await producer.start()
-        # Results first: every Execute sent from now on must have its result seen.
-        await results.start()
-        await functions.start()
-        await nodes.start()
-        await overrides.start()
-        await workflows.start()
-        await instances.start()
+        # The results tail fixes its start before any Execute is sent: no result can be missed.
+        await reader.start()
         while not node_events.empty():  # the nodes as they are now, before any invocation is routed
             name, record = node_events.get_nowait()
             await dispatcher.on_node(name, record)
@@ -148,8 +131,7 @@ async def run(settings: DispatcherSettings) -> None:
 
     async def stop() -> None:
         await intake.stop()
-        for view in (results, functions, nodes, instances, overrides, workflows):
-            await view.stop()
+        await reader.stop()
         await producer.stop()
 
     await serve(

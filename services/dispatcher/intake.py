@@ -18,16 +18,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 from aiokafka.structs import OffsetAndMetadata
-from opentelemetry import propagate, trace
+from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
 from events import InvocationRequested, codec
+from services.common.views import trace_context
 from services.dispatcher import recovery
 from services.dispatcher.core import Dispatcher, DispatcherBroken
 from services.dispatcher.progress import Progress
@@ -38,22 +39,10 @@ tracer = trace.get_tracer("stoker.dispatcher")
 
 GROUP = "stoker-dispatcher"
 
-DeadLetter = Callable[[str, int, int, bytes | None, bytes | None, str], "asyncio.Future[Any]"]
+DeadLetter = Callable[[str, int, int, bytes | None, bytes | None, str], Awaitable["asyncio.Future[Any]"]]
 """Queue the dead letter of a record (topic, partition, offset, key, value, reason); returns its confirmation."""
 
 
-class _HeaderGetter:
-    """OpenTelemetry getter over Kafka headers (a list of (name, bytes))."""
-
-    def get(self, carrier: list[tuple[str, bytes]], key: str) -> list[str] | None:
-        values = [v.decode("latin-1") for k, v in carrier if k == key]
-        return values or None
-
-    def keys(self, carrier: list[tuple[str, bytes]]) -> list[str]:
-        return [k for k, _ in carrier]
-
-
-_GETTER = _HeaderGetter()
 
 
 class Intake(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -127,11 +116,11 @@ class Intake(ConsumerRebalanceListener):  # type: ignore[misc]
         try:
             inv = codec.decode(rec.value, (InvocationRequested,))
         except codec.DecodeError as exc:
-            letter = self._dead_letter(rec.topic, partition, rec.offset, rec.key, rec.value, exc.reason)
+            letter = await self._dead_letter(rec.topic, partition, rec.offset, rec.key, rec.value, exc.reason)
             self._track(partition, rec.offset, [letter])
             return
         assert isinstance(inv, InvocationRequested)
-        context = propagate.extract(rec.headers or [], getter=_GETTER)
+        context = trace_context(rec.headers)
         attributes = {
             "messaging.system": "kafka",
             "messaging.operation": "process",
