@@ -61,7 +61,7 @@ from events.code import (  # noqa: E402 - grouped by family
     BuildStarted,
     CodeCommitted,
 )
-from events.pool import PrewarmCompleted, PrewarmRequested, RepoConfigured  # noqa: E402
+from events.pool import PrewarmCompleted, PrewarmRequested, PrewarmStarted, RepoConfigured  # noqa: E402
 
 __all__ += [
     "ZERO_SHA",
@@ -72,6 +72,7 @@ __all__ += [
     "CodeCommitted",
     "PrewarmCompleted",
     "PrewarmRequested",
+    "PrewarmStarted",
     "RepoConfigured",
 ]
 

@@ -49,8 +49,8 @@ async def run(settings: DispatcherSettings) -> None:
         request_timeout_ms=15_000,
     )
 
-    async def send(record: Record | None, topic: str, key: str | None, partition: int | None) -> Any:
-        value = codec.encode(record) if record is not None else None
+    async def send(record: Record | bytes | None, topic: str, key: str | None, partition: int | None) -> Any:
+        value = record if isinstance(record, bytes) or record is None else codec.encode(record)
         return await producer.send(
             topic,
             value,

@@ -33,6 +33,7 @@ from events import (
     Record,
     Status,
     Timings,
+    codec,
     now_ms,
 )
 from events.dispatch import DispatchState, InvocationQueued, InvocationSent
@@ -43,8 +44,8 @@ from services.dispatcher.settings import DispatcherSettings
 
 log = logging.getLogger("stoker.dispatcher")
 
-Send = Callable[[Record | None, str, str | None, int | None], Awaitable["asyncio.Future[Any]"]]
-"""Queue one write (record or tombstone, topic, key, partition) and return its confirmation."""
+Send = Callable[[Record | bytes | None, str, str | None, int | None], Awaitable["asyncio.Future[Any]"]]
+"""Queue one write (a record, its encoded bytes, or a tombstone; topic, key, partition); return its confirmation."""
 FunctionLookup = Callable[[str], Awaitable[FunctionSpec | None]]
 
 
@@ -75,6 +76,7 @@ class Dispatcher:
         self._override = overrides
         self._is_workflow = is_workflow or _never
         self._started_ms = now_ms()
+        self._specs: dict[str, tuple[FunctionSpec, bytes]] = {}
 
     # ----- invocations ------------------------------------------------------------------------
 
@@ -127,7 +129,6 @@ class Dispatcher:
             return await self._wait(item, requeue_front)  # retried on every tick until the deadline
         view = self.nodes[choice.node]
         incarnation = view.heartbeat.incarnation
-        cmd = Execute(invocation=inv, spec=spec, incarnation=incarnation, attempt=item.attempt)
         trace.get_current_span().set_attribute(telemetry.NODE, choice.node)
         entry = InFlight(
             inv, spec, choice.node, incarnation, item.attempt, now_ms(), item.partition, item.source_offset
@@ -135,8 +136,18 @@ class Dispatcher:
         self.ledger.add(entry)
         view.in_flight[spec.name] = view.in_flight.get(spec.name, 0) + 1
         self._affinity[(spec.name, spec.code_version)] = choice.node
-        sent = InvocationSent(
-            invocation=inv,
+        # The invocation and the spec are serialized once and spliced into both records.
+        inv_raw = codec.encode(inv)
+        cmd = codec.encode_with_parts(
+            "work.execute",
+            {"invocation": inv_raw, "spec": self._spec_bytes(spec)},
+            incarnation=incarnation,
+            attempt=item.attempt,
+            dispatched_ms=entry.dispatched_ms,
+        )
+        sent = codec.encode_with_parts(
+            "dispatch.sent",
+            {"invocation": inv_raw},
             source_offset=item.source_offset,
             node=choice.node,
             incarnation=incarnation,
@@ -148,6 +159,13 @@ class Dispatcher:
             await self._send(cmd, self.topics.work(choice.node), inv.function, None),
             await self._send(sent, self.topics.dispatch, inv.id, item.partition),
         ]
+
+    def _spec_bytes(self, spec: FunctionSpec) -> bytes:
+        cached = self._specs.get(spec.name)
+        if cached is None or cached[0] is not spec:
+            cached = (spec, codec.encode(spec))
+            self._specs[spec.name] = cached
+        return cached[1]
 
     async def _wait(self, item: Waiting, front: bool) -> list[asyncio.Future[Any]]:
         # An item taken from the head of its queue goes back to the head: arrival order holds.

@@ -32,9 +32,11 @@ from events import (
 from events.cluster import NodeObserved, NodeTaintsRequested
 from events.code import ArtifactReady, BuildFailed, BuildFinished, BuildStarted, CodeCommitted
 from events.codec import MODELS, SUPPORTED_VERSIONS, from_object
+from events.dispatch import InvocationQueued, InvocationSent
 from events.metrics import InstanceMetrics, NodeMetrics, ThrottleDecided
+from events.names import NameClaimed
 from events.placement import ISOLATED_TOLERATION, RUNTIME_TOLERATION, PlacementOverride, Toleration
-from events.pool import PrewarmCompleted, PrewarmRequested, RepoConfigured
+from events.pool import PrewarmCompleted, PrewarmRequested, PrewarmStarted, RepoConfigured
 from events.work import Clamp, ConfigureNode
 from events.workflow import RunFinished, RunStarted, StepFinished, StepSpec, StepStarted, WorkflowSpec
 
@@ -85,6 +87,11 @@ def _samples() -> dict[str, object]:
             logs="printed",
         ),
         "work.execute": Execute(invocation=inv, spec=spec, incarnation="inc-1", attempt=2, dispatched_ms=5),
+        "dispatch.queued": InvocationQueued(invocation=inv, source_offset=7, since_ms=5, attempt=2),
+        "dispatch.sent": InvocationSent(
+            invocation=inv, source_offset=7, node="n1", incarnation="inc-1", attempt=2, dispatched_ms=6
+        ),
+        "name.claimed": NameClaimed(name="hello", kind="workflow", at_ms=9),
         "work.specialize": Specialize(spec=spec, incarnation="inc-1", count=3),
         "work.ensure-pool": EnsurePool(incarnation="inc-1", generic=4),
         "work.recycle": Recycle(incarnation="inc-1", instance="i1", function="hello", reason="idle"),
@@ -146,6 +153,18 @@ def _samples() -> dict[str, object]:
         "build.started": BuildStarted(function="hello", build_id="b1", repo="r", ref="refs/heads/main", at_ms=1),
         "build.finished": BuildFinished(function="hello", build_id="b1", status="ok", digest="sha256:00", at_ms=1),
         "prewarm.requested": PrewarmRequested(function="hello", count=2, digest="sha256:00", activate=True, at_ms=1),
+        "prewarm.started": PrewarmStarted(
+            function="hello",
+            request=PrewarmRequested(function="hello", count=2, at_ms=1),
+            target=FunctionSpec(
+                name="hello", entrypoint="h:main", source=CodeSource(digest="sha256:" + "0" * 64), updated_ms=1
+            ),
+            wanted=2,
+            holders=["i-1"],
+            specialize={"runtime-0": 1},
+            source_offset=7,
+            at_ms=1,
+        ),
         "prewarm.completed": PrewarmCompleted(function="hello", status="ready", ready=2, wanted=2, at_ms=1),
         "repo.configured": RepoConfigured(repo="file:///r.git", webhook_secret="s", at_ms=1),
         "placement.override": PlacementOverride(
@@ -644,3 +663,20 @@ def test_topic_catalogue() -> None:
     assert t.work_spec("n").name == "p.work.n"
     assert t.work_spec("n").configs() == {"retention.ms": str(3600 * 1000)}
     assert t.reply_spec("g").name == "p.reply.g"
+
+
+def test_encode_with_parts_decodes_to_the_same_record() -> None:
+    from events import CodeSource, Execute, FunctionSpec, InvocationRequested
+    from events.codec import decode, encode, encode_with_parts
+
+    spec = FunctionSpec(name="hello", entrypoint="handler:main", source=CodeSource(digest="sha256:" + "cd" * 32))
+    inv = InvocationRequested(function="hello", payload={"x": [1, "two", None]}, reply_to="r")
+    model = Execute(invocation=inv, spec=spec, incarnation="a-1", attempt=2, dispatched_ms=123)
+    spliced = encode_with_parts(
+        "work.execute",
+        {"invocation": encode(inv), "spec": encode(spec)},
+        incarnation="a-1",
+        attempt=2,
+        dispatched_ms=123,
+    )
+    assert decode(spliced) == decode(encode(model)) == model

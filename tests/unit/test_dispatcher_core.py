@@ -26,6 +26,7 @@ from events import (
     Record,
     Taint,
     Toleration,
+    codec,
     now_ms,
 )
 from services.common.settings import CommonSettings
@@ -75,7 +76,11 @@ class Harness:
         self.settings = DispatcherSettings(CommonSettings(home=tmp_path, topic_prefix=PREFIX), **settings)
         self.d = Dispatcher(self.settings, self.publish, self.lookup, self.overrides.get)
 
-    async def publish(self, record: Record | None, topic: str, key: str | None, partition: int | None) -> Any:
+    async def publish(
+        self, record: Record | bytes | None, topic: str, key: str | None, partition: int | None
+    ) -> Any:
+        if isinstance(record, bytes):
+            record = codec.decode(record)  # what the agent (or the next owner) will read
         if topic == f"{PREFIX}dispatch":
             self.state.append((record, key, partition))
         else:
