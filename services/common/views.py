@@ -26,11 +26,11 @@ Usage (a service's composition root)::
     await late.stop()      # only this view; the reader carries on
     await reader.stop()
 
-Callbacks: a table's ``on_change(key, record_or_None)`` and a sync tail ``on_record(record)`` run
-inline on the reader's task (keep them short: every view of the process waits for them); an
-``async def`` ``on_record`` runs on a task of its own per tail, in order, so a handler that
-publishes or waits (even on this reader's ``wait_caught_up``) never stalls the reader. A callback
-that raises is logged and the reader carries on.
+Callbacks: a table's ``on_change(key, record_or_None)`` and a tail's ``on_record(record)``. A plain
+function runs inline on the reader's task (keep it short: every view of the process waits for
+it); an ``async def`` runs on a task of its view's own, one record after the other, so a handler
+that publishes or waits (even on this reader's ``wait_caught_up``) never stalls the reader. A
+callback that raises is logged and the reader carries on.
 
 Records that cannot be decoded, or fail their schema, go to ``dead_letters`` (built with
 :func:`services.common.broker.dead_letter_for`, ``consumer`` = the service name) and are skipped.
@@ -69,7 +69,7 @@ R = TypeVar("R", bound=Record)
 DeadLetterSink = Callable[[DeadLettered], Awaitable[object]]
 """Where a reader sends the dead letter of a record it could not use (e.g. a publish to the DLQ topic)."""
 BadRecordHook = Callable[[str, int, int, bytes | None, bytes | None, str], None]
-"""(topic, partition, offset, key, value, reason): the old per-view hook, kept for ``services.common.table``."""
+"""(topic, partition, offset, key, value, reason): what a view does with a bad record instead."""
 
 FETCH_MAX_WAIT_MS = 500
 """How long the broker holds an empty fetch: the idle cost is one fetch per this, per process."""
@@ -135,28 +135,82 @@ def seeks_after(
 
 
 class _View:
-    """What the reader knows of every view: its topic, partitions and how far it has read."""
+    """What the reader knows of every view: its topic, partitions, how far it has read, its callback."""
 
-    def __init__(self, reader: Reader, topic: str, traced: bool) -> None:
+    def __init__(self, reader: Reader, topic: str, callback: Callable[..., object] | None, traced: bool) -> None:
         self.topic = topic
         self._reader = reader
+        self._callback = callback
         self._traced = traced
         self._tps: list[TopicPartition] = []
         self._next: dict[TopicPartition, int] = {}
         """Per partition, the next offset this view needs (records below it were read or skipped)."""
         self._state = "new"  # new -> attached -> detached
+        self._queue: asyncio.Queue[tuple[tuple[Any, ...], ConsumerRecord[bytes, bytes], Any]] | None = None
+        self._worker: asyncio.Task[None] | None = None
         self.on_bad_record: BadRecordHook | None = None
-        """Replaces the reader's dead-lettering for this view (``services.common.table`` only)."""
+        """Replaces the reader's dead-lettering for this view (e.g. a replay whose bad records another
+        consumer of the topic dead-letters already)."""
 
     @property
     def attached(self) -> bool:
         return self._state == "attached"
+
+    async def stop(self) -> None:
+        """Stop reading for this view (the reader and its other views carry on)."""
+        await self._reader._detach(self)
 
     def _from_beginning(self) -> bool:
         raise NotImplementedError
 
     def _receive(self, rec: ConsumerRecord[bytes, bytes]) -> None:
         raise NotImplementedError
+
+    # An async callback runs on a task of the view's own, in order: the reader never waits for it.
+
+    def _begin(self) -> None:
+        if self._callback is not None and inspect.iscoroutinefunction(self._callback) and self._worker is None:
+            self._queue = asyncio.Queue()
+            self._worker = asyncio.create_task(self._work(), name=f"view:{self.topic}")
+
+    async def _end(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            await asyncio.gather(self._worker, return_exceptions=True)
+            self._worker = None
+
+    async def _drained(self) -> None:
+        if self._queue is not None:
+            await self._queue.join()
+
+    def _deliver(self, rec: ConsumerRecord[bytes, bytes], *args: Any) -> None:
+        if self._callback is None:
+            return
+        ctx = trace_context(rec.headers) if self._traced else None
+        if self._queue is not None:
+            self._queue.put_nowait((args, rec, ctx))
+        elif ctx is None:
+            self._reader._call(self._callback, *args)
+        else:
+            with self._span(rec, ctx):
+                self._reader._call(self._callback, *args)
+
+    async def _work(self) -> None:
+        assert self._queue is not None and self._callback is not None
+        while True:
+            args, rec, ctx = await self._queue.get()
+            try:
+                if ctx is None:
+                    await self._callback(*args)  # type: ignore[misc]
+                else:
+                    with self._span(rec, ctx):
+                        await self._callback(*args)  # type: ignore[misc]
+            except Exception:  # noqa: BLE001 - one record's failure must not end the view
+                log.exception(
+                    "%s: handling %s[%s]@%s failed", self._reader.service, rec.topic, rec.partition, rec.offset
+                )
+            finally:
+                self._queue.task_done()
 
     def _span(self, rec: ConsumerRecord[bytes, bytes], ctx: otel_context.Context) -> Any:
         return tracer.start_as_current_span(
@@ -174,18 +228,12 @@ class _View:
             },
         )
 
-    def _context_of(self, rec: ConsumerRecord[bytes, bytes]) -> otel_context.Context | None:
-        return trace_context(rec.headers) if self._traced else None
-
-    async def stop(self) -> None:
-        """Stop reading for this view (the reader and its other views carry on)."""
-        await self._reader._detach(self)
-
 
 class Table(_View, Generic[R]):
     """The latest record per key of one compacted topic, read from its beginning.
 
-    Made by :meth:`Reader.table`. ``rows`` is the current state; a tombstone removes its key.
+    Made by :meth:`Reader.table`. ``rows`` is the current state; a tombstone removes its key and
+    calls ``on_change(key, None)``.
     """
 
     def __init__(
@@ -196,11 +244,10 @@ class Table(_View, Generic[R]):
         on_change: Callable[[str, R | None], object] | None,
         traced: bool,
     ) -> None:
-        super().__init__(reader, topic, traced)
+        super().__init__(reader, topic, on_change, traced)
         self.rows: dict[str, R] = {}
         """Key -> latest record."""
         self._expected = expected
-        self._on_change = on_change
 
     def get(self, key: str) -> R | None:
         return self.rows.get(key)
@@ -213,7 +260,7 @@ class Table(_View, Generic[R]):
         """Wait until everything on the topic now has been applied to ``rows``; False on timeout.
 
         Read-your-writes: a record confirmed written before this call is in ``rows`` when it
-        returns True.
+        returns True (an async ``on_change`` may still be running for it).
         """
         return await self._reader._wait_caught_up([self], timeout_s)
 
@@ -236,13 +283,7 @@ class Table(_View, Generic[R]):
             self.rows.pop(name, None)
         else:
             self.rows[name] = record
-        if self._on_change is not None:
-            ctx = self._context_of(rec)
-            if ctx is None:
-                self._reader._call(self._on_change, name, record)
-            else:
-                with self._span(rec, ctx):
-                    self._reader._call(self._on_change, name, record)
+        self._deliver(rec, name, record)
 
 
 class Tail(_View, Generic[R]):
@@ -261,15 +302,13 @@ class Tail(_View, Generic[R]):
         key: str | None,
         replay: bool,
         traced: bool,
+        accept_key: Callable[[bytes | None], bool] | None = None,
     ) -> None:
-        super().__init__(reader, topic, traced)
+        super().__init__(reader, topic, on_record, traced)
         self.replay = replay
         self._expected = expected
-        self._on_record = on_record
         self._key = key.encode() if key is not None else None
-        self._async = on_record is not None and inspect.iscoroutinefunction(on_record)
-        self._queue: asyncio.Queue[tuple[R, ConsumerRecord[bytes, bytes], otel_context.Context | None]] | None = None
-        self._worker: asyncio.Task[None] | None = None
+        self._accept_key = accept_key
 
     async def start(self, timeout_s: float = 60.0) -> None:
         """Attach this tail (starting the reader if it is not yet).
@@ -282,58 +321,19 @@ class Tail(_View, Generic[R]):
     def _from_beginning(self) -> bool:
         return self.replay
 
-    def _begin(self) -> None:
-        if self._async and self._worker is None:
-            self._queue = asyncio.Queue()
-            self._worker = asyncio.create_task(self._work(), name=f"tail:{self.topic}")
-
-    async def _end(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
-            await asyncio.gather(self._worker, return_exceptions=True)
-            self._worker = None
-
-    async def _drained(self) -> None:
-        if self._queue is not None:
-            await self._queue.join()
-
     def _receive(self, rec: ConsumerRecord[bytes, bytes]) -> None:
         if self._key is not None and rec.key != self._key:
             return
+        if self._accept_key is not None and not self._accept_key(rec.key):
+            return  # not this process's business: not even decoded
         if not rec.value:
             return  # a tombstone: nothing happened that a tail reports
         try:
-            record: R = codec.decode(rec.value, self._expected)  # type: ignore[assignment]
+            record = codec.decode(rec.value, self._expected)
         except codec.DecodeError as exc:
             self._reader._bad(self, rec, exc.reason)
             return
-        if self._on_record is None:
-            return
-        ctx = self._context_of(rec)
-        if self._queue is not None:
-            self._queue.put_nowait((record, rec, ctx))
-        elif ctx is None:
-            self._reader._call(self._on_record, record)
-        else:
-            with self._span(rec, ctx):
-                self._reader._call(self._on_record, record)
-
-    async def _work(self) -> None:
-        assert self._queue is not None and self._on_record is not None
-        while True:
-            record, rec, ctx = await self._queue.get()
-            try:
-                if ctx is None:
-                    await self._on_record(record)  # type: ignore[misc]
-                else:
-                    with self._span(rec, ctx):
-                        await self._on_record(record)  # type: ignore[misc]
-            except Exception:  # noqa: BLE001 - one record's failure must not end the tail
-                log.exception(
-                    "%s: handling %s[%s]@%s failed", self._reader.service, rec.topic, rec.partition, rec.offset
-                )
-            finally:
-                self._queue.task_done()
+        self._deliver(rec, record)
 
 
 class Reader:
@@ -395,9 +395,14 @@ class Reader:
         key: str | None = None,
         replay: bool = False,
         traced: bool = True,
+        accept_key: Callable[[bytes | None], bool] | None = None,
     ) -> Tail[R]:
-        """A view following ``topic`` (only ``key``'s records, if given), from its end or with ``replay``."""
-        view: Tail[R] = Tail(self, topic, expected, on_record, key, replay, traced)
+        """A view following ``topic`` (only ``key``'s records, if given), from its end or with ``replay``.
+
+        ``accept_key`` filters records by their raw key before they are decoded (a dispatcher
+        reads only the results of invocations it holds).
+        """
+        view: Tail[R] = Tail(self, topic, expected, on_record, key, replay, traced, accept_key)
         self._views.append(view)
         return view
 
@@ -420,8 +425,7 @@ class Reader:
             await asyncio.gather(self._follower, return_exceptions=True)
             self._follower = None
         for view in self._views:
-            if isinstance(view, Tail):
-                await view._end()
+            await view._end()
             if view._state == "attached":
                 view._state = "detached"
         for _, _, _, done in self._ops:
@@ -498,8 +502,7 @@ class Reader:
             view._next = {tp: offsets[tp] for tp in view._tps}
             for tp in view._tps:
                 starts[tp] = min(starts.get(tp, offsets[tp]), offsets[tp])
-            if isinstance(view, Tail):
-                view._begin()
+            view._begin()
         await self._submit("attach", views, starts)
         waiting = [v for v in views if v._from_beginning()]
         if not waiting:
@@ -513,11 +516,10 @@ class Reader:
             )
         for view in waiting:
             if isinstance(view, Tail):
-                await view._drained()
+                await view._drained()  # a replay has been handled, not just read
 
     async def _detach(self, view: _View) -> None:
-        if isinstance(view, Tail):
-            await view._end()
+        await view._end()
         if view._state == "attached" and not self._stopped and self._follower is not None:
             await self._submit("detach", [view], {})
         view._state = "detached"

@@ -158,6 +158,27 @@ def test_a_failing_callback_does_not_stop_the_others() -> None:
     assert seen == ["y"] and set(table.rows) == {"x", "y"}
 
 
+def test_async_callbacks_run_in_order_without_holding_the_reader() -> None:
+    async def scenario() -> None:
+        reader = Reader("unused:9092", "test")
+        seen: list[str] = []
+
+        async def slow(key: str, _record: object) -> None:
+            await asyncio.sleep(0.02 if key == "x" else 0)
+            seen.append(key)
+
+        table = reader.table("a", (FunctionSpec,), on_change=slow)
+        attach(reader, table)
+        table._begin()
+        reader._hand_over({A0: [rec("a", 0, b"x", spec("x")), rec("a", 1, b"y", spec("y"))]})
+        assert set(table.rows) == {"x", "y"} and seen == []  # the rows at once, the callbacks on their task
+        await table._drained()
+        assert seen == ["x", "y"]
+        await table._end()
+
+    asyncio.run(scenario())
+
+
 # ----- tracing ----------------------------------------------------------------------------------
 
 
