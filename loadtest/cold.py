@@ -35,8 +35,8 @@ from loadtest import harness, plots
 from loadtest.harness import Target, console, fmt
 from loadtest.starts import CODE, new_function, python_c
 from loadtest.stats import latency_summary
+from services.common import views
 from services.common.client import StokerClient
-from services.common.table import CompactedTable, TopicTail
 
 KINDS = ("warm", "prewarmed", "pool", "zygote", "spawn")
 PHASES: tuple[tuple[dict[str, str], tuple[str, ...], tuple[str, ...]], ...] = (
@@ -53,7 +53,7 @@ TARGET_PREWARMED_MS = 1.0
 WARMUP = 20
 
 
-def runtime_beats(nodes: CompactedTable[Any]) -> list[NodeHeartbeat]:
+def runtime_beats(nodes: views.Table[Any]) -> list[NodeHeartbeat]:
     """The latest heartbeat of every runtime node (isolation nodes keep no generic pool)."""
     return [
         b for b in nodes.rows.values() if isinstance(b, NodeHeartbeat) and b.labels.get(ROLE, "runtime") == "runtime"
@@ -69,7 +69,7 @@ async def wait_until(check: Callable[[], bool], timeout_s: float) -> bool:
     return True
 
 
-def generic_everywhere(nodes: CompactedTable[Any]) -> Callable[[], bool]:
+def generic_everywhere(nodes: views.Table[Any]) -> Callable[[], bool]:
     """Every runtime node reports a generic instance: the pool refilled after the last first invocation."""
 
     def check() -> bool:
@@ -79,7 +79,7 @@ def generic_everywhere(nodes: CompactedTable[Any]) -> Callable[[], bool]:
     return check
 
 
-def loaded(nodes: CompactedTable[Any], name: str) -> Callable[[], bool]:
+def loaded(nodes: views.Table[Any], name: str) -> Callable[[], bool]:
     """A heartbeat shows a ready instance of ``name``: the dispatcher can route to it."""
 
     def check() -> bool:
@@ -95,76 +95,69 @@ async def measure(
     settings = where.settings
     out: dict[str, Any] = {}
     done: dict[str, PrewarmCompleted] = {}
-    tail = TopicTail(
-        settings.bootstrap, settings.topics.prewarm, (PrewarmCompleted,), lambda e: done.__setitem__(e.function, e)
-    )
-    await tail.start()
-    nodes: CompactedTable[Any] = CompactedTable(settings.bootstrap, settings.topics.node, (NodeHeartbeat, NodeStopped))
-    await nodes.start()
-    try:
-        async with StokerClient(settings) as client:
-            for variant in variants:
-                figures: dict[str, Any] = {}
-                for kind in kinds:
-                    e2e: list[float] = []
-                    start: list[float] = []
-                    other: dict[str, int] = {}
-                    paired: list[float] = []
-                    differences: list[float] = []
+    async with StokerClient(settings) as client:
+        tail = client.reader.tail(
+            settings.topics.prewarm, (PrewarmCompleted,), lambda e: done.__setitem__(e.function, e)
+        )
+        nodes: views.Table[Any] = client.reader.table(settings.topics.node, (NodeHeartbeat, NodeStopped), traced=False)
+        await asyncio.gather(tail.start(), nodes.start())
+        for variant in variants:
+            figures: dict[str, Any] = {}
+            for kind in kinds:
+                e2e: list[float] = []
+                start: list[float] = []
+                other: dict[str, int] = {}
+                paired: list[float] = []
+                differences: list[float] = []
+                if kind == "warm":
+                    name = await new_function(client, settings, variant)
+                    for _ in range(WARMUP):  # the platform just started: its services settle first
+                        await client.invoke(name, None, timeout_s=60)
+                for _ in range(reps):
                     if kind == "warm":
+                        await asyncio.sleep(QUIET_S)
+                    else:
+                        if kind == "pool":
+                            await wait_until(generic_everywhere(nodes), 10)
                         name = await new_function(client, settings, variant)
-                        for _ in range(WARMUP):  # the platform just started: its services settle first
-                            await client.invoke(name, None, timeout_s=60)
-                    for _ in range(reps):
-                        if kind == "warm":
+                        if kind == "prewarmed":
+                            await client.send(PrewarmRequested(function=name, count=1), settings.topics.prewarm, name)
+                            await wait_until(partial(dict.__contains__, done, name), 30)
+                            await wait_until(loaded(nodes, name), 5)
+                        else:
+                            await asyncio.sleep(SPEC_SETTLE_S)
+                    began = time.perf_counter()
+                    result = await client.invoke(name, None, timeout_s=60)
+                    took = (time.perf_counter() - began) * 1000
+                    if result.status != "ok":
+                        other[f"status {result.status}"] = other.get(f"status {result.status}", 0) + 1
+                    elif result.start != kind:
+                        other[result.start or "?"] = other.get(result.start or "?", 0) + 1
+                    else:
+                        e2e.append(took)
+                        start.append(result.timings_ms.start)
+                        if kind == "prewarmed":
+                            # The same function again, now warm on the same instance, after the
+                            # same quiet time: a pair measured under the same conditions.
                             await asyncio.sleep(QUIET_S)
-                        else:
-                            if kind == "pool":
-                                await wait_until(generic_everywhere(nodes), 10)
-                            name = await new_function(client, settings, variant)
-                            if kind == "prewarmed":
-                                await client.send(
-                                    PrewarmRequested(function=name, count=1), settings.topics.prewarm, name
-                                )
-                                await wait_until(partial(dict.__contains__, done, name), 30)
-                                await wait_until(loaded(nodes, name), 5)
-                            else:
-                                await asyncio.sleep(SPEC_SETTLE_S)
-                        began = time.perf_counter()
-                        result = await client.invoke(name, None, timeout_s=60)
-                        took = (time.perf_counter() - began) * 1000
-                        if result.status != "ok":
-                            other[f"status {result.status}"] = other.get(f"status {result.status}", 0) + 1
-                        elif result.start != kind:
-                            other[result.start or "?"] = other.get(result.start or "?", 0) + 1
-                        else:
-                            e2e.append(took)
-                            start.append(result.timings_ms.start)
-                            if kind == "prewarmed":
-                                # The same function again, now warm on the same instance, after the
-                                # same quiet time: a pair measured under the same conditions.
-                                await asyncio.sleep(QUIET_S)
-                                began = time.perf_counter()
-                                again = await client.invoke(name, None, timeout_s=60)
-                                if again.status == "ok" and again.start == "warm":
-                                    paired.append((time.perf_counter() - began) * 1000)
-                                    differences.append(took - paired[-1])
-                        if kind != "warm":
-                            await client.delete_function(name)
-                        advance()
-                    figures[kind] = {
-                        "end_to_end_ms": latency_summary(e2e),
-                        "start_phase_ms": latency_summary(start),
-                        "got_another_kind": other,
-                        "samples_ms": [round(x, 3) for x in e2e],
-                    }
-                    if paired:
-                        figures[kind]["paired_warm_end_to_end_ms"] = latency_summary(paired)
-                        figures[kind]["paired_difference_ms"] = latency_summary(differences)
-                out[variant] = figures
-    finally:
-        await nodes.stop()
-        await tail.stop()
+                            began = time.perf_counter()
+                            again = await client.invoke(name, None, timeout_s=60)
+                            if again.status == "ok" and again.start == "warm":
+                                paired.append((time.perf_counter() - began) * 1000)
+                                differences.append(took - paired[-1])
+                    if kind != "warm":
+                        await client.delete_function(name)
+                    advance()
+                figures[kind] = {
+                    "end_to_end_ms": latency_summary(e2e),
+                    "start_phase_ms": latency_summary(start),
+                    "got_another_kind": other,
+                    "samples_ms": [round(x, 3) for x in e2e],
+                }
+                if paired:
+                    figures[kind]["paired_warm_end_to_end_ms"] = latency_summary(paired)
+                    figures[kind]["paired_difference_ms"] = latency_summary(differences)
+            out[variant] = figures
     return out
 
 

@@ -38,7 +38,7 @@ from loadtest.stats import latency_summary
 from loadtest.warm import create_noop, delete
 from services.common.client import StokerClient
 from services.common.settings import CommonSettings
-from services.common.table import partitions_of
+from services.common.views import partitions_of
 
 
 class Recorder:

@@ -31,7 +31,6 @@ from loadtest.stats import machine_facts, summary
 from services.cli.broker import KAFKA_VERSION
 from services.common.client import StokerClient
 from services.common.settings import CommonSettings
-from services.common.table import TopicTail
 from services.gateway.webhooks import sign
 
 console = Console()
@@ -59,14 +58,6 @@ async def run_rounds(
     common: CommonSettings, http: str, repo: Path, remote: Path, rounds: int, warm: int
 ) -> dict[str, Any]:
     completed: dict[str, PrewarmCompleted] = {}
-    tail = TopicTail(
-        common.bootstrap,
-        common.topics.prewarm,
-        (PrewarmCompleted,),
-        lambda e: completed.__setitem__(e.commit or "", e) if isinstance(e, PrewarmCompleted) else None,
-    )
-    # Other record types on the topic fail the expected type and are skipped by the tail.
-    await tail.start()
     figures: dict[str, dict[str, list[float]]] = {
         name: {"webhook_to_ready_ms": [], "prewarm_ms": [], "first_call_ms": [], "first_exec_path_ms": []}
         for name in ("nodeps", "withdep")
@@ -74,6 +65,13 @@ async def run_rounds(
     kinds: dict[str, dict[str, int]] = {"nodeps": {}, "withdep": {}}
     warm_ms: list[float] = []
     async with StokerClient(common) as client:
+        # Other record types on the topic fail the expected type and are skipped by the tail.
+        tail = client.reader.tail(
+            common.topics.prewarm,
+            (PrewarmCompleted,),
+            lambda e: completed.__setitem__(e.commit or "", e) if isinstance(e, PrewarmCompleted) else None,
+        )
+        await tail.start()
         await client.send(
             RepoConfigured(repo=remote.as_uri(), webhook_secret=SECRET), common.topics.repo, remote.as_uri()
         )
@@ -127,7 +125,6 @@ async def run_rounds(
             call_started = time.perf_counter()
             await client.invoke("nodeps", None, timeout_s=30)
             warm_ms.append((time.perf_counter() - call_started) * 1000)
-    await tail.stop()
     return {"figures": figures, "first_call_start_kinds": kinds, "warm_ms": warm_ms}
 
 

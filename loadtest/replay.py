@@ -52,7 +52,6 @@ from loadtest.keepalive_sim import DEFAULT_DATA, arrivals
 from loadtest.load import Outcome, Sample, describe, kafka_call, open_loop, start_results
 from loadtest.stats import latency_summary, ratio
 from services.common.client import StokerClient, package_code
-from services.common.table import TopicTail
 
 PERCENTILES = (0, 1, 25, 50, 75, 99, 100)
 FIXED_KEEPALIVE_S = 600.0
@@ -213,7 +212,7 @@ async def replay(
         await start_results(client)
         await asyncio.sleep(1.0)  # the specs reach every view before the first request
         held = HeldInstances(set(names))
-        beats = TopicTail(settings.bootstrap, settings.topics.node, (NodeHeartbeat, NodeStopped), held.on_record)
+        beats = client.reader.tail(settings.topics.node, (NodeHeartbeat, NodeStopped), held.on_record)
         await beats.start()
         calls = [
             kafka_call(client, names[p.function], {"ms": p.exec_ms, "spin": spin}, timeout_s=60.0) for p in planned

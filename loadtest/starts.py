@@ -31,7 +31,6 @@ from loadtest.stats import machine_facts, summary
 from services.cli.broker import KAFKA_VERSION
 from services.common.client import StokerClient, package_code
 from services.common.settings import CommonSettings
-from services.common.table import TopicTail
 
 console = Console()
 CODE = {
@@ -64,8 +63,9 @@ async def new_function(client: StokerClient, settings: CommonSettings, variant: 
 async def wait_generic(client: StokerClient, want: int) -> None:
     for _ in range(100):
         nodes = await client.nodes()
-        beats = [n for n in nodes.values() if n.type == "node.heartbeat"
-                 and n.labels.get("stoker.io/role") == "runtime"]  # type: ignore[union-attr]
+        beats = [
+            n for n in nodes.values() if n.type == "node.heartbeat" and n.labels.get("stoker.io/role") == "runtime"
+        ]  # type: ignore[union-attr]
         if beats and all(sum(i.state == "generic" for i in n.instances) >= want for n in beats):  # type: ignore[union-attr]
             return
         await asyncio.sleep(0.05)
@@ -74,11 +74,11 @@ async def wait_generic(client: StokerClient, want: int) -> None:
 async def measure(settings: CommonSettings, kinds: list[str], reps: int) -> dict[str, dict[str, list[float]]]:
     out: dict[str, dict[str, list[float]]] = {}
     done: dict[str, PrewarmCompleted] = {}
-    tail = TopicTail(
-        settings.bootstrap, settings.topics.prewarm, (PrewarmCompleted,), lambda e: done.__setitem__(e.function, e)
-    )
-    await tail.start()
     async with StokerClient(settings) as client:
+        tail = client.reader.tail(
+            settings.topics.prewarm, (PrewarmCompleted,), lambda e: done.__setitem__(e.function, e)
+        )
+        await tail.start()
         for variant in CODE:
             samples: dict[str, list[float]] = {k: [] for k in kinds}
             if "warm" in kinds:
@@ -104,7 +104,6 @@ async def measure(settings: CommonSettings, kinds: list[str], reps: int) -> dict
                     samples[kind].append(result.timings_ms.start)
                     await client.delete_function(name)
             out[variant] = samples
-    await tail.stop()
     return out
 
 

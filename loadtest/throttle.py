@@ -27,7 +27,6 @@ from loadtest.stats import machine_facts, summary
 from services.cli.broker import KAFKA_VERSION
 from services.common.client import StokerClient, package_code
 from services.common.settings import CommonSettings
-from services.common.table import TopicTail
 
 console = Console()
 VICTIM = """import time
@@ -59,15 +58,12 @@ async def deploy(client: StokerClient, settings: CommonSettings, name: str, code
 
 async def run(settings: CommonSettings, rate: float, phase_s: float, hog_s: float) -> dict[str, Any]:
     decided: list[tuple[float, ThrottleDecided]] = []
-    tail = TopicTail(
-        settings.bootstrap,
-        settings.topics.throttle,
-        (ThrottleDecided,),
-        lambda d: decided.append((time.monotonic(), d)),
-    )
-    await tail.start()
     latencies: list[tuple[float, float, str]] = []  # (sent at, ms, status)
     async with StokerClient(settings) as client:
+        tail = client.reader.tail(
+            settings.topics.throttle, (ThrottleDecided,), lambda d: decided.append((time.monotonic(), d))
+        )
+        await tail.start()
         await deploy(client, settings, "victim", VICTIM)
         await deploy(client, settings, "hog", HOG)
         for _ in range(5):
@@ -94,7 +90,6 @@ async def run(settings: CommonSettings, rate: float, phase_s: float, hog_s: floa
         await asyncio.gather(*tasks)
         if hog_task is not None:
             await hog_task
-    await tail.stop()
     hog = [(t, d) for t, d in decided if d.function == "hog"]
     clamp = next((t for t, d in hog if d.action == "clamp"), None)
     isolate = next((t for t, d in hog if d.action == "isolate"), None)

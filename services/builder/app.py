@@ -27,8 +27,8 @@ from services.common import telemetry
 from services.common.artifacts import LocalArtifactStore
 from services.common.broker import make_broker
 from services.common.runner import configure_logging, serve
-from services.common.table import CompactedTable
 from services.common.telemetry import setup_tracing
+from services.common.views import Reader, dead_letters_to
 
 log = logging.getLogger("stoker.builder")
 tracer = trace.get_tracer("stoker.builder")
@@ -41,7 +41,8 @@ async def run(settings: BuilderSettings) -> None:
     provider = setup_tracing("builder", common)
     broker = make_broker(common, "builder", provider)
     store = LocalArtifactStore(common.artifacts_dir)
-    functions: CompactedTable[FunctionSpec] = CompactedTable(common.bootstrap, topics.function, (FunctionSpec,))
+    reader = Reader(common.bootstrap, "builder", dead_letters=dead_letters_to(broker, topics.dlq))
+    functions = reader.table(topics.function, (FunctionSpec,))
 
     async def publish(record: Record, topic: str, key: str) -> Any:
         return await broker.publish(record, topic, key=key.encode())
@@ -142,5 +143,5 @@ async def run(settings: BuilderSettings) -> None:
         for spec in targets:
             await build_one(spec, event)
 
-    await serve("builder", common, broker, on_start=[functions.start], on_stop=[functions.stop])
+    await serve("builder", common, broker, on_start=[reader.start], on_stop=[reader.stop])
     provider.shutdown()

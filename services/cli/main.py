@@ -223,11 +223,12 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readabl
 
         async def views() -> tuple[dict[str, Any], dict[str, FunctionSpec], dict[str, Any], list[Any]]:
             async with StokerClient(common) as client:
-                return (
-                    await client.nodes(),
-                    await client.functions(),
-                    await client.table(common.topics.placement, PlacementOverride),
-                    await client.history(common.topics.throttle),
+                # Four views of the client's one reader, read side by side.
+                return await asyncio.gather(
+                    client.nodes(),
+                    client.functions(),
+                    client.table(common.topics.placement, PlacementOverride),
+                    client.history(common.topics.throttle),
                 )
 
         nodes, functions, overrides, decisions = asyncio.run(views())

@@ -23,7 +23,7 @@ from events.workflow import WorkflowSpec
 from services.common import names, telemetry
 from services.common.artifacts import LocalArtifactStore, package_directory
 from services.common.settings import CommonSettings
-from services.common.table import CompactedTable, TopicTail
+from services.common.views import Reader, Tail
 
 tracer = trace.get_tracer("stoker.client")
 
@@ -48,9 +48,18 @@ class StokerClient:
             linger_ms=0,
             request_timeout_ms=15_000,
         )
-        self._results: TopicTail | None = None
+        # One reader for every view the client opens. Its views come and go one after another
+        # (status, create): a short long poll lets each new one catch up sooner; a client is not
+        # a platform process idling for hours.
+        self._reader = Reader(settings.bootstrap, "client", fetch_max_wait_ms=100)
+        self._results: Tail[InvocationCompleted] | None = None
         self._results_lock = asyncio.Lock()
         self._waiting: dict[str, asyncio.Future[InvocationCompleted]] = {}
+
+    @property
+    def reader(self) -> Reader:
+        """The client's one reader, for more views of the platform's topics (``client.reader.tail(...)``)."""
+        return self._reader
 
     async def __aenter__(self) -> StokerClient:
         await self._producer.start()
@@ -59,8 +68,7 @@ class StokerClient:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if self._results is not None:
-            await self._results.stop()
+        await self._reader.stop()
         await self._producer.stop()
 
     # ----- functions ----------------------------------------------------------------------------
@@ -102,36 +110,26 @@ class StokerClient:
 
     async def table(self, topic: str, *models: type[Record]) -> dict[str, Record]:
         """The current rows of a compacted topic."""
-        view: CompactedTable[Any] = CompactedTable(self.settings.bootstrap, topic, models)
+        view = self._reader.table(topic, models, traced=False)
         await view.start()
         await view.stop()
         return dict(view.rows)
 
     async def functions(self) -> dict[str, FunctionSpec]:
-        table: CompactedTable[FunctionSpec] = CompactedTable(
-            self.settings.bootstrap, self.topics.function, (FunctionSpec,)
-        )
-        await table.start()
-        await table.stop()
-        return dict(table.rows)
+        view = self._reader.table(self.topics.function, (FunctionSpec,), traced=False)
+        await view.start()
+        await view.stop()
+        return dict(view.rows)
 
     async def nodes(self) -> dict[str, NodeHeartbeat | NodeStopped]:
-        table: CompactedTable[Any] = CompactedTable(
-            self.settings.bootstrap, self.topics.node, (NodeHeartbeat, NodeStopped, NodeObserved)
-        )
-        await table.start()
-        await table.stop()
-        return dict(table.rows)
+        rows: dict[str, Any] = await self.table(self.topics.node, NodeHeartbeat, NodeStopped, NodeObserved)
+        return rows
 
     async def history(self, topic: str, key: str | None = None) -> list[Record]:
         """Every decodable record on ``topic`` (optionally only ``key``'s), oldest first."""
         found: list[Record] = []
-
-        def keep(record: Record) -> None:
-            found.append(record)
-
-        tail = TopicTail(self.settings.bootstrap, topic, (Record,), keep, key=key)
-        await tail.start(replay=True)
+        tail = self._reader.tail(topic, (Record,), found.append, key=key, replay=True, traced=False)
+        await tail.start()
         await tail.stop()
         return found
 
@@ -142,7 +140,8 @@ class StokerClient:
         # arrives before it has fixed its start position would be missed.
         async with self._results_lock:
             if self._results is None:
-                tail = TopicTail(self.settings.bootstrap, self.topics.result, (InvocationCompleted,), self._resolve)
+                # Every result of the platform passes here: no span for each.
+                tail = self._reader.tail(self.topics.result, (InvocationCompleted,), self._resolve, traced=False)
                 await tail.start()
                 self._results = tail
 

@@ -34,8 +34,8 @@ from services.common.admin import ensure_topics
 from services.common.broker import make_broker
 from services.common.repos import same_repo
 from services.common.runner import clear_ready, configure_logging, mark_ready
-from services.common.table import CompactedTable, TopicTail
 from services.common.telemetry import setup_tracing
+from services.common.views import Reader, dead_letters_to
 from services.gateway import webhooks
 from services.gateway.results import ResultBook
 from services.gateway.settings import GatewaySettings
@@ -93,28 +93,23 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     topics = common.topics
     provider = setup_tracing("gateway", common)
     broker = make_broker(common, "gateway", provider)
-    functions: CompactedTable[FunctionSpec] = CompactedTable(common.bootstrap, topics.function, (FunctionSpec,))
+    reader = Reader(common.bootstrap, "gateway", dead_letters=dead_letters_to(broker, topics.dlq))
+    functions = reader.table(topics.function, (FunctionSpec,))
     book = ResultBook()
     reply_topic = topics.reply(settings.gateway_id)
-    replies = TopicTail(common.bootstrap, reply_topic, (InvocationCompleted,), book.resolve)
-    repos: CompactedTable[RepoConfigured] = CompactedTable(common.bootstrap, topics.repo, (RepoConfigured,))
-    workflows: CompactedTable[WorkflowSpec] = CompactedTable(common.bootstrap, topics.workflow, (WorkflowSpec,))
+    reader.tail(reply_topic, (InvocationCompleted,), book.resolve)
+    repos = reader.table(topics.repo, (RepoConfigured,))
+    workflows = reader.table(topics.workflow, (WorkflowSpec,))
     deliveries: set[str] = set()
     delivery_lock = asyncio.Lock()
     # Delivery ids already published, read back from the topic itself: a redelivery after a
     # gateway restart is recognised too.
-    commits = TopicTail(
-        common.bootstrap, topics.code_commit, (CodeCommitted,), lambda event: deliveries.add(event.delivery_id)
-    )
+    reader.tail(topics.code_commit, (CodeCommitted,), lambda event: deliveries.add(event.delivery_id), replay=True)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await ensure_topics(common.bootstrap, [topics.reply_spec(settings.gateway_id)])
-        await replies.start()
-        await functions.start()
-        await repos.start()
-        await workflows.start()
-        await commits.start(replay=True)
+        await reader.start()
         await broker.start()
         mark_ready(common, "gateway", url=f"http://{settings.host}:{settings.port}")
         try:
@@ -122,11 +117,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         finally:
             clear_ready(common, "gateway")
             await broker.stop()
-            await functions.stop()
-            await replies.stop()
-            await repos.stop()
-            await workflows.stop()
-            await commits.stop()
+            await reader.stop()
             provider.shutdown()
 
     app = FastAPI(title="Stoker gateway", lifespan=lifespan)

@@ -23,7 +23,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer
 from kubernetes_asyncio import client, config, watch
 from kubernetes_asyncio.client.exceptions import ApiException
 from pydantic import ValidationError
@@ -33,8 +32,8 @@ from events.topics import TopicSpec
 from services.common.admin import ensure_topics
 from services.common.broker import make_broker
 from services.common.runner import configure_logging, serve
-from services.common.table import partitions_of
 from services.common.telemetry import setup_tracing
+from services.common.views import Reader, dead_letters_to
 from services.nodewatch.book import NodeBook
 from services.nodewatch.settings import NodewatchSettings
 
@@ -93,20 +92,26 @@ class Nodewatch:
             await self._reconcile(name)
 
     async def request(self, key: bytes | None, value: bytes | None) -> None:
-        """One record of the node-taint topic (key = node; a tombstone withdraws the wish)."""
-        async with self._lock:
-            node = key.decode(errors="replace") if key else ""
-            if not node:
-                log.warning("taint request without a key: ignored")
-                return
-            if not value:
-                self.book.forget_wish(node)
-                log.info("taint request for %s withdrawn (its taints stay as they are)", node)
-                return
+        """One raw record of the node-taint topic (key = node; a tombstone withdraws the wish)."""
+        node = key.decode(errors="replace") if key else ""
+        if not node:
+            log.warning("taint request without a key: ignored")
+            return
+        wish = None
+        if value:
             try:
                 wish = NodeTaintsRequested.model_validate(orjson.loads(value))
             except (orjson.JSONDecodeError, ValidationError) as exc:
                 log.warning("bad taint request for %s: %s", node, exc)
+                return
+        await self.wish(node, wish)
+
+    async def wish(self, node: str, wish: NodeTaintsRequested | None) -> None:
+        """The latest wish for ``node``'s taints (None: withdrawn), as the node-taint table reads it."""
+        async with self._lock:
+            if wish is None:
+                self.book.forget_wish(node)
+                log.info("taint request for %s withdrawn (its taints stay as they are)", node)
                 return
             if wish.node != node:
                 log.warning("taint request keyed %s names node %s: ignored", node, wish.node)
@@ -228,25 +233,6 @@ def make_patch(api: Any) -> Patch:
 # --------------------------------------------------------------------------- Kafka
 
 
-async def follow_requests(bootstrap: str, topic: str, watcher: Nodewatch) -> None:
-    """Every record of the node-taint topic from its start (compacted: the latest wish per node)."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest", fetch_max_wait_ms=200
-    )
-    await consumer.start()
-    try:
-        partitions = await partitions_of(consumer, topic)
-        consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
-        while True:
-            batches = await consumer.getmany(timeout_ms=1000)
-            for records in batches.values():
-                for record in records:
-                    await watcher.request(record.key, record.value)
-    finally:
-        await consumer.stop()
-
-
 async def run(settings: NodewatchSettings) -> None:
     common = settings.common
     configure_logging(common)
@@ -258,15 +244,15 @@ async def run(settings: NodewatchSettings) -> None:
         await broker.publish(record, common.topics.node, key=observed_key(node).encode())
 
     watcher = Nodewatch(NodeBook(settings.default_max_instances), publish, make_patch(api))
+    # The node-taint topic from its start (compacted: the latest wish per node), one wish at a time.
+    reader = Reader(common.bootstrap, "nodewatch", dead_letters=dead_letters_to(broker, common.topics.dlq))
+    reader.table(settings.taint_topic, (NodeTaintsRequested,), on_change=watcher.wish)
 
     async def create_topic() -> None:
         await ensure_topics(common.bootstrap, [TopicSpec(settings.taint_topic, compacted=True)])
 
     async def nodes() -> None:
         await follow_nodes(api, watcher, settings)
-
-    async def requests() -> None:
-        await follow_requests(common.bootstrap, settings.taint_topic, watcher)
 
     async def retries() -> None:
         while True:
@@ -281,9 +267,9 @@ async def run(settings: NodewatchSettings) -> None:
         "nodewatch",
         common,
         broker,
-        on_start=[create_topic],
-        background=[nodes, requests, retries],
-        on_stop=[close_api],
+        on_start=[create_topic, reader.start],
+        background=[nodes, retries],
+        on_stop=[reader.stop, close_api],
         ready_facts={"selector": settings.label_selector, "taint_topic": settings.taint_topic},
     )
     provider.shutdown()

@@ -25,8 +25,8 @@ from events.cluster import NodeObserved
 from services.common.broker import make_broker
 from services.common.runner import configure_logging, serve
 from services.common.settings import CommonSettings, env_float, env_int
-from services.common.table import CompactedTable
 from services.common.telemetry import setup_tracing
+from services.common.views import Reader, Table, dead_letters_to
 from services.throttler.policy import Action, PolicyConfig, Throttler
 from services.throttler.ranges import RangeConfig
 
@@ -53,13 +53,11 @@ async def run(common: CommonSettings, config: PolicyConfig) -> None:
     topics = common.topics
     provider = setup_tracing("throttler", common)
     broker = make_broker(common, "throttler", provider)
-    functions: CompactedTable[FunctionSpec] = CompactedTable(common.bootstrap, topics.function, (FunctionSpec,))
-    overrides: CompactedTable[PlacementOverride] = CompactedTable(
-        common.bootstrap, topics.placement, (PlacementOverride,)
-    )
-    nodes: CompactedTable[Any] = CompactedTable(
-        common.bootstrap, topics.node, (NodeHeartbeat, NodeStopped, NodeObserved)
-    )
+    reader = Reader(common.bootstrap, "throttler", dead_letters=dead_letters_to(broker, topics.dlq))
+    functions = reader.table(topics.function, (FunctionSpec,))
+    overrides = reader.table(topics.placement, (PlacementOverride,))
+    # Heartbeats are each a trace of their own: a read span per beat would say nothing.
+    nodes: Table[Any] = reader.table(topics.node, (NodeHeartbeat, NodeStopped, NodeObserved), traced=False)
     throttler = Throttler(config)
 
     async def apply(action: Action) -> None:
@@ -140,16 +138,7 @@ async def run(common: CommonSettings, config: PolicyConfig) -> None:
                 await apply(action)
             throttler.forget(now)
 
-    async def start_views() -> None:
-        await functions.start()
-        await overrides.start()
-        await nodes.start()
-
-    async def stop_views() -> None:
-        for view in (functions, overrides, nodes):
-            await view.stop()
-
-    await serve("throttler", common, broker, on_start=[start_views], background=[tick], on_stop=[stop_views])
+    await serve("throttler", common, broker, on_start=[reader.start], background=[tick], on_stop=[reader.stop])
     provider.shutdown()
 
 
