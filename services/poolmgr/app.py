@@ -5,20 +5,25 @@ Specialize commands out, and the function's active version switched once the cod
 Invocation results in (every one, from the end of the topic): each function's idle times, from
 which the keep-alive policy decides when its instances are recycled and when one is pre-warmed
 ahead of the next expected invocation (a PrewarmRequested on the prewarm topic, handled here too).
+The decisions and their state are :class:`services.poolmgr.core.PoolManager`'s.
+
+Several copies may run (``stoker up --poolmgrs N``): one is active, the others stand by
+(:mod:`services.common.leadership`). Every copy keeps its views current and learns from every
+result, so a standby takes over with them; only the active copy writes, through a fenced
+transactional writer, and a new active copy rebuilds the rest from Kafka.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
-from collections.abc import Mapping
-from typing import Any, Literal
+import time
+from typing import Any
 
-from faststream.middlewares import AckPolicy
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
 
 from events import (
-    EnsurePool,
     FunctionSpec,
     InstanceChanged,
     InvocationCompleted,
@@ -27,292 +32,174 @@ from events import (
     PlacementOverride,
     PrewarmCompleted,
     PrewarmRequested,
-    Recycle,
-    Specialize,
-    now_ms,
+    PrewarmStarted,
 )
 from events.cluster import NodeObserved
-from services.common import placement
 from services.common.broker import make_broker
-from services.common.runner import configure_logging, serve
-from services.common.settings import CommonSettings, env_float, env_int, env_str
-from services.common.table import CompactedTable, TopicTail
+from services.common.leadership import FencedWriter, Leadership, TermReader, lease_spec, run_loops
+from services.common.runner import configure_logging, mark_ready, serve
 from services.common.telemetry import setup_tracing
-from services.poolmgr import prewarm
-from services.poolmgr.keepalive import KeepAliveDecision, policy_from_config
-from services.poolmgr.policy import (
-    ArrivalBook,
-    PoolPolicy,
-    generic_target,
-    keepalive_decisions,
-    keepalive_prewarms,
-    loaded_functions,
-)
+from services.common.views import Reader, Table, dead_letters_to
+from services.poolmgr.core import PoolManager, learn
+from services.poolmgr.policy import ArrivalBook
+from services.poolmgr.settings import PoolmgrSettings, pool_policy_from_env
+
+__all__ = ["GROUP", "main", "pool_policy_from_env", "run"]
 
 log = logging.getLogger("stoker.poolmgr")
-PrewarmStatus = Literal["ready", "timed_out", "failed", "superseded"]
+tracer = trace.get_tracer("stoker.poolmgr")
+
+GROUP = "stoker-poolmgr"
+"""The consumer group whose committed position on the prewarm topic the active copy carries on from."""
+PREWARM_RECORDS = (PrewarmRequested, PrewarmStarted, PrewarmCompleted)
 
 
-async def run(
-    common: CommonSettings, policy: PoolPolicy, prewarm_timeout_s: float = 20.0, keepalive_tick_s: float = 1.0
-) -> None:
+class _Relay:
+    """Hands view events to the current term (none while this copy stands by)."""
+
+    def __init__(self) -> None:
+        self.core: PoolManager | None = None
+        self.nodes: asyncio.Queue[tuple[str, Any]] | None = None
+
+    def node(self, name: str, record: Any) -> None:
+        if self.nodes is not None:
+            self.nodes.put_nowait((name, record))
+
+    def instance(self, event: InstanceChanged) -> None:
+        if self.core is not None:
+            self.core.on_instance(event)
+
+
+async def run(settings: PoolmgrSettings) -> None:
+    common = settings.common
     configure_logging(common)
     topics = common.topics
     provider = setup_tracing("poolmgr", common)
     broker = make_broker(common, "poolmgr", provider)
-    functions: CompactedTable[FunctionSpec] = CompactedTable(common.bootstrap, topics.function, (FunctionSpec,))
-    overrides: CompactedTable[PlacementOverride] = CompactedTable(
-        common.bootstrap, topics.placement, (PlacementOverride,)
-    )
-    beats: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-    nodes: CompactedTable[Any] = CompactedTable(
-        common.bootstrap,
+    arrivals = ArrivalBook(settings.policy.keepalive)
+    relay = _Relay()
+
+    # ----- views: every copy keeps them current, so a standby takes over with them ready -----
+    reader = Reader(common.bootstrap, "poolmgr", dead_letters=dead_letters_to(broker, topics.dlq))
+    functions = reader.table(topics.function, (FunctionSpec,))
+    overrides = reader.table(topics.placement, (PlacementOverride,))
+    nodes: Table[Any] = reader.table(
         topics.node,
         (NodeHeartbeat, NodeStopped, NodeObserved),
-        on_change=lambda name, rec: beats.put_nowait((name, rec)),
+        on_change=relay.node,
+        traced=False,  # heartbeats: each its own trace, a read span per beat says nothing
     )
-    told: dict[str, tuple[str, int]] = {}  # node -> (incarnation, target) last commanded
-    recycling: dict[str, int] = {}  # instance -> when the recycle was sent (avoid repeats)
-    pending: dict[tuple[str, str], prewarm.PendingPrewarm] = {}
-    just_activated: dict[tuple[str, str], int] = {}  # (function, version) -> protected until (ms)
-    changed = asyncio.Condition()
-    arrivals = ArrivalBook(policy.keepalive)
-    prewarm_requested: dict[str, int] = {}  # function -> window of its last keep-alive prewarm
+    reader.tail(topics.instance, (InstanceChanged,), relay.instance)
+    # Every result of the platform, for bookkeeping: a span each would add to every invocation's trace.
+    reader.tail(topics.result, (InvocationCompleted,), lambda r: learn(arrivals, functions, r), traced=False)
+    # ----- end of views ----------------------------------------------------------------------
 
-    def live_nodes() -> list[NodeHeartbeat]:
-        now = now_ms()
-        return [n for n in nodes.rows.values() if isinstance(n, NodeHeartbeat) and n.fresh(now)]
+    stopping = False
+    facts: dict[str, object] = {"keepalive": settings.policy.keepalive.name, "instance": settings.instance_name}
 
-    async def on_instance(event: InstanceChanged) -> None:
-        if event.function is None or event.function_version is None:
-            return
-        entry = pending.get((event.function, event.function_version))
-        if entry is None:
-            return
-        if event.state == "ready":
-            entry.ready.add(event.instance)
-        elif event.state == "gone" and event.reason.startswith("code failed to load"):
-            entry.failure = event.reason
-        async with changed:
-            changed.notify_all()
+    def on_role(role: str) -> None:
+        if not stopping:
+            mark_ready(common, settings.component, **facts, role=role)
 
-    instances = TopicTail(common.bootstrap, topics.instance, (InstanceChanged,), on_instance)
+    leadership = Leadership(
+        common.bootstrap,
+        lease_spec(topics, "poolmgr"),
+        group_id="stoker-poolmgr-lease",
+        instance=settings.instance_name,
+        transactional_id=f"stoker-poolmgr-{topics.prefix}",
+        session_timeout_ms=settings.lease_timeout_ms,
+        on_role=on_role,
+    )
 
-    def on_result(result: InvocationCompleted) -> None:
-        if result.function not in functions.rows:
-            return  # an unknown function's rejection: nothing to keep alive
-        before = arrivals.functions.get(result.function)
-        old = before.decision if before is not None else None
-        if arrivals.record_result(result):
-            new = arrivals.functions[result.function].decision
-            if old is None or _changed(old, new):
-                log.info("keep-alive of %s (%s): %s", result.function, policy.keepalive.name, _describe(new))
-
-    results = TopicTail(common.bootstrap, topics.result, (InvocationCompleted,), on_result)
-
-    async def start_views() -> None:
-        await instances.start()
-        await functions.start()
-        await results.start()
-        await nodes.start()
-        await overrides.start()
-
-    async def on_heartbeat(name: str, hb: NodeHeartbeat) -> None:
-        if now_ms() - hb.at_ms > 5_000:
-            return  # a replayed heartbeat of a node long gone
-        target = generic_target(hb, policy)
-        if told.get(name) != (hb.incarnation, target) and hb.pool_target != target:
-            await broker.publish(EnsurePool(incarnation=hb.incarnation, generic=target), topics.work(name), key=b"pool")
-        told[name] = (hb.incarnation, target)
-        now = now_ms()
-        for pair, until in list(just_activated.items()):
-            if until < now:
-                del just_activated[pair]
-        protected = pending.keys() | just_activated.keys()
-        for decision in keepalive_decisions(hb, functions.rows, policy, arrivals.functions, protected, now):
-            if now_ms() - recycling.get(decision.instance, 0) < 10_000:
-                continue
-            recycling[decision.instance] = now_ms()
-            log.info("recycling %s on %s: %s", decision.instance, name, decision.reason)
-            await broker.publish(
-                Recycle(incarnation=hb.incarnation, instance=decision.instance, reason=decision.reason),
-                topics.work(name),
-                key=(decision.function or "").encode(),
-            )
-
-    async def follow_nodes() -> None:
-        while True:
-            name, record = await beats.get()
-            if isinstance(record, NodeHeartbeat):
-                await on_heartbeat(name, record)
-            elif record is None or isinstance(record, NodeStopped):
-                told.pop(name, None)
-
-    async def keepalive_tick() -> None:
-        while True:
-            await asyncio.sleep(keepalive_tick_s)
-            now = now_ms()
-            for instance, sent in list(recycling.items()):
-                if now - sent > 60_000:
-                    del recycling[instance]
-            gone = [name for name in arrivals.functions if name not in functions.rows]
-            arrivals.forget(gone)
-            for name in gone:
-                prewarm_requested.pop(name, None)
-            live = live_nodes()
-            if not live:
-                continue  # nowhere to load anything: keep the window for when a node comes
-            loaded = loaded_functions(live, functions.rows) | {fn for fn, _ in pending}
-            due = keepalive_prewarms(functions.rows, arrivals.functions, policy, loaded, prewarm_requested, now)
-            for decision in due:
-                prewarm_requested[decision.function] = decision.window
-                log.info("pre-warming %s: %s", decision.function, decision.reason)
-                await broker.publish(
-                    PrewarmRequested(function=decision.function, count=1, activate=False, reason=decision.reason),
-                    topics.prewarm,
-                    key=decision.function.encode(),
-                )
-
-    async def finish(request: PrewarmRequested, status: PrewarmStatus, **fields: Any) -> None:
-        await broker.publish(
-            PrewarmCompleted(
-                function=request.function, digest=request.digest, commit=request.commit, status=status, **fields
-            ),
-            topics.prewarm,
-            key=request.function.encode(),
+    async def lead(writer: FencedWriter) -> None:
+        """One term as the active copy: ``writer`` has fenced the previous one."""
+        began = time.monotonic()
+        requests = TermReader(
+            common.bootstrap, topics.prewarm, GROUP, PREWARM_RECORDS, client_id=f"stoker-{settings.instance_name}"
         )
-
-    # The request is committed once its prewarm ended (ready, failed or timed out), so a pool
-    # manager restarted mid-prewarm picks it up again instead of never activating the version.
-    @broker.subscriber(
-        topics.prewarm, group_id="stoker-poolmgr", auto_offset_reset="earliest", ack_policy=AckPolicy.NACK_ON_ERROR
-    )
-    async def on_prewarm(request: PrewarmRequested | PrewarmCompleted) -> None:
-        if isinstance(request, PrewarmCompleted):
-            return  # our own reports share the topic
-        await functions.wait_caught_up(timeout_s=2.0)
-        current = functions.get(request.function)
-        if current is None:
-            await finish(request, "failed", reason="no such function")
-            return
-        if prewarm.superseded(current, request):
-            await finish(request, "superseded", reason="a later push is already active")
-            return
-        target = prewarm.target_spec(current, request)
-        live = live_nodes()
-        already = prewarm.holding(live, target.name, target.code_version)
-        entry = prewarm.PendingPrewarm(request, target, wanted=request.count)
-        key = (target.name, target.code_version)
-        pending[key] = entry
+        relay.nodes = asyncio.Queue()
         try:
-            incarnations = {hb.node: hb.incarnation for hb in live}
-            selector, tolerations = placement.effective(target, overrides.get(target.name), now_ms())
-            for node, count in prewarm.spread(live, request.count - already, selector, tolerations).items():
-                await broker.publish(
-                    Specialize(spec=target, incarnation=incarnations[node], count=count),
-                    topics.work(node),
-                    key=target.name.encode(),
-                )
-            entry.ready.update(f"existing-{i}" for i in range(already))
-            deadline = asyncio.get_running_loop().time() + prewarm_timeout_s
-            async with changed:
-                while not entry.done:
-                    remaining = deadline - asyncio.get_running_loop().time()
-                    if remaining <= 0:
-                        break
-                    try:
-                        await asyncio.wait_for(changed.wait(), remaining)
-                    except TimeoutError:
-                        break
-        finally:
-            if entry.failure is None:
-                # Protected until this process's own view of the function topic shows the switch.
-                just_activated[key] = now_ms() + 30_000
-            pending.pop(key, None)
-        took = float(now_ms() - entry.started_ms)
-        if entry.failure is not None:
-            log.warning("prewarm of %s@%s failed: %s", target.name, target.code_version, entry.failure)
-            await finish(
-                request, "failed", ready=len(entry.ready), wanted=entry.wanted, reason=entry.failure, duration_ms=took
+            for view in (functions, nodes, overrides):
+                await view.wait_caught_up(timeout_s=10.0)
+            core = PoolManager(
+                topics,
+                settings.policy,
+                writer.write,
+                functions=functions,
+                nodes=nodes,
+                overrides=overrides,
+                arrivals=arrivals,
+                prewarm_timeout_s=settings.prewarm_timeout_s,
             )
-            return
-        status: PrewarmStatus = "ready" if len(entry.ready) >= entry.wanted else "timed_out"
-        activated = False
-        if request.activate:
-            await functions.wait_caught_up(timeout_s=2.0)
-            latest = functions.get(request.function)
-            if latest is not None and not prewarm.superseded(latest, request):
-                await broker.publish(prewarm.activated(latest, target), topics.function, key=target.name.encode())
-                activated = True
-            elif latest is not None:
-                status = "superseded"
-        reason = (
-            ""
-            if status == "ready"
-            else (
-                f"only {len(entry.ready)} of {entry.wanted} instances ready after {prewarm_timeout_s:g}s"
-                if status == "timed_out"
-                else "a later push became active first"
+            seen: list[Any] = []
+            history = reader.tail(topics.prewarm, PREWARM_RECORDS, seen.append, replay=True, traced=False)
+            history.on_bad_record = lambda *_: None  # the intake dead-letters them
+            await history.start()
+            await history.stop()
+            core.restore(seen)
+            relay.core = core
+            await core.start()
+            await requests.start()
+            log.info(
+                "acting %.2fs after the fence; %d keep-alive windows known",
+                time.monotonic() - began,
+                len(core.prewarm_requested),
             )
-        )
-        log.info(
-            "prewarm of %s@%s: %s%s", target.name, target.code_version, status, " (activated)" if activated else ""
-        )
-        await finish(
-            request,
-            status,
-            ready=len(entry.ready),
-            wanted=entry.wanted,
-            activated=activated,
-            reason=reason,
-            duration_ms=took,
-        )
 
-    async def stop_views() -> None:
-        await overrides.stop()
-        await functions.stop()
-        await nodes.stop()
-        await instances.stop()
-        await results.stop()
+            async def follow_nodes() -> None:
+                assert relay.nodes is not None
+                while True:
+                    name, record = await relay.nodes.get()
+                    await core.on_node(name, record)
+
+            async def keepalive() -> None:
+                while True:
+                    await asyncio.sleep(settings.keepalive_tick_s)
+                    await core.keepalive_tick()
+
+            async def intake() -> None:
+                while True:
+                    for item in await requests.batch():
+                        attributes: dict[str, str | int] = {
+                            "messaging.system": "kafka",
+                            "messaging.destination.name": item.topic,
+                            "messaging.kafka.message.offset": item.offset,
+                            "messaging.consumer.group.name": GROUP,
+                        }
+                        with tracer.start_as_current_span(
+                            f"{item.topic} process",
+                            context=item.context(),
+                            kind=SpanKind.CONSUMER,
+                            attributes=attributes,
+                        ):
+                            await core.on_prewarm(item)
+
+            await run_loops([follow_nodes(), keepalive(), intake()], writer.failed)
+        finally:
+            relay.core = None
+            relay.nodes = None
+            await requests.stop()
+
+    async def lead_while_holding() -> None:
+        await leadership.run(lead)
+
+    async def stop() -> None:
+        nonlocal stopping
+        stopping = True
+        await leadership.stop()
+        await reader.stop()
 
     await serve(
-        "poolmgr",
+        settings.component,
         common,
         broker,
-        on_start=[start_views],
-        background=[follow_nodes, keepalive_tick],
-        on_stop=[stop_views],
-        ready_facts={"keepalive": policy.keepalive.name},
+        on_start=[reader.start, leadership.start],
+        background=[lead_while_holding],
+        on_stop=[stop],
+        ready_facts={**facts, "role": "standby"},
     )
     provider.shutdown()
 
 
-def _changed(old: KeepAliveDecision, new: KeepAliveDecision) -> bool:
-    # The window, not the reason: a fallback's reason counts the idle times seen so far.
-    return (old.prewarm_after_s, old.keep_alive_s) != (new.prewarm_after_s, new.keep_alive_s)
-
-
-def _describe(decision: KeepAliveDecision) -> str:
-    return (
-        f"load {decision.prewarm_after_s:.0f}s to {decision.unload_after_s:.0f}s after each invocation"
-        f" ({decision.reason})"
-    )
-
-
-def pool_policy_from_env(env: Mapping[str, str]) -> PoolPolicy:
-    """The pool policy configured by ``STOKER_POOL_SIZE``, ``STOKER_KEEPALIVE`` and ``STOKER_KEEPALIVE_FIXED_S``.
-
-    ``STOKER_KEEPALIVE``: ``hybrid`` (default, learned per function) or ``fixed`` (every function
-    keeps its idle instances ``STOKER_KEEPALIVE_FIXED_S`` seconds, 600 by default). A function that
-    sets ``idle_s`` keeps that fixed value either way.
-    """
-    keepalive = policy_from_config(
-        env_str(env, "STOKER_KEEPALIVE", "hybrid"), env_float(env, "STOKER_KEEPALIVE_FIXED_S", 600.0)
-    )
-    return PoolPolicy(generic_per_node=env_int(env, "STOKER_POOL_SIZE", 2), keepalive=keepalive)
-
-
 def main() -> None:
-    env = os.environ
-    policy = pool_policy_from_env(env)
-    asyncio.run(run(CommonSettings.from_env(), policy, env_float(env, "STOKER_PREWARM_TIMEOUT_S", 20.0)))
+    asyncio.run(run(PoolmgrSettings.from_env()))

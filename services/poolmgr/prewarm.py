@@ -41,14 +41,19 @@ def activated(current: FunctionSpec, target: FunctionSpec) -> FunctionSpec:
     return target.model_copy(update={"revision": current.revision + 1, "updated_ms": now_ms()})
 
 
-def holding(nodes: Iterable[NodeHeartbeat], function: str, version: str) -> int:
-    """Instances that already hold ``function@version`` loaded (ready or busy)."""
-    return sum(
-        1
+def holders(nodes: Iterable[NodeHeartbeat], function: str, version: str) -> set[str]:
+    """The instances that hold ``function@version`` loaded (ready or busy)."""
+    return {
+        i.instance
         for node in nodes
         for i in node.instances
         if i.function == function and i.function_version == version and i.state in ("ready", "busy")
-    )
+    }
+
+
+def holding(nodes: Iterable[NodeHeartbeat], function: str, version: str) -> int:
+    """How many instances hold ``function@version`` loaded (ready or busy)."""
+    return len(holders(nodes, function, version))
 
 
 def spread(

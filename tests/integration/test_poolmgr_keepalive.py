@@ -24,6 +24,7 @@ from events import (
     NodeHeartbeat,
     PrewarmCompleted,
     PrewarmRequested,
+    PrewarmStarted,
     Record,
     Recycle,
     Specialize,
@@ -37,7 +38,7 @@ from tests.helpers import ServiceProcess, eventually
 
 NODE = "fake-0"
 MIN_MS = 60_000
-WATCHED = (Recycle, Specialize, EnsurePool, PrewarmRequested, PrewarmCompleted)
+WATCHED = (Recycle, Specialize, EnsurePool, PrewarmRequested, PrewarmStarted, PrewarmCompleted)
 
 
 def _spec(name: str, idle_s: float | None = None) -> FunctionSpec:
@@ -70,6 +71,7 @@ class Platform:
             bootstrap_servers=settings.bootstrap,
             auto_offset_reset="earliest",
             enable_auto_commit=False,
+            isolation_level="read_committed",  # as an agent reads its work topic
             fetch_max_wait_ms=100,
         )
         self._task: asyncio.Task[None] | None = None
