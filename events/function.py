@@ -68,6 +68,9 @@ class FunctionSpec(Record):
     max_output_bytes: int = Field(default=1024 * 1024, ge=1024, le=256 * 1024 * 1024)
     """What an instance may print per invocation before its output is cut (``output_truncated``)."""
     env: dict[str, str] = Field(default_factory=dict)
+    network: Literal["none", "egress"] = "none"
+    """``none``: the instance's own network namespace with loopback only (no broker, gateway, agent,
+    other instances or anything else). ``egress``: the outside world too, never the platform's ports."""
     idle_s: float | None = Field(default=None, gt=0)
     """Keep-alive: an instance idle this long is recycled. ``None``: the platform's keep-alive
     policy decides (``fixed`` or the learned ``hybrid`` one)."""

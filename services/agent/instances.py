@@ -171,6 +171,7 @@ async def spawn_instance(
     python: str = sys.executable,
     start_timeout_s: float = 15.0,
     place: Callable[[str], Placement] | None = None,
+    module: str = "services.runtime",
 ) -> Instance:
     """Start a new interpreter as a generic instance and wait for its hello."""
     instance_id = uuid.uuid4().hex[:12]
@@ -184,7 +185,7 @@ async def spawn_instance(
             process = await asyncio.create_subprocess_exec(
                 python,
                 "-m",
-                "services.runtime",
+                module,
                 "--fd",
                 str(child_sock.fileno()),
                 stdin=asyncio.subprocess.DEVNULL,

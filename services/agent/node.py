@@ -47,6 +47,7 @@ from services.agent import pool
 from services.agent.cgroups import CgroupError
 from services.agent.instances import Instance, InstanceDied, InstanceTimeout
 from services.agent.launcher import Launcher
+from services.agent.sandbox import SandboxError
 from services.agent.settings import AgentSettings
 from services.common import placement, telemetry
 from services.common.artifacts import ArtifactError, ArtifactStore, unpack_verified
@@ -317,7 +318,10 @@ class NodeAgent:
             if not reply.get("ok") or reply.get("threads_left"):
                 await self._retire(inst, f"reset cannot undo threads it left: {reply.get('threads_left')}")
                 return
-            await self._launcher.generic(inst)
+            left = await self._launcher.generic(inst)
+            if left:
+                await self._retire(inst, left)
+                return
             inst.function = inst.function_version = None
             slot.prewarmed, slot.prewarm_trace = False, None
             self._set_state(inst, "generic")
@@ -375,9 +379,14 @@ class NodeAgent:
 
     async def _load(self, slot: _Slot, spec: FunctionSpec, code_dir: Path, kind: str) -> Any:
         inst = slot.instance
+        try:
+            code_path = await self._launcher.attach(inst, spec, code_dir)  # the code into its sandbox
+        except (SandboxError, OSError) as exc:
+            await self._retire(inst, f"sandbox: {exc}")
+            return ErrorInfo(kind="sandbox", message=str(exc))
         msg = {
             "op": "load",
-            "code_dir": str(code_dir),
+            "code_dir": code_path,
             "entrypoint": spec.entrypoint,
             "env": spec.env,
             "function": spec.name,

@@ -7,7 +7,10 @@ The cgroup (:mod:`services.agent.cgroups`) is the primary boundary; this module 
   process count),
 * ``no_new_privs`` and a privilege drop to an unprivileged user (``nobody``/``nogroup`` by default)
   when the agent runs as root,
-* parent-death signal, so no instance outlives a crashed agent.
+* parent-death signal, so no instance outlives a crashed agent,
+* for an instance (``instance_dir`` set): its own mount, IPC, UTS and network namespaces and a new
+  root that holds only the runtime, its code and its scratch space (:mod:`services.agent.namespaces`),
+  and a uid of its own.
 
 Split between parent and child
 ------------------------------
@@ -20,10 +23,13 @@ symbol resolution, path encoding, validation) happens in the *parent* in :func:`
    before anything else, so that all later allocations are charged to the instance),
 2. ``umask``,
 3. ``setrlimit`` (lowering hard limits is always allowed, so before the drop too),
-4. ``PR_SET_NO_NEW_PRIVS`` (setuid binaries then cannot regain privileges after exec),
-5. ``setgroups`` -> ``setgid`` -> ``setuid`` (uid last: afterwards we could not change gids),
-6. ``PR_SET_PDEATHSIG`` **after** the uid/gid change: the kernel clears the parent-death signal
-   whenever the credentials change, so set before step 5 it would silently be lost.
+4. namespaces and the new root (mounts need root, so before the drop),
+5. ``PR_SET_NO_NEW_PRIVS`` (setuid binaries then cannot regain privileges after exec),
+6. ``setgroups`` -> ``setgid`` -> ``setuid`` (uid last: afterwards we could not change gids),
+7. ``PR_SET_DUMPABLE`` back to 1 for an instance (the uid change cleared it, which would make its
+   own ``/proc/self`` root's and unreadable to it; other uids still cannot ptrace it),
+8. ``PR_SET_PDEATHSIG`` **after** the uid/gid change: the kernel clears the parent-death signal
+   whenever the credentials change, so set before step 6 it would silently be lost.
 
 ``subprocess`` runs its own steps before ``preexec_fn`` (dup2 of stdio, ``chdir(cwd)``,
 ``setsid`` for ``start_new_session``, and ``user=``/``group=`` if given). Do **not** pass ``user=``
@@ -46,13 +52,17 @@ import resource
 import signal
 import stat
 import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from services.agent import namespaces
+
 __all__ = [
     "ResolvedSandbox",
+    "SandboxError",
     "SandboxSpec",
     "default_user",
     "die_with_parent",
@@ -64,9 +74,14 @@ __all__ = [
 ]
 
 PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
 PR_SET_NO_NEW_PRIVS = 38
 
 MiB = 1024 * 1024
+
+
+class SandboxError(Exception):
+    """What an instance needs from its sandbox cannot be given here (reported, never worked around)."""
 
 
 @dataclass(frozen=True)
@@ -98,6 +113,15 @@ class SandboxSpec:
     umask: int | None = 0o077
     no_new_privs: bool = True
     die_with_parent: bool = True
+    instance_dir: str | None = None
+    """Host folder of an instance (``root``, ``work``, ``tmp``, ``code``): when set, the child gets
+    its own namespaces and a new root built from it (:func:`namespaces.build_root`)."""
+    python_prefix: str | None = None
+    """The interpreter's installation, bound read-only into the new root at the same path."""
+    etc_dir: str | None = None
+    """The node's prepared ``/etc`` for instances (:func:`namespaces.prepare_etc`)."""
+    unshare_net: bool = True
+    """A new network namespace (loopback only). The zygote makes one ahead of each fork and clears this."""
 
 
 @dataclass(frozen=True)
@@ -113,6 +137,8 @@ class ResolvedSandbox:
     die_with_parent: bool
     parent_pid: int
     prctl: Callable[..., int] | None = field(repr=False, default=None)
+    root: namespaces.RootPlan | None = None
+    unshare_net: bool = False
 
 
 _prctl_fn: Callable[..., int] | None = None
@@ -179,7 +205,13 @@ def resolve(spec: SandboxSpec) -> ResolvedSandbox:
     if spec.nproc is not None:
         limits.append((resource.RLIMIT_NPROC, spec.nproc))
 
-    need_prctl = spec.no_new_privs or spec.die_with_parent
+    root = None
+    if spec.instance_dir is not None:
+        if uid is None or gid is None or spec.etc_dir is None:
+            raise ValueError("SandboxSpec: an instance root needs root to build it, a uid to drop to and an etc_dir")
+        namespaces.libc()  # symbols resolved here, not in the child
+        root = namespaces.plan_root(spec.instance_dir, spec.python_prefix or sys.base_prefix, spec.etc_dir, uid, gid)
+    need_prctl = spec.no_new_privs or spec.die_with_parent or root is not None
     return ResolvedSandbox(
         cgroup_procs=tuple(os.fsencode(p) for p in spec.cgroup_procs),
         rlimits=tuple(limits),
@@ -190,6 +222,8 @@ def resolve(spec: SandboxSpec) -> ResolvedSandbox:
         die_with_parent=spec.die_with_parent,
         parent_pid=os.getpid(),
         prctl=_prctl() if need_prctl else None,
+        root=root,
+        unshare_net=spec.unshare_net,
     )
 
 
@@ -258,12 +292,18 @@ def apply_in_child(r: ResolvedSandbox) -> None:
         for which, value in r.rlimits:
             step = f"setrlimit({which}, {value})"
             resource.setrlimit(which, (value, value))
+        if r.root is not None:
+            step = "building the instance root"
+            namespaces.build_root(r.root, r.unshare_net)
         if r.no_new_privs and r.prctl is not None:
             step = "PR_SET_NO_NEW_PRIVS"
             _call_prctl(r.prctl, PR_SET_NO_NEW_PRIVS, 1)
         if r.uid is not None and r.gid is not None:
             step = f"dropping privileges to {r.uid}:{r.gid}"
             drop_privileges(r.uid, r.gid)
+        if r.root is not None and r.prctl is not None:
+            step = "PR_SET_DUMPABLE"
+            _call_prctl(r.prctl, PR_SET_DUMPABLE, 1)
         if r.die_with_parent and r.prctl is not None:
             step = "PR_SET_PDEATHSIG"
             die_with_parent(r.parent_pid, r.prctl)

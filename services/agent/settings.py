@@ -87,8 +87,8 @@ class AgentSettings:
     zygote_preload: list[str] = field(default_factory=lambda: list(DEFAULT_PRELOAD))
     cgroups: str = "auto"
     """``auto``: a cgroup per instance when the host allows it; ``on``: required; ``off``."""
-    instance_user: str = "auto"
-    """``auto``: nobody when the agent is root and nobody can read the interpreter; ``root``; a user name."""
+    instance_uids: str = "200000-201023"
+    """Uids (and gids) given to instances, one per instance at a time, when the agent is root."""
 
     @property
     def node_dir(self) -> Path:
@@ -121,5 +121,5 @@ class AgentSettings:
                 m for m in env_str(env, "STOKER_ZYGOTE_PRELOAD", ",".join(DEFAULT_PRELOAD)).split(",") if m
             ],
             cgroups=env_str(env, "STOKER_CGROUPS", "auto"),
-            instance_user=env_str(env, "STOKER_INSTANCE_USER", "auto"),
+            instance_uids=env_str(env, "STOKER_INSTANCE_UIDS", "200000-201023"),
         )

@@ -12,6 +12,7 @@ import contextlib
 import importlib
 import inspect
 import io
+import linecache
 import os
 import shutil
 import socket
@@ -27,6 +28,7 @@ from typing import Any
 from services.runtime.protocol import ChannelClosed, encode_frame, read_frame_sync
 
 LOG_CAP = 64 * 1024
+STDLIB = os.path.join(os.path.dirname(os.__file__), "")
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,7 @@ class Runtime:
         self.base_path = list(sys.path)
         self.base_cwd = os.getcwd()
         self.base_threads = set(threading.enumerate())
+        self.base_modules = set(sys.modules)
 
     def reset(self) -> dict[str, Any]:
         """Remove the function's part of the process: modules, sys.path, env, cwd, temp files."""
@@ -121,6 +124,15 @@ class Runtime:
                 if where.startswith(prefix) or any(str(p).startswith(prefix) for p in paths):
                     del sys.modules[name]
                     removed += 1
+        # Anything else it added that is not the standard library's (modules made up at run time,
+        # imports from paths it put on sys.path) goes too; stdlib imports may stay loaded.
+        for name, module in list(sys.modules.items()):
+            if name in self.base_modules or name in sys.builtin_module_names:
+                continue
+            where = getattr(module, "__file__", None) or ""
+            if not where.startswith(STDLIB):
+                del sys.modules[name]
+                removed += 1
         sys.path[:] = self.base_path
         os.environ.clear()
         os.environ.update(self.base_env)
@@ -138,6 +150,7 @@ class Runtime:
                         pass
         tempfile.tempdir = None
         importlib.invalidate_caches()
+        linecache.clearcache()  # the next function's tracebacks must not show this one's source
         self.handler, self.code_dir, self.function, self.version = None, None, "", ""
         # Threads cannot be stopped from outside: an instance that keeps some is not reused.
         left = [t.name for t in threading.enumerate() if t not in self.base_threads and t.is_alive()]

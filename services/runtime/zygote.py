@@ -3,7 +3,16 @@
 ``python -m services.runtime.zygote --fd N --preload json,email,...``. Starting an interpreter
 and importing the runtime costs tens of milliseconds; ``os.fork`` of a process that already has
 them costs about one. Each child moves into its own cgroup, gets its own session, rlimits and
-(when the agent is root) an unprivileged user, then serves its agent channel like any instance.
+(when the agent is root) its sandbox: namespaces, a new root and a uid of its own
+(:mod:`services.agent.namespaces`), then serves its agent channel like any instance.
+
+As root, the zygote keeps a fresh network namespace (loopback only) ready for its next child: it
+moves into a new one right after each fork, while idle, so no fork waits for one.
+
+``python -m services.runtime.zygote --fd N`` with ``STOKER_INSTANCE`` set is that child without a zygote (the
+``spawn`` start kind): a new interpreter that reads its fork message from ``STOKER_INSTANCE``,
+confines itself the same way and serves. It imports what it needs *before* it confines itself,
+since the platform's files are not inside the sandbox.
 
 Protocol on the control socket (frames as in ``protocol.py``): the agent sends ``fork`` with the
 instance's channel socket attached (SCM_RIGHTS); the zygote answers ``forked`` with the pid, and
@@ -14,6 +23,7 @@ The zygote is single-threaded on purpose: forking a process with other threads i
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import importlib
 import os
@@ -27,7 +37,7 @@ from typing import Any
 
 import orjson
 
-from services.agent import sandbox
+from services.agent import namespaces, sandbox
 from services.runtime.protocol import HEADER, ChannelClosed, encode_frame
 
 
@@ -51,6 +61,20 @@ def _read_request(ctrl: socket.socket) -> tuple[dict[str, Any], list[int]]:
     return orjson.loads(body), list(fds)
 
 
+def _become_instance(msg: dict[str, Any], channel_fd: int, resolved: sandbox.ResolvedSandbox, python: str) -> None:
+    """Confine this process (cgroup, rlimits, namespaces and root, user) and serve the channel."""
+    from services.runtime.__main__ import serve
+
+    os.chdir(msg["workdir"])
+    sandbox.apply_in_child(resolved)  # cgroup join, rlimits, namespaces, no_new_privs, user, parent-death signal
+    if resolved.root is not None:
+        # The venv's python is not in the sandbox; the interpreter it links to is, at its own path.
+        sys.executable = sys._base_executable = python  # type: ignore[attr-defined]
+    os.environ.clear()
+    os.environ.update(msg.get("env") or {})
+    serve(socket.socket(fileno=channel_fd))
+
+
 def _child(
     msg: dict[str, Any],
     channel_fd: int,
@@ -71,13 +95,7 @@ def _child(
         os.dup2(log_fd, 1)
         os.dup2(log_fd, 2)
         os.close(log_fd)
-        os.chdir(msg["workdir"])
-        sandbox.apply_in_child(resolved)  # cgroup join, rlimits, no_new_privs, user, parent-death signal
-        os.environ.clear()
-        os.environ.update(msg.get("env") or {})
-        from services.runtime.__main__ import serve
-
-        serve(socket.socket(fileno=channel_fd))
+        _become_instance(msg, channel_fd, resolved, REAL_PYTHON)
         code = 0
     except BaseException:  # noqa: BLE001 - the child must never fall back into the zygote loop
         traceback.print_exc()
@@ -89,12 +107,31 @@ def _child(
             os._exit(code)
 
 
+REAL_PYTHON = os.path.realpath(sys.executable)
+_netns_ready = False
+"""True while this zygote sits in a fresh network namespace its next child may take."""
+
+
+def _next_netns() -> None:
+    global _netns_ready
+    try:
+        namespaces.new_netns()
+        _netns_ready = True
+    except OSError as exc:
+        _netns_ready = False  # each child makes its own then (and fails loudly if it cannot)
+        print(f"zygote: no network namespace ready: {exc}", file=sys.stderr)
+
+
 def _fork(msg: dict[str, Any], fds: list[int], ctrl: socket.socket, wake_fds: tuple[int, int]) -> dict[str, Any]:
+    global _netns_ready
     if len(fds) != 1:
         for fd in fds:
             os.close(fd)
         return {"op": "forked", "id": msg.get("id"), "ok": False, "error": "fork needs exactly one channel fd"}
-    spec = sandbox.SandboxSpec(**msg.get("sandbox", {}))
+    fields = dict(msg.get("sandbox", {}))
+    if fields.get("instance_dir") and _netns_ready:
+        fields["unshare_net"] = False  # the namespace this zygote is in now is the child's
+    spec = sandbox.SandboxSpec(**fields)
     try:
         resolved = sandbox.resolve(spec)  # lookups happen here, in the zygote, not in the child
     except (OSError, ValueError, KeyError) as exc:
@@ -104,6 +141,7 @@ def _fork(msg: dict[str, Any], fds: list[int], ctrl: socket.socket, wake_fds: tu
     if pid == 0:
         _child(msg, fds[0], ctrl, wake_fds, resolved)
     os.close(fds[0])
+    _netns_ready = False  # the child has it now: a new one once the reply is out
     return {"op": "forked", "id": msg.get("id"), "ok": True, "pid": pid}
 
 
@@ -121,7 +159,7 @@ def _reap() -> list[dict[str, Any]]:
     return ended
 
 
-def serve(ctrl: socket.socket, preloaded: list[str]) -> None:
+def serve(ctrl: socket.socket, preloaded: list[str], netns: bool = False) -> None:
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     os.set_blocking(wake_r, False)
@@ -145,6 +183,8 @@ def serve(ctrl: socket.socket, preloaded: list[str]) -> None:
                 return
             if msg.get("op") == "fork":
                 ctrl.sendall(encode_frame(_fork(msg, fds, ctrl, (wake_r, wake_w))))
+                if netns and not _netns_ready:
+                    _next_netns()
             elif msg.get("op") == "ping":
                 ctrl.sendall(encode_frame({"op": "pong"}))
 
@@ -153,7 +193,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fd", type=int, required=True, help="control socket from the agent")
     parser.add_argument("--preload", default="", help="comma-separated modules to import before forking")
+    # With STOKER_INSTANCE set (the spawn start kind), the process is one instance instead.
     args = parser.parse_args()
+    if "STOKER_INSTANCE" in os.environ:
+        _spawned_instance(args.fd)
+        return
+    netns = os.geteuid() == 0  # root: the agent sandboxes every instance
     started = time.perf_counter()
     preloaded = []
     # What every instance needs, then what the operator asked for: imported once, shared by all.
@@ -171,7 +216,20 @@ def main() -> None:
     # would otherwise touch (and so copy) every page of the shared heap.
     gc.collect()
     gc.freeze()
-    serve(socket.socket(fileno=args.fd), preloaded)
+    if netns:
+        _next_netns()
+    serve(socket.socket(fileno=args.fd), preloaded, netns=netns)
+
+
+def _spawned_instance(channel_fd: int) -> None:
+    """The ``spawn`` start kind: this new interpreter is the instance; confine it, then serve."""
+    import services.runtime.__main__  # noqa: F401 - imported while the platform's files are still visible
+
+    msg = orjson.loads(os.environ.pop("STOKER_INSTANCE"))
+    resolved = sandbox.resolve(sandbox.SandboxSpec(**msg.get("sandbox", {})))
+    # resolve() took this process for the parent; the parent-death signal is about the agent.
+    resolved = dataclasses.replace(resolved, parent_pid=os.getppid())
+    _become_instance(msg, channel_fd, resolved, REAL_PYTHON)
 
 
 if __name__ == "__main__":
