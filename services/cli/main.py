@@ -434,6 +434,9 @@ def fn_create(
     reuse: Annotated[str, typer.Option(help="Instance reuse: keep, reset or fresh.")] = "keep",
     cpu: Annotated[int, typer.Option(help="CPU quota in millicores.")] = 1000,
     pids: Annotated[int, typer.Option(help="Most processes and threads per instance.")] = 64,
+    network: Annotated[
+        str, typer.Option(help="none (its own loopback only) or egress (the outside, never the platform).")
+    ] = "none",
     env: Annotated[Optional[list[str]], typer.Option(help="KEY=VALUE for the function's environment.")] = None,
 ) -> None:
     """Create a function from a directory of code (--code) or bound to a git branch (--git)."""
@@ -463,6 +466,7 @@ def fn_create(
             reuse=reuse,  # type: ignore[arg-type]
             cpu_millis=cpu,
             pids_limit=pids,
+            network=network,  # type: ignore[arg-type]
         )
     except (ArtifactError, ValueError) as exc:
         raise fail(str(exc)) from None
@@ -497,6 +501,7 @@ def fn_update(
     reuse: Annotated[Optional[str], typer.Option(help="keep, reset or fresh.")] = None,
     cpu: Annotated[Optional[int], typer.Option(help="CPU quota in millicores.")] = None,
     pids: Annotated[Optional[int], typer.Option(help="Most processes and threads per instance.")] = None,
+    network: Annotated[Optional[str], typer.Option(help="none or egress.")] = None,
     node_selector: Annotated[Optional[list[str]], typer.Option(help="key=value (replaces the selector).")] = None,
     toleration: Annotated[Optional[list[str]], typer.Option(help="key[=value][:Effect] (replaces them).")] = None,
     env: Annotated[Optional[list[str]], typer.Option()] = None,
@@ -520,6 +525,7 @@ def fn_update(
             ("reuse", reuse),
             ("cpu_millis", cpu),
             ("pids_limit", pids),
+            ("network", network),
         ):
             if value is not None:
                 changes[key] = value

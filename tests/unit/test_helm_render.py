@@ -189,7 +189,8 @@ def test_agents_are_daemonsets_on_their_tainted_nodes(committed: list[dict[str, 
     assert env["STOKER_NODE_TAINTS"] == f"stoker.io/dedicated={pool}:NoSchedule"
     assert env["STOKER_CGROUPS"] == "on"
     assert int(env["STOKER_MAX_INSTANCES"]) > 0 and int(env["STOKER_POOL_SIZE"]) >= 0
-    assert agent["securityContext"] == {"privileged": True}
+    # root and privileged: cgroups and the instance sandbox (namespaces, mounts, a uid per instance)
+    assert agent["securityContext"] == {"privileged": True, "runAsUser": 0, "runAsNonRoot": False}
     assert pod["serviceAccountName"] == "stoker-agent" and pod["automountServiceAccountToken"] is False
     mounts = {m["mountPath"]: m for m in agent["volumeMounts"]}
     assert mounts["/var/lib/stoker/artifacts"]["readOnly"] is True
