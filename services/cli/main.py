@@ -44,6 +44,7 @@ from services.cli.broker import BrokerError, broker_is_reachable
 from services.common.admin import ensure_topics
 from services.common.artifacts import ArtifactError, LocalArtifactStore
 from services.common.client import StokerClient, deadline_in, package_code
+from services.common.names import NameTaken
 from services.common.settings import CommonSettings
 
 app = typer.Typer(
@@ -404,7 +405,10 @@ def _publish(common: CommonSettings, record: Record, topic: str, key: str) -> No
 
 
 def _put(common: CommonSettings, spec: FunctionSpec) -> None:
-    _with_client(common, lambda c: c.put_function(spec))
+    try:
+        _with_client(common, lambda c: c.put_function(spec))
+    except NameTaken as exc:
+        raise fail(str(exc)) from None
 
 
 @fn_app.command("create")
@@ -736,7 +740,10 @@ def wf_create(
                 raise fail(f"workflow {name!r} is not valid ({len(exc.errors)} problem(s))") from None
             if current is not None:
                 spec = spec.model_copy(update={"revision": current.revision + 1})  # type: ignore[attr-defined]
-            await client.send(spec, common.topics.workflow, name)
+            try:
+                await client.put_workflow(spec)
+            except NameTaken as exc:
+                raise fail(str(exc)) from None
 
     asyncio.run(go())
     console.print(f"{'updated' if update else 'created'} workflow [bold]{name}[/bold]")
@@ -778,7 +785,7 @@ def wf_delete(name: str) -> None:
     if name not in _workflows(common):
         raise fail(f"no workflow named {name!r}")
 
-    _with_client(common, lambda c: c.tombstone(common.topics.workflow, name))
+    _with_client(common, lambda c: c.delete_workflow(name))
     console.print(f"deleted workflow [bold]{name}[/bold]")
 
 
