@@ -109,6 +109,22 @@ def trace_context(headers: Sequence[tuple[str, bytes | None]] | None) -> otel_co
     return propagate.extract(carrier)
 
 
+def _position_of(consumer: AIOKafkaConsumer, tp: TopicPartition) -> int | None:
+    """The consumer's position of ``tp`` without waiting (None while it is being reset)."""
+    # aiokafka's position() may wait, and awaiting here could let a fetch complete before its
+    # records were handed over: read the state directly.
+    subscription = consumer._subscription.subscription  # noqa: SLF001
+    if subscription is None or subscription.assignment is None:
+        return None
+    try:
+        state = subscription.assignment.state_value(tp)
+    except KeyError:
+        return None
+    if state is None or not state.has_valid_position:
+        return None
+    return int(state.position)
+
+
 def seeks_after(
     before: AbstractSet[TopicPartition],
     wanted: AbstractSet[TopicPartition],
@@ -368,6 +384,7 @@ class Reader:
         self._wake: asyncio.Future[None] | None = None
         self._progress = asyncio.Event()
         self._start_lock = asyncio.Lock()
+        self._catch_up_lock = asyncio.Lock()
         self._stopped = False
         self._background: set[asyncio.Task[Any]] = set()
 
@@ -456,6 +473,9 @@ class Reader:
                     client_id=f"stoker-{self.service}-probe",
                     enable_auto_commit=False,
                     isolation_level="read_committed",  # end offsets = last stable offsets
+                    # It fetches only to catch a late view up, where there is data to read: a
+                    # short wait keeps its end-offset answers quick even then.
+                    fetch_max_wait_ms=20,
                 )
                 consumer = AIOKafkaConsumer(
                     bootstrap_servers=self.bootstrap,
@@ -495,19 +515,26 @@ class Reader:
         late = [tp for v in views if not v._from_beginning() for tp in by_topic[v.topic]]
         beginnings = await probe.beginning_offsets(list(set(early))) if early else {}
         ends = await probe.end_offsets(list(set(late))) if late else {}
-        starts: dict[TopicPartition, int] = {}
         for view in views:
             view._tps = by_topic[view.topic]
             offsets = beginnings if view._from_beginning() else ends
             view._next = {tp: offsets[tp] for tp in view._tps}
-            for tp in view._tps:
-                starts[tp] = min(starts.get(tp, offsets[tp]), offsets[tp])
             view._begin()
-        await self._submit("attach", views, starts)
         waiting = [v for v in views if v._from_beginning()]
+        # A follower already long-polling sends its next fetch (with the new partitions) only to
+        # wait at the broker behind the one in flight: the backlog is read on the probe instead.
+        on_probe = bool(waiting and self._by_tp)
+        caught_up = await self._catch_up(waiting, timeout_s) if on_probe else False
+        starts: dict[TopicPartition, int] = {}
+        for view in views:
+            for tp in view._tps:
+                starts[tp] = min(starts.get(tp, view._next[tp]), view._next[tp])
+        await self._submit("attach", views, starts)
         if not waiting:
             return
-        if not await self._wait_caught_up(waiting, timeout_s):
+        if not caught_up:
+            caught_up = await self._wait_caught_up(waiting, timeout_s)
+        if not caught_up:
             replays = [v.topic for v in waiting if isinstance(v, Tail)]
             if replays:
                 raise RuntimeError(f"could not read {', '.join(replays)} to the end within {timeout_s:.0f}s")
@@ -517,6 +544,38 @@ class Reader:
         for view in waiting:
             if isinstance(view, Tail):
                 await view._drained()  # a replay has been handled, not just read
+
+    async def _catch_up(self, views: list[_View], timeout_s: float) -> bool:
+        """Hand ``views`` every record up to the topics' current ends, read on the probe.
+
+        The views are not attached yet, so the follower hands them nothing meanwhile; afterwards
+        they are attached where the probe stopped. False if the ends were not reached in time.
+        """
+        probe = self._probe
+        assert probe is not None
+        async with self._catch_up_lock:
+            tps = sorted({tp for v in views for tp in v._tps})
+            users = {tp: [v for v in views if tp in v._next] for tp in tps}
+            ends = await probe.end_offsets(tps)
+            probe.assign(tps)
+            try:
+                for tp in tps:
+                    probe.seek(tp, min(v._next[tp] for v in users[tp]))
+                deadline = time.monotonic() + timeout_s
+                while any(v._next[tp] < ends[tp] for tp in tps for v in users[tp]):
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return False
+                    batches = await probe.getmany(timeout_ms=int(min(remaining, 1.0) * 1000))
+                    self._hand_to(users, batches)
+                    for tp in tps:  # positions also move past transaction markers, with no record
+                        position = _position_of(probe, tp)
+                        for view in users[tp]:
+                            if position is not None and position > view._next[tp]:
+                                view._next[tp] = position
+                return True
+            finally:
+                probe.unsubscribe()  # the probe goes back to fetching nothing
 
     async def _detach(self, view: _View) -> None:
         await view._end()
@@ -578,21 +637,8 @@ class Reader:
                 done.set_result(None)
 
     def _position_now(self, tp: TopicPartition) -> int | None:
-        """The consumer's position of ``tp`` without waiting (None while it is being reset)."""
-        consumer = self._consumer
-        assert consumer is not None
-        # aiokafka's position() may wait, and awaiting here could let a fetch complete before its
-        # records were handed over: read the state directly.
-        subscription = consumer._subscription.subscription  # noqa: SLF001
-        if subscription is None or subscription.assignment is None:
-            return None
-        try:
-            state = subscription.assignment.state_value(tp)
-        except KeyError:
-            return None
-        if state is None or not state.has_valid_position:
-            return None
-        return int(state.position)
+        assert self._consumer is not None
+        return _position_of(self._consumer, tp)
 
     # ----- following -------------------------------------------------------------------------------
 
@@ -645,8 +691,15 @@ class Reader:
             return {}
 
     def _hand_over(self, batches: Mapping[TopicPartition, Iterable[ConsumerRecord[bytes, bytes]]]) -> None:
+        self._hand_to(self._by_tp, batches)
+
+    @staticmethod
+    def _hand_to(
+        by_tp: Mapping[TopicPartition, Sequence[_View]],
+        batches: Mapping[TopicPartition, Iterable[ConsumerRecord[bytes, bytes]]],
+    ) -> None:
         for tp, records in batches.items():
-            views = self._by_tp.get(tp)
+            views = by_tp.get(tp)
             if not views:
                 continue
             for rec in records:
