@@ -74,7 +74,8 @@ class AgentSettings:
     pool_size: int = 2
     """Generic instances kept ready until the poolmgr says otherwise."""
     max_instances: int = 8
-    heartbeat_interval_s: float = 0.5
+    heartbeat_interval_s: float = 1.0
+    """Every heartbeat says the node is up; three missed (``STOKER_NODE_TIMEOUT_S``, 3 s) and it is down."""
     labels: dict[str, str] = field(default_factory=dict)
     taints: list[Taint] = field(default_factory=list)
     python: str = sys.executable
@@ -104,7 +105,7 @@ class AgentSettings:
             node=node,
             pool_size=env_int(env, "STOKER_POOL_SIZE", 2),
             max_instances=env_int(env, "STOKER_MAX_INSTANCES", 8),
-            heartbeat_interval_s=env_float(env, "STOKER_HEARTBEAT_S", 0.5),
+            heartbeat_interval_s=env_float(env, "STOKER_HEARTBEAT_S", 1.0),
             labels={
                 "stoker.io/role": "runtime",
                 "kubernetes.io/hostname": node,

@@ -81,7 +81,8 @@ def setup_tracing(service: str, settings: CommonSettings) -> TracerProvider:
         exporter = OTLPSpanExporter(endpoint=settings.otlp_endpoint)
     else:
         exporter = JsonLinesSpanExporter(settings.traces_dir / f"{service}-{os.getpid()}.jsonl", service)
-    # Export off the hot path: a background thread batches spans every 200 ms.
-    provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=200))
+    # Export off the hot path: a background thread batches spans once a second (sooner when a
+    # batch fills). It wakes on that timer even with nothing to export, so not more often.
+    provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=1000))
     trace.set_tracer_provider(provider)
     return provider
