@@ -221,10 +221,16 @@ class BrokerConfig:
             "log.retention.hours": "24",
             "log.retention.bytes": str(256 * 1024 * 1024),
             "log.retention.check.interval.ms": "60000",
-            # --- Threads sized for a 2-core box rather than a server.
+            # --- Threads sized for a 2-core box rather than a server. (Fewer network/IO threads, or
+            # the serial GC, made no measurable difference to the idle broker: its idle cost is the
+            # clients' long polls and the JIT warming up; see `python -m loadtest idle`.)
             "num.network.threads": "2",
             "num.io.threads": "4",
             "num.recovery.threads.per.data.dir": "1",
+            # --- Idle: the controller writes a no-op record to the metadata log (and syncs it) every
+            # metadata.max.idle.interval.ms, 500 by default, so that brokers can tell it is alive.
+            # Broker and controller share this process: every 5 s is plenty.
+            "metadata.max.idle.interval.ms": "5000",
             # group.coordinator.rebalance.protocols is left at its default
             # (classic + consumer) on purpose.
         }
