@@ -77,32 +77,32 @@ def process_table(proc: Path = Path("/proc")) -> dict[int, tuple[str, int, int]]
 def descendants(roots: Mapping[str, int], table: Mapping[int, tuple[str, int, int]]) -> dict[int, str]:
     """pid -> owning component for every process at or under a component's pid.
 
-    A root's own pid is owned by ``name``; its descendants by ``name + "/children"``.
+    A root's own pid is owned by ``name``; its descendants by ``name + "/children"``, down to the
+    next component (a supervisor's children are components of their own).
     """
     children: dict[int, list[int]] = {}
     for pid, (_comm, ppid, _ticks) in table.items():
         children.setdefault(ppid, []).append(pid)
-    owner: dict[int, str] = {}
+    owner = {root: name for name, root in roots.items() if root in table}
     for name, root in roots.items():
-        if root not in table:
-            continue
-        owner[root] = name
-        stack = list(children.get(root, []))
+        stack = list(children.get(root, [])) if root in table else []
         while stack:
             pid = stack.pop()
             if pid in owner:
-                continue
+                continue  # another component (one a supervisor started), or seen already
             owner[pid] = f"{name}/children"
             stack.extend(children.get(pid, []))
     return owner
 
 
 def component_pids(run_dir: Path) -> dict[str, int]:
-    """Each component's pid, from ``<home>/run/<name>.pid``."""
+    """Each component's pid, from ``<home>/run/<name>.pid``, and the supervisor's (``run/supervisor/pid``)."""
     found: dict[str, int] = {}
-    for path in sorted(run_dir.glob("*.pid")):
+    for name, path in [(p.stem, p) for p in sorted(run_dir.glob("*.pid"))] + [
+        ("supervisor", run_dir / "supervisor" / "pid")
+    ]:
         try:
-            found[path.stem] = int(path.read_text().strip())
+            found[name] = int(path.read_text().strip())
         except (OSError, ValueError):
             continue
     return found
@@ -157,7 +157,7 @@ class Sampler:
             entry["processes"] += 1
         return dict(sorted(out.items()))
 
-    def busiest_threads(self, seconds: float, n: int = 12) -> list[dict[str, Any]]:
+    def busiest_threads(self, seconds: float, n: int = 40) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = [
             {"component": self.owner[pid], "thread": name, "tid": tid, "pct": pct(last - first, seconds)}
             for pid, usage in self.usage.items()
@@ -225,7 +225,14 @@ def broker_connections(port: int, owner: Mapping[int, str]) -> tuple[int, dict[s
 
 def summarise(per_component: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
     """Total, broker, and the rest grouped as services / agents / instances."""
-    groups = {"total": 0.0, "broker": 0.0, "services": 0.0, "agents": 0.0, "instances (zygotes, pools)": 0.0}
+    groups = {
+        "total": 0.0,
+        "broker": 0.0,
+        "services": 0.0,
+        "agents": 0.0,
+        "instances (zygotes, pools)": 0.0,
+        "supervisor": 0.0,
+    }
     for name, entry in per_component.items():
         value = float(entry["pct"])
         groups["total"] += value
@@ -235,6 +242,8 @@ def summarise(per_component: Mapping[str, Mapping[str, Any]]) -> dict[str, float
             groups["instances (zygotes, pools)"] += value
         elif name.startswith("agent-"):
             groups["agents"] += value
+        elif name == "supervisor":
+            groups["supervisor"] += value
         else:
             groups["services"] += value
     return groups
@@ -283,7 +292,7 @@ def print_tables(result: Mapping[str, Any]) -> None:
     )
     console.print(table)
     threads = Table("component", "thread", "% of one core", title="Busiest threads")
-    for row in result["busiest_threads"]:
+    for row in result["busiest_threads"][:12]:
         threads.add_row(row["component"], row["thread"], fmt(row["pct"]))
     console.print(threads)
 

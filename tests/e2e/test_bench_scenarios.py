@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 import pytest
 
-from loadtest import cold, hops, replay, report, throughput, warm
+from loadtest import cold, hops, idle, replay, report, throughput, warm
 from tests.e2e.conftest import Platform, start_platform
 
 REPO = Path(__file__).resolve().parents[2]
@@ -134,6 +134,19 @@ def test_hops_from_record_timestamps(bench_platform: Platform, results: Path) ->
     assert stoker["matched"] == 10
     assert stoker["stages_ms"]["invocation -> Execute written (dispatcher)"]["n"] == 10
     assert runs["direct consumer, concurrent x4"]["stages_ms"]["invocation -> result written"]["n"] == 20
+
+
+def test_idle_cost_of_every_platform_process(bench_platform: Platform, results: Path) -> None:
+    assert idle.main(["--seconds", "3", "--settle", "0", "--out", str(results)]) == 0
+    [path] = sorted(results.glob("idle-*.json"))
+    data = orjson.loads(path.read_bytes())
+    assert data["scenario"] == "idle" and data["inputs"]["seconds"] == 3 and data["machine"]["cores"]
+    per = data["per_component"]
+    assert {"broker", "dispatcher", "gateway", "poolmgr"} <= set(per)
+    assert any(name.startswith("agent-runtime-") for name in per)
+    assert data["cpu_pct_of_one_core"]["total"] == pytest.approx(sum(c["pct"] for c in per.values()))
+    assert data["broker_connections"] > 0 and data["broker_connections_per_component"]["gateway"] > 0
+    assert data["target_pct"] == 10.0 and isinstance(data["meets_target"], bool)
 
 
 def test_report_reads_every_scenario(results: Path, tmp_path: Path) -> None:
