@@ -1,9 +1,16 @@
-"""Starting instances on a node: the zygote, cgroups, the sandbox user, per-instance placement.
+"""Starting instances on a node: the zygote, cgroups, the sandbox, per-instance placement.
 
 The node agent asks for a new generic instance and gets one forked from the zygote (start kind
 ``zygote``) or, when there is no zygote, a new interpreter (``spawn``). Limits follow the
 instance's life: generic defaults while it waits in the pool, the function's own once it is
 specialized, the defaults again after a ``reset``.
+
+As root (always, for a real node) every instance is sandboxed: a *box* per instance, a uid of its
+own (:class:`UidPool`) and a host folder (``instances/<id>``: the mount point of its new root, its
+code slot, ``work``, ``tmp``, ``shm``) from which the child builds its namespaces and root
+(:mod:`services.agent.namespaces`). :meth:`Launcher.attach` binds a function's code into the slot
+when the instance is specialized; :meth:`Launcher.generic` takes it away and empties the scratch
+folders after a reset; the box goes with the instance's process, everything of its uid killed.
 """
 
 from __future__ import annotations
@@ -414,8 +421,11 @@ class Launcher:
         return None
 
     def _reset_box(self, inst: Instance, box: _Box) -> str | None:
-        others = [pid for pid in (inst.cgroup.pids() if inst.cgroup is not None else processes_of(box.uid))
-                  if pid != inst.pid]
+        if inst.cgroup is not None:  # one read of one hierarchy: this is on the reset invocation's path
+            procs = (inst.cgroup.pids_dir / "cgroup.procs").read_text().split()
+            others = [int(pid) for pid in procs if int(pid) != inst.pid]
+        else:
+            others = [pid for pid in processes_of(box.uid) if pid != inst.pid]
         if others:
             return f"reset cannot undo the {len(others)} processes it left running"
         if box.code is not None:
