@@ -430,9 +430,12 @@ class Reader:
 
         Returns once every table has caught up and every replaying tail has handled its topic up
         to the end (``timeout_s``; a replay that cannot finish raises, a table that cannot is
-        logged), and every tail from the end has fixed its start.
+        logged), and every tail from the end has fixed its start. With no view, nothing is
+        opened (the first view's own ``start`` starts the reader).
         """
-        await self._attach([v for v in self._views if v._state == "new"], timeout_s)
+        new = [v for v in self._views if v._state == "new"]
+        if new:
+            await self._attach(new, timeout_s)
 
     async def stop(self) -> None:
         """Stop every view and close both consumers."""
