@@ -13,8 +13,8 @@ from services.common.admin import ensure_topics
 from services.common.artifacts import LocalArtifactStore
 from services.common.broker import make_broker
 from services.common.runner import configure_logging, serve
-from services.common.table import CompactedTable
 from services.common.telemetry import setup_tracing
+from services.common.views import Reader, dead_letters_to
 
 
 async def run(settings: AgentSettings) -> None:
@@ -28,17 +28,18 @@ async def run(settings: AgentSettings) -> None:
     agent = NodeAgent(settings, publish, LocalArtifactStore(settings.common.artifacts_dir))
     handlers.register(broker, agent)
 
-    def on_artifact(_function: str, record: ArtifactReady | BuildFailed | None) -> None:
+    def on_artifact(_function: str, record: Record | None) -> None:
         if isinstance(record, ArtifactReady):
             agent.sync_artifact(record.digest, record.uri)
 
-    # Every node reads every build outcome: code is in the node's cache before it is prewarmed.
-    artifacts: CompactedTable[Any] = CompactedTable(
+    # Every node that runs functions reads every build outcome: code is in its cache before it is prewarmed.
+    reader = Reader(
         settings.common.bootstrap,
-        settings.common.topics.artifact,
-        (ArtifactReady, BuildFailed),
-        on_change=on_artifact,
+        f"agent-{settings.node}",
+        dead_letters=dead_letters_to(broker, settings.common.topics.dlq),
     )
+    if settings.max_instances > 0:  # a node that runs no function (management) keeps no code
+        reader.table(settings.common.topics.artifact, (ArtifactReady, BuildFailed), on_change=on_artifact)
 
     async def create_work_topic() -> None:
         await ensure_topics(settings.common.bootstrap, [settings.common.topics.work_spec(settings.node)])
@@ -47,9 +48,9 @@ async def run(settings: AgentSettings) -> None:
         f"agent-{settings.node}",
         settings.common,
         broker,
-        on_start=[create_work_topic, agent.start, artifacts.start],
+        on_start=[create_work_topic, agent.start, reader.start],
         background=[agent.send_heartbeats, agent.maintain_pool, agent.send_metrics],
-        on_stop=[agent.shutdown, artifacts.stop],
+        on_stop=[agent.shutdown, reader.stop],
         ready_facts={"node": settings.node, "incarnation": agent.incarnation},
     )
     provider.shutdown()

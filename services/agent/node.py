@@ -679,7 +679,10 @@ class NodeAgent:
             await asyncio.sleep(interval)
             try:
                 record = await asyncio.to_thread(self.metrics, interval)
-                if record.instances:
+                # Sampled every interval (CPU is a difference between samples), published only
+                # when an instance holds user code: generic ones are not judged by the throttler,
+                # and an idle node would otherwise send a record a second for nobody.
+                if any(f.function is not None for f in record.instances):
                     await self._publish(record, self.topics.node_metric, self.settings.node)
             except Exception:  # noqa: BLE001 - a missed interval is survivable
                 log.exception("metrics failed")
