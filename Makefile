@@ -4,10 +4,16 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup up down status test test-unit lint bench clean
+.PHONY: setup nft up down status test test-unit lint bench clean
 
-setup: $(STAMP) ## create the venv, install Stoker, fetch the Kafka jars (idempotent)
+setup: $(STAMP) nft ## create the venv, install Stoker, fetch the Kafka jars (idempotent)
 	@$(BIN)/stoker setup
+
+# `nft` (Debian's nftables) for --network egress: a root agent confines egress instances with it.
+nft:
+	@command -v nft >/dev/null || test "$$(id -u)" -ne 0 || apt-get install -y -q nftables >/dev/null 2>&1 \
+		|| { apt-get update -q >/dev/null && apt-get install -y -q nftables >/dev/null; } \
+		|| echo "could not install nftables: functions with --network egress will be refused"
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }

@@ -34,6 +34,7 @@ import orjson
 
 from events import FunctionSpec
 from services.agent import cgroups, namespaces, sandbox
+from services.agent.egress import Egress, EgressUnavailable
 from services.agent.instances import (
     SCRUBBED_ENV_KEEP,
     Instance,
@@ -49,10 +50,6 @@ log = logging.getLogger("stoker.agent.launcher")
 
 GENERIC_LIMITS = cgroups.Limits(cpu_millis=1000, memory_mb=256, pids_max=64)
 """What an instance may use before a function is loaded into it."""
-EGRESS_UNAVAILABLE = (
-    "network=egress is not available on this node yet: instances get their own network namespace with "
-    "loopback only (see the README, 'Instances: reuse types, zygotes, sandbox')"
-)
 
 
 INSTANCE_DIRS = ("root", "code", "work", "tmp", "shm")
@@ -173,6 +170,8 @@ class _Box:
     dir: Path
     code: str | None = None
     """The code folder bound on ``dir/code`` now, if any."""
+    egress: bool = False
+    """Whether its namespace has a link out now (:mod:`services.agent.egress`)."""
 
 
 class Launcher:
@@ -190,6 +189,9 @@ class Launcher:
         self._boxes: dict[str, _Box] = {}
         self._cleanups: set[asyncio.Task[None]] = set()
         self._readable: set[str] = set()
+        self.egress: Egress | None = None
+        self.egress_problem = "the agent is not root"
+        self.platform = "stoker-" + hashlib.sha256(str(settings.common.home).encode()).hexdigest()[:8]
         self.notes: dict[str, str] = {}
         """What the sandbox could and could not do here, reported in the node's labels."""
 
@@ -202,9 +204,8 @@ class Launcher:
         if settings.cgroups != "off":
             # One prefix per platform (state folder): two platforms on one host never touch each
             # other's instance groups, and a restarted agent finds exactly its own leftovers.
-            prefix = "stoker-" + hashlib.sha256(str(settings.common.home).encode()).hexdigest()[:8]
             try:
-                self.driver = await asyncio.to_thread(cgroups.detect, settings.node, prefix=prefix)
+                self.driver = await asyncio.to_thread(cgroups.detect, settings.node, prefix=self.platform)
                 removed = await asyncio.to_thread(self.driver.cleanup_leftovers)
                 if removed:
                     log.warning("removed %d leftover instance cgroups of a previous agent: %s", len(removed), removed)
@@ -219,6 +220,7 @@ class Launcher:
             await asyncio.to_thread(self._setup_sandbox)
             self.notes["stoker.io/sandbox"] = "namespaces"
             self.notes["stoker.io/instance-user"] = "uid-per-instance"
+            self.notes["stoker.io/egress"] = "available" if self.egress is not None else "unavailable"
         else:
             log.warning("the agent is not root: instances run as its own user (uid %d), without namespaces",
                         os.geteuid())
@@ -249,6 +251,12 @@ class Launcher:
         namespaces.make_shared(base)
         namespaces.prepare_etc(self.etc_dir, uids)
         self.uids = UidPool(uids)
+        brokers = [part.rsplit(":", 1)[0] for part in self.settings.common.bootstrap.split(",") if part]
+        try:
+            self.egress = Egress.setup(self.platform, uids, brokers, self.settings.egress_deny.split(","))
+        except EgressUnavailable as exc:
+            self.egress_problem = str(exc)
+            log.warning("functions with network=egress will be refused on this node: %s", exc)
 
     def _placement(self, instance_id: str) -> Placement:
         node_dir = self.settings.node_dir
@@ -362,6 +370,7 @@ class Launcher:
             with contextlib.suppress(Exception):
                 group.kill_all()
         kill_uid(box.uid)  # the uid is the instance's alone: whatever still runs as it is the instance's
+        self._disconnect(box)
         namespaces.unmount_tree(box.dir)
         shutil.rmtree(box.dir)
         assert self.uids is not None
@@ -372,14 +381,24 @@ class Launcher:
 
         Raises :class:`sandbox.SandboxError` when the function asks for what this node cannot give.
         """
-        if spec.network == "egress" and self.sandboxed:
-            raise sandbox.SandboxError(EGRESS_UNAVAILABLE)
         box = self._boxes.get(inst.id)
         if box is None:
-            return str(code_dir)
+            return str(code_dir)  # not sandboxed (an agent that is not root): the host's network
+        if spec.network == "egress" and not box.egress:
+            if self.egress is None or inst.pid is None:
+                raise sandbox.SandboxError(f"network=egress is not available on this node: {self.egress_problem}")
+            await asyncio.to_thread(self.egress.connect, box.uid, inst.pid)
+            box.egress = True
+        elif spec.network == "none" and box.egress:
+            await asyncio.to_thread(self._disconnect, box)
         if box.code != str(code_dir):
             await asyncio.to_thread(self._bind_code, box, code_dir)
         return "/code"
+
+    def _disconnect(self, box: _Box) -> None:
+        if box.egress and self.egress is not None:
+            self.egress.disconnect(box.uid)
+        box.egress = False
 
     def _bind_code(self, box: _Box, code_dir: Path) -> None:
         key = str(code_dir)
@@ -428,6 +447,7 @@ class Launcher:
             others = [pid for pid in processes_of(box.uid) if pid != inst.pid]
         if others:
             return f"reset cannot undo the {len(others)} processes it left running"
+        self._disconnect(box)  # a generic instance has loopback only again
         if box.code is not None:
             namespaces.unmount(box.dir / "code")
             box.code = None
@@ -442,6 +462,8 @@ class Launcher:
             await asyncio.gather(*list(self._cleanups), return_exceptions=True)
         for instance_id in list(self._boxes):
             await self._clean_box(instance_id, None)
+        if self.egress is not None:
+            await asyncio.to_thread(self.egress.close)
         if self.uids is not None:
             with contextlib.suppress(OSError):
                 await asyncio.to_thread(namespaces.unmount_tree, self.instances_dir)

@@ -239,7 +239,7 @@ def new_netns() -> None:
 
 
 ETC_COPIES = ("ld.so.cache", "nsswitch.conf", "host.conf", "gai.conf", "protocols", "services", "mime.types",
-              "timezone", "localtime")
+              "timezone", "localtime", "resolv.conf")
 """Small host ``/etc`` files an instance needs (the dynamic linker's cache, name service order, ...)."""
 ETC_BINDS = ("ssl", "ca-certificates")
 """Host ``/etc`` folders bound read-only inside the instance's ``/etc`` (certificates for egress)."""
@@ -255,9 +255,9 @@ def prepare_etc(dest: str | os.PathLike[str], uids: range, hostname: str = "sand
         src, dst = Path("/etc", name), etc / name
         if dst.is_symlink() or dst.exists():
             dst.unlink()
-        if src.is_symlink():
-            dst.symlink_to(os.readlink(src))
-        elif src.is_file():
+        if src.is_symlink() and os.readlink(src).startswith("/usr/"):
+            dst.symlink_to(os.readlink(src))  # localtime -> /usr/share/zoneinfo/..., visible inside
+        elif src.is_file():  # (a link elsewhere, e.g. resolv.conf -> /run/..., is copied as its content)
             dst.write_bytes(src.read_bytes())
             os.chmod(dst, 0o644)
     for name in ETC_BINDS:

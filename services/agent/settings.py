@@ -90,6 +90,9 @@ class AgentSettings:
     """``auto``: a cgroup per instance when the host allows it; ``on``: required; ``off``."""
     instance_uids: str = "200000-201023"
     """Uids (and gids) given to instances, one per instance at a time, when the agent is root."""
+    egress_deny: str = ""
+    """Comma-separated CIDRs egress instances may not reach, beyond the private, loopback and
+    link-local ranges and the broker's addresses (the platform's other addresses, if public)."""
 
     @property
     def node_dir(self) -> Path:
@@ -123,4 +126,5 @@ class AgentSettings:
             ],
             cgroups=env_str(env, "STOKER_CGROUPS", "auto"),
             instance_uids=env_str(env, "STOKER_INSTANCE_UIDS", "200000-201023"),
+            egress_deny=env_str(env, "STOKER_EGRESS_DENY", ""),
         )

@@ -8,12 +8,13 @@ hostile ones, and a canary that must keep answering while they do. Nothing is mo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,6 +33,9 @@ FNS = Path(__file__).parent / "fns"
 DENIED_CONNECT = {"ECONNREFUSED", "ENETUNREACH", "EHOSTUNREACH", "TimeoutError", "EACCES", "EPERM"}
 
 
+OUTSIDE_HOST, OUTSIDE_GW = "198.51.100.2", "198.51.100.1"  # TEST-NET-2: a test host in a namespace made here
+
+
 @dataclass
 class Node:
     settings: CommonSettings
@@ -39,11 +43,45 @@ class Node:
     gateway_port: int
     listener_port: int
     host_ips: list[str]
+    outside: tuple[str, int]
     code_dirs: dict[str, Path] = field(default_factory=dict)
 
     @property
     def node_dir(self) -> Path:
         return self.settings.home / "nodes" / "runtime-0"
+
+
+@contextlib.contextmanager
+def outside_host() -> Iterator[tuple[str, int]]:
+    """"The outside world" for egress: a network namespace of this test with a TCP server, linked to
+    the host over a veth pair (the host routes to it as it would to any outside address)."""
+    name, link = f"sbx-out-{uuid.uuid4().hex[:6]}", f"sbxo{uuid.uuid4().hex[:6]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    server = None
+    try:
+        subprocess.run(["ip", "-batch", "-"], check=True, text=True, input=(
+            f"link add {link} type veth peer name {link}p\nlink set {link}p netns {name}\n"
+            f"addr add {OUTSIDE_GW}/24 dev {link}\nlink set {link} up\n"))
+        subprocess.run(["ip", "-n", name, "-batch", "-"], check=True, text=True, input=(
+            f"link set lo up\naddr add {OUTSIDE_HOST}/24 dev {link}p\nlink set {link}p up\n"
+            f"route add default via {OUTSIDE_GW}\n"))
+        port = 17777
+        code = ("import socket\n"
+                f"s = socket.create_server(('{OUTSIDE_HOST}', {port}))\n"
+                "print('listening', flush=True)\n"
+                "while True:\n"
+                "    c, _ = s.accept()\n"
+                "    c.sendall(b'outside')\n"
+                "    c.close()\n")
+        server = subprocess.Popen(["ip", "netns", "exec", name, sys.executable, "-I", "-c", code],
+                                  stdout=subprocess.PIPE, text=True)
+        assert server.stdout is not None and server.stdout.readline().strip() == "listening"
+        yield OUTSIDE_HOST, port
+    finally:
+        if server is not None:
+            server.kill()
+            server.wait()
+        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 def host_ipv4() -> list[str]:
@@ -69,14 +107,16 @@ def node(kafka_broker: RunningBroker, tmp_path_factory: pytest.TempPathFactory) 
     agent = ServiceProcess("services.agent", "agent-runtime-0", settings,
                            {"STOKER_NODE_NAME": "runtime-0", "STOKER_POOL_SIZE": "1", "STOKER_MAX_INSTANCES": "6",
                             "STOKER_CGROUPS": "on"})
+    outside = contextlib.ExitStack()
     other = tmp_path_factory.mktemp("reset-b-code")
     shutil.copytree(FNS / "sandbox_b", other, dirs_exist_ok=True)
     (other / "b_only.txt").write_text("only in the second function's code\n")
     try:
+        out_address = outside.enter_context(outside_host())
         dispatcher.wait_ready()
         gateway.wait_ready()
         agent.wait_ready()
-        found = Node(settings, agent, gateway_port, listener_port, host_ipv4())
+        found = Node(settings, agent, gateway_port, listener_port, host_ipv4(), out_address)
 
         async def deploy() -> None:
             async with StokerClient(settings) as client:
@@ -93,6 +133,11 @@ def node(kafka_broker: RunningBroker, tmp_path_factory: pytest.TempPathFactory) 
                     FunctionSpec(name="hostile", entrypoint="handler:main", source=hostile, timeout_s=3,
                                  memory_mb=64, pids_limit=16, max_output_bytes=64 * 1024),
                     FunctionSpec(name="egress", entrypoint="handler:main", source=probe, network="egress"),
+                    FunctionSpec(name="egress-reset", entrypoint="handler:main", source=probe, network="egress",
+                                 reuse="reset"),
+                    FunctionSpec(name="egress-fresh", entrypoint="handler:main", source=probe, network="egress",
+                                 reuse="fresh"),
+                    FunctionSpec(name="probe-reset", entrypoint="handler:main", source=probe, reuse="reset"),
                 ]
                 for spec in specs:
                     await client.put_function(spec)
@@ -104,6 +149,7 @@ def node(kafka_broker: RunningBroker, tmp_path_factory: pytest.TempPathFactory) 
         yield found
     finally:
         listener.close()
+        outside.close()
         agent.stop()
         gateway.stop()
         dispatcher.stop()
@@ -163,12 +209,7 @@ def test_hostile_matrix_denied_or_terminal_while_a_canary_keeps_answering(node: 
     assert zygotes, children_of(agent_pid)
     canary_first = invoke(node.settings, "canary", {"action": "look"})
     assert canary_first.status == "ok", canary_first
-    broker_host, broker_port = node.settings.bootstrap.rsplit(":", 1)
-    targets = {"broker": (broker_host, int(broker_port)), "gateway": ("127.0.0.1", node.gateway_port),
-               "node port": ("127.0.0.1", node.listener_port)}
-    for ip in node.host_ips:
-        targets |= {f"broker@{ip}": (ip, int(broker_port)), f"gateway@{ip}": (ip, node.gateway_port),
-                    f"node port@{ip}": (ip, node.listener_port)}
+    targets = platform_targets(node)
     for name, address in targets.items():  # the ports are there: from the host they answer
         if "broker@" not in name:  # (the broker listens on loopback only)
             socket.create_connection(address, timeout=2).close()
@@ -275,7 +316,62 @@ def test_nothing_is_left_behind_when_an_instance_is_gone(node: Node) -> None:
     assert_eventually(gone, timeout_s=15, message="the instance's sandbox removed")
 
 
-def test_egress_is_refused_with_the_reason(node: Node) -> None:
-    result = invoke(node.settings, "egress", {"action": "look"})
-    assert result.status == "error" and result.error is not None, result
-    assert result.error.kind == "sandbox" and "egress" in result.error.message, result.error
+def platform_targets(node: Node) -> dict[str, tuple[str, int]]:
+    broker_host, broker_port = node.settings.bootstrap.rsplit(":", 1)
+    targets = {"broker": (broker_host, int(broker_port)), "gateway": ("127.0.0.1", node.gateway_port),
+               "node port": ("127.0.0.1", node.listener_port)}
+    for ip in [*node.host_ips, OUTSIDE_GW]:
+        targets |= {f"broker@{ip}": (ip, int(broker_port)), f"gateway@{ip}": (ip, node.gateway_port),
+                    f"node port@{ip}": (ip, node.listener_port)}
+    return targets
+
+
+def test_egress_reaches_the_outside_but_never_the_platform(node: Node) -> None:
+    targets = platform_targets(node)
+    with socket.create_connection(node.outside, timeout=2) as conn:  # the host itself reaches it
+        assert conn.recv(16) == b"outside"
+    socket.create_connection((OUTSIDE_GW, node.gateway_port), timeout=2).close()  # the gateway is on it
+    got = invoke(node.settings, "egress", {"action": "attempts", "connect": {"outside": node.outside, **targets}})
+    look = invoke(node.settings, "egress", {"action": "look"})
+    assert got.status == "ok" and look.status == "ok", (got, look)
+    print("\n".join(f"{k}: {v}" for k, v in got.output.items()))
+    assert got.output["connect outside"] == "connected", got.output
+    gateway_of_its_link = "10.200." + ".".join(str(x) for x in divmod(4 * (look.output["uid"] - 200000) + 1, 256))
+    own = invoke(node.settings, "egress", {"action": "attempts", "connect": {
+        "its link's host side": (gateway_of_its_link, node.gateway_port)}})
+    for name, result in {**got.output, **own.output}.items():
+        if name != "connect outside":
+            assert result in DENIED_CONNECT, (name, result)
+    assert sorted(name for _, name in look.output["interfaces"]) == ["eth0", "lo"]
+    # A function without egress: the same outside address is not even routable.
+    none = invoke(node.settings, "probe", {"action": "attempts", "connect": {"outside": node.outside}})
+    assert none.output["connect outside"] in {"ENETUNREACH", "EHOSTUNREACH"}, none.output
+
+
+def test_reset_takes_egress_away_before_another_function_gets_the_instance(node: Node) -> None:
+    shared = 0
+    for _ in range(8):
+        first, second = invoke_all(node.settings, [
+            ("egress-reset", {"action": "attempts", "connect": {"outside": node.outside}}),
+            ("probe-reset", {"action": "attempts", "connect": {"outside": node.outside}}),
+        ])
+        assert first.output["connect outside"] == "connected", first
+        assert second.output["connect outside"] in {"ENETUNREACH", "EHOSTUNREACH"}, second
+        if first.instance == second.instance:
+            shared += 1
+            if shared >= 2:
+                break
+    assert shared, "the second function never ran on the egress function's reset instance"
+
+
+def test_an_egress_instance_leaves_no_link_behind(node: Node) -> None:
+    result = invoke(node.settings, "egress-fresh", {"action": "look"})
+    assert result.status == "ok", result
+    link = f"sk{result.output['uid']}"
+
+    def gone() -> bool:
+        shown = subprocess.run(["ip", "link", "show", link], capture_output=True, text=True)
+        assert shown.returncode != 0, shown.stdout
+        return True
+
+    assert_eventually(gone, timeout_s=15, message=f"{link} removed")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from services.agent.egress import DEFAULT_DENY, Egress, ruleset
 from services.agent.launcher import UidPool, parse_uid_range
 from services.agent.namespaces import mounts_under, prepare_etc
 from services.agent.sandbox import SandboxError
@@ -50,3 +51,17 @@ def test_mounts_under_reads_mountinfo_deepest_first(tmp_path: Path) -> None:
         "92 27 0:50 / /srv/node/instances-other rw - ext4 /dev/vda rw\n"
     )
     assert mounts_under("/srv/node/instances", str(info)) == ["/srv/node/instances/abc/code", "/srv/node/instances"]
+
+
+def test_egress_links_are_numbered_per_uid_and_the_table_rejects_the_platform() -> None:
+    egress = Egress("stoker-test", range(200000, 201024), DEFAULT_DENY)
+    assert egress.addresses(200000) == ("10.200.0.1", "10.200.0.2")
+    assert egress.addresses(200065) == ("10.200.1.5", "10.200.1.6")
+    assert Egress.iface(201023) == "sk201023" and len(Egress.iface(201023) + "p") <= 15  # IFNAMSIZ
+    rules = ruleset("stoker-test", [*DEFAULT_DENY, "203.0.113.7"])
+    assert 'iifname "sk*" reject with icmpx admin-prohibited' in rules  # nothing of the host itself
+    assert 'iifname "sk*" oifname "sk*" reject' in rules  # no instance reaches another
+    assert "iifname \"sk*\" ip daddr @deny4 reject" in rules and "203.0.113.7" in rules
+    assert "169.254.0.0/16" in rules and "10.0.0.0/8" in rules and "127.0.0.0/8" in rules
+    assert 'oifname "sk*" drop' in rules  # nothing new from outside into an instance
+    assert "masquerade" in rules and "nfproto ipv6 drop" in rules
