@@ -32,6 +32,7 @@ import errno
 import os
 import re
 import signal
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
@@ -341,6 +342,8 @@ class InstanceCgroup(ABC):
     def __init__(self, instance_id: str, cpu_period_us: int) -> None:
         self.instance_id = instance_id
         self.cpu_period_us = cpu_period_us
+        self._pids_events_fd: int | None = None
+        self._pids_events_lock = threading.Lock()  # remove() runs in a worker thread
 
     @property
     @abstractmethod
@@ -407,8 +410,32 @@ class InstanceCgroup(ABC):
         return self.paths[0]
 
     def pids_limit_hits(self) -> int:
-        """How often a fork failed because the group was at its pids limit (``pids.events`` max)."""
-        return _read_keyed(self.pids_dir / "pids.events").get("max", 0)
+        """How often a fork failed because the group was at its pids limit (``pids.events`` max).
+
+        Read around every invocation, so the cheap way: one ``pread`` of a descriptor kept open
+        (closed by :meth:`remove`), no path walk, stat or text layer; 0 when the file is missing.
+        Other errors raise :class:`OSError`.
+        """
+        with self._pids_events_lock:
+            fd = self._pids_events_fd
+            if fd is None:
+                try:
+                    fd = os.open(self.pids_dir / "pids.events", os.O_RDONLY | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    return 0
+                self._pids_events_fd = fd
+            raw = os.pread(fd, 4096, 0)
+        for line in raw.splitlines():
+            key, _, value = line.partition(b" ")
+            if key == b"max":
+                return int(value)
+        return 0
+
+    def _close_files(self) -> None:
+        with self._pids_events_lock:
+            fd, self._pids_events_fd = self._pids_events_fd, None
+        if fd is not None:
+            os.close(fd)
 
     def _quota_us(self, millis: int) -> int:
         return max(MIN_CPU_QUOTA_US, millis * self.cpu_period_us // 1000)
@@ -434,6 +461,7 @@ class InstanceCgroup(ABC):
 
         Zombies do not keep a group busy, so the agent may reap its child after removal.
         """
+        self._close_files()
         busy = self.pids()
         if busy:
             raise CgroupBusy(f"instance {self.instance_id} still has processes {busy}; kill_all() first")

@@ -3,27 +3,21 @@
 from __future__ import annotations
 
 from faststream.kafka import KafkaBroker
-from faststream.middlewares import AckPolicy
 
 from events import Clamp, ConfigureNode, EnsurePool, Execute, Recycle, Specialize
+from events.base import Record
 from services.agent.node import NodeAgent
+from services.agent.work import WorkConsumer
+from services.common.views import dead_letters_to
+
+WORK_COMMANDS = (Execute, Specialize, EnsurePool, Recycle, Clamp, ConfigureNode)
 
 
-def register(broker: KafkaBroker, agent: NodeAgent) -> None:
-    """Subscribe ``agent`` to its node's work topic."""
-    topic = agent.topics.work(agent.settings.node)
+def work_consumer(broker: KafkaBroker, agent: NodeAgent) -> WorkConsumer:
+    """The consumer of ``agent``'s work topic (start it, run it as a background loop, stop it)."""
 
-    # The group keeps this node's position across restarts; commands addressed to an older
-    # incarnation are skipped (the dispatcher re-routes them), so nothing runs twice.
-    # The offset is committed once a command is handed to the agent (ACK after the handler).
-    @broker.subscriber(
-        topic,
-        group_id=f"stoker-agent-{agent.settings.node}",
-        auto_offset_reset="earliest",
-        ack_policy=AckPolicy.ACK,
-        fetch_max_wait_ms=100,
-    )
-    async def on_work(cmd: Execute | Specialize | EnsurePool | Recycle | Clamp | ConfigureNode) -> None:
+    async def on_work(cmd: Record) -> None:
+        assert isinstance(cmd, WORK_COMMANDS)
         if not agent.is_mine(cmd.incarnation):
             return
         if isinstance(cmd, Execute):
@@ -38,3 +32,16 @@ def register(broker: KafkaBroker, agent: NodeAgent) -> None:
             await agent.configure(cmd)
         else:
             agent.specialize(cmd)
+
+    # The group keeps this node's position across restarts; commands addressed to an older
+    # incarnation are skipped (the dispatcher re-routes them), so nothing runs twice. Offsets are
+    # committed in the background once their commands were handed to the agent.
+    return WorkConsumer(
+        agent.settings.common.bootstrap,
+        agent.topics.work(agent.settings.node),
+        f"stoker-agent-{agent.settings.node}",
+        on_work,
+        dead_letters_to(broker, agent.topics.dlq),
+        WORK_COMMANDS,
+        consumer=f"agent-{agent.settings.node}",
+    )

@@ -16,6 +16,7 @@ import socket
 import sys
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Any, Literal
 from events.instance import InstanceState
 from services.agent import sandbox
 from services.agent.cgroups import InstanceCgroup, oom_killed
-from services.runtime.protocol import ChannelClosed, encode_frame, read_frame
+from services.runtime.protocol import HEADER, MAX_FRAME, ChannelClosed, decode_body, encode_frame, read_frame
 
 SCRUBBED_ENV_KEEP = ("PATH", "LANG", "LC_ALL", "TZ", "PYTHONHASHSEED")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -44,6 +45,104 @@ class InstanceTimeout(Exception):
     """The instance did not answer in time; it has been killed."""
 
 
+class Channel(asyncio.Protocol):
+    """The agent's end of an instance's socketpair: frames out, frames in, one awaited at a time.
+
+    A protocol rather than a stream reader: a reply that arrives in one piece (nearly all do) is
+    decoded straight from the bytes the loop read and resolves the waiting request, with no
+    reader task, no ``readexactly`` per part and no ``wait_for`` task per request.
+    """
+
+    def __init__(self) -> None:
+        self._transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._frames: deque[Any] = deque()
+        """Frames nobody waited for yet (the hello, usually)."""
+        self._waiter: asyncio.Future[Any] | None = None
+        self._closed: ChannelClosed | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if not self._buffer and len(data) >= HEADER.size:
+            (size,) = HEADER.unpack_from(data)
+            if len(data) == HEADER.size + size and size <= MAX_FRAME:
+                self._deliver(data, HEADER.size)  # the common case: exactly one whole frame
+                return
+        buffer = self._buffer
+        buffer += data
+        while len(buffer) >= HEADER.size:
+            (size,) = HEADER.unpack_from(buffer)
+            if size > MAX_FRAME:
+                self._close(ChannelClosed(f"frame of {size} bytes is over the limit"))
+                return
+            end = HEADER.size + size
+            if len(buffer) < end:
+                return
+            frame = bytes(buffer[:end])
+            del buffer[:end]
+            if not self._deliver(frame, HEADER.size):
+                return
+
+    def _deliver(self, data: bytes, start: int) -> bool:
+        try:
+            frame = decode_body(memoryview(data)[start:])
+        except ChannelClosed as exc:
+            self._close(exc)
+            return False
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            self._waiter = None
+            waiter.set_result(frame)
+        else:
+            self._frames.append(frame)
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._close(ChannelClosed("instance closed its channel"))
+
+    def _close(self, exc: ChannelClosed) -> None:
+        if self._closed is None:
+            self._closed = exc
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(exc)
+        if self._transport is not None:
+            self._transport.close()
+
+    def send(self, frame: bytes) -> None:
+        """Queue one encoded frame (non-blocking; the transport buffers it)."""
+        if self._closed is not None:
+            raise self._closed
+        assert self._transport is not None
+        self._transport.write(frame)
+
+    async def receive(self) -> Any:
+        """The next frame (raises :class:`ChannelClosed` once the instance is gone)."""
+        if self._frames:
+            return self._frames.popleft()
+        if self._closed is not None:
+            raise self._closed
+        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiter = waiter
+        try:
+            return await waiter
+        finally:
+            if self._waiter is waiter:
+                self._waiter = None
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+
+async def open_channel(sock: socket.socket) -> Channel:
+    """Wrap the agent's end of a socketpair (non-blocking from now on) in a :class:`Channel`."""
+    _transport, channel = await asyncio.get_running_loop().create_connection(Channel, sock=sock)
+    return channel
+
+
 @dataclass
 class Instance:
     """The agent's handle on one runtime process."""
@@ -60,8 +159,7 @@ class Instance:
     last_used_at: float = field(default_factory=time.monotonic)
     pid: int | None = None
     cgroup: InstanceCgroup | None = None
-    reader: asyncio.StreamReader | None = None
-    writer: asyncio.StreamWriter | None = None
+    channel: Channel | None = None
     exited: asyncio.Future[int] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     """Resolves to the exit code (negative: killed by that signal) when the process ends."""
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -75,12 +173,13 @@ class Instance:
 
     async def request(self, msg: dict[str, Any], timeout_s: float | None) -> dict[str, Any]:
         """Send one frame and wait for its answer; kill the instance if it takes too long."""
-        assert self.writer is not None and self.reader is not None
+        channel = self.channel
+        assert channel is not None
         async with self._lock:
             try:
-                self.writer.write(encode_frame(msg))
-                await self.writer.drain()
-                return await asyncio.wait_for(read_frame(self.reader), timeout_s)  # type: ignore[no-any-return]
+                channel.send(encode_frame(msg))
+                async with asyncio.timeout(timeout_s):
+                    return await channel.receive()  # type: ignore[no-any-return]
             except TimeoutError:
                 await self.kill()
                 raise InstanceTimeout(f"no answer within {timeout_s:.3f}s") from None
@@ -107,8 +206,8 @@ class Instance:
                 await asyncio.to_thread(self.cgroup.kill_all)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(self.exited), 5.0)
-        if self.writer is not None:
-            self.writer.close()
+        if self.channel is not None:
+            self.channel.close()
 
     async def destroy(self) -> None:
         """Kill it and remove its cgroup: the normal end of an instance."""
@@ -154,9 +253,9 @@ def instance_env(workdir: Path) -> dict[str, str]:
 
 
 async def _hello(inst: Instance, start_timeout_s: float) -> None:
-    assert inst.reader is not None
+    assert inst.channel is not None
     try:
-        hello = await asyncio.wait_for(read_frame(inst.reader), start_timeout_s)
+        hello = await asyncio.wait_for(inst.channel.receive(), start_timeout_s)
     except (TimeoutError, ChannelClosed) as exc:
         await inst.destroy()
         raise InstanceDied(f"instance did not start: {exc!r}; see {inst.log_path}") from exc
@@ -213,7 +312,7 @@ async def spawn_instance(
             inst.exited.set_result(code)
 
     asyncio.get_running_loop().create_task(reap(), name=f"reap:{instance_id}")
-    inst.reader, inst.writer = await asyncio.open_connection(sock=parent_sock)
+    inst.channel = await open_channel(parent_sock)
     await _hello(inst, start_timeout_s)
     return inst
 
@@ -365,7 +464,7 @@ class Zygote:
             inst.exited.set_result(self._early_exits.pop(inst.pid))
         else:
             self._exits[inst.pid] = inst.exited
-        inst.reader, inst.writer = await asyncio.open_connection(sock=parent_sock)
+        inst.channel = await open_channel(parent_sock)
         await _hello(inst, start_timeout_s)
         return inst
 

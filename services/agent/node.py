@@ -11,8 +11,8 @@ import contextlib
 import logging
 import time
 import uuid
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,12 @@ tracer = trace.get_tracer("stoker.agent")
 
 Publish = Callable[[Record, str, str | None], Awaitable[Any]]
 """Publish a record to a topic with a key, returning once the broker confirmed it."""
+PublishResult = Callable[[Record, Sequence[str], str], Awaitable[None]]
+"""Publish a result to each of the topics with a key, returning once the broker confirmed every copy."""
+WAIT_RECHECK_S = 5.0
+"""An invocation waiting for an instance plans again at least this often. Every change that can
+end a wait (an instance released, prewarmed, reset, started or gone) wakes waiters at once: with
+thousands queued, planning each one every second cost more than running them."""
 
 
 @dataclass
@@ -80,7 +86,9 @@ class _Slot:
 class NodeAgent:
     """Everything one node agent holds and does."""
 
-    def __init__(self, settings: AgentSettings, publish: Publish, store: ArtifactStore) -> None:
+    def __init__(
+        self, settings: AgentSettings, publish: Publish, store: ArtifactStore, publish_result: PublishResult
+    ) -> None:
         self.settings = settings
         self._launcher = Launcher(settings)
         self.topics = settings.common.topics
@@ -90,11 +98,14 @@ class NodeAgent:
         self.taints = list(settings.taints)
         self.unschedulable = False
         self._publish = publish
+        self._publish_result = publish_result
         self._store = store
         self._slots: dict[str, _Slot] = {}
         self._starting = 0
-        self._freed = asyncio.Condition()
+        self._waiting: dict[tuple[str | None, str | None], deque[asyncio.Future[_Slot | None]]] = {}
+        """Invocations waiting for an instance, oldest first, by the (function, version) they need."""
         self._code_locks: dict[str, asyncio.Lock] = {}
+        self._code_dirs: dict[str, Path] = {}
         self._in_flight: dict[tuple[str, int], asyncio.Task[None]] = {}
         self._done: OrderedDict[tuple[str, int], None] = OrderedDict()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -326,16 +337,13 @@ class NodeAgent:
             slot.prewarmed, slot.prewarm_trace = False, None
             self._set_state(inst, "generic")
             self._emit(inst, "generic", reason="reset after an invocation")
-            async with self._freed:
-                self._freed.notify_all()
+            self._wake_all()
             return
         await self._release(inst, spec)
 
     async def _complete(self, reply_to: str | None, result: InvocationCompleted) -> None:
-        writes = [self._publish(result, self.topics.result, result.id)]
-        if reply_to:
-            writes.append(self._publish(result, reply_to, result.id))
-        await asyncio.gather(*writes)
+        topics = (self.topics.result, reply_to) if reply_to else (self.topics.result,)
+        await self._publish_result(result, topics, result.id)
 
     async def _acquire(self, spec: FunctionSpec, deadline_ms: int | None) -> tuple[_Slot | None, Any]:
         """Get an instance holding ``spec``'s code; returns (slot, start kind or ErrorInfo)."""
@@ -371,11 +379,57 @@ class NodeAgent:
             remaining = None if deadline_ms is None else (deadline_ms - now_ms()) / 1000
             if remaining is not None and remaining <= 0:
                 return None, None
-            async with self._freed:
-                try:
-                    await asyncio.wait_for(self._freed.wait(), timeout=min(remaining or 1.0, 1.0))
-                except TimeoutError:
-                    pass
+            handed = await self._wait_for_instance(spec.name, version, min(remaining or WAIT_RECHECK_S, WAIT_RECHECK_S))
+            if handed is not None:
+                kind = "prewarmed" if handed.prewarmed else "warm"
+                handed.prewarmed = False
+                return handed, kind
+
+    async def _wait_for_instance(self, function: str, version: str, timeout_s: float) -> _Slot | None:
+        """Wait until an instance of ``function`` is handed over (or anything else changed: None)."""
+        waiter: asyncio.Future[_Slot | None] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault((function, version), deque()).append(waiter)
+        try:
+            async with asyncio.timeout(timeout_s):
+                await waiter
+        except TimeoutError:
+            pass
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled() and (slot := waiter.result()) is not None:
+                self._set_state(slot.instance, "ready")
+                self._offer(slot)  # handed over as this invocation was cancelled: the next one takes it
+            raise
+        # A hand-over can land just as the timeout fires: the instance is this invocation's then.
+        return waiter.result() if waiter.done() and not waiter.cancelled() else None
+
+    def _offer(self, slot: _Slot) -> None:
+        """A ready instance goes straight to the oldest invocation waiting for its code (it is busy
+        then); with none, every waiter plans again (one may evict it or start an instance)."""
+        inst = slot.instance
+        key = (inst.function, inst.function_version)
+        queue = self._waiting.get(key)
+        while queue:
+            waiter = queue.popleft()
+            if not waiter.done():
+                self._set_state(inst, "busy")
+                waiter.set_result(slot)
+                break
+        else:
+            self._waiting.pop(key, None)
+            self._wake_all()
+            return
+        if not queue:
+            self._waiting.pop(key, None)
+
+    def _wake_all(self) -> None:
+        """Something changed for every waiter (an instance went, came or turned generic): all plan again."""
+        if not self._waiting:
+            return
+        waiting, self._waiting = self._waiting, {}
+        for queue in waiting.values():
+            for waiter in queue:
+                if not waiter.done():
+                    waiter.set_result(None)
 
     async def _load(self, slot: _Slot, spec: FunctionSpec, code_dir: Path, kind: str) -> Any:
         inst = slot.instance
@@ -423,12 +477,12 @@ class NodeAgent:
             await self._retire(inst, slot.retire_after_use)
             return
         self._set_state(inst, "ready")
-        facts = self._facts_of(self._slots[inst.id]) if inst.id in self._slots else None
+        facts = self._facts_of(slot) if slot is not None else None
         reason = facts and pool.due_for_recycling(facts, pool.RecyclePolicy(spec.max_invocations, spec.max_age_s))
         if reason:
             await self._retire(inst, reason)
-        async with self._freed:
-            self._freed.notify_all()
+        elif slot is not None:
+            self._offer(slot)
 
     async def _prewarm(self, spec: FunctionSpec) -> None:
         attributes = {
@@ -462,6 +516,7 @@ class NodeAgent:
                 slot.prewarmed = True
                 slot.prewarm_trace = span.get_span_context()
                 self._set_state(slot.instance, "ready")
+                self._offer(slot)
             span.set_attribute("stoker.prewarm", "ready" if isinstance(kind, str) else "failed")
 
     # ----- code cache -------------------------------------------------------------------------
@@ -486,14 +541,17 @@ class NodeAgent:
 
     async def ensure_code(self, digest: str, uri: str) -> Path:
         """The verified, unpacked code of ``digest`` in this node's cache (fetched once)."""
+        known = self._code_dirs.get(digest)
+        if known is not None:
+            return known  # every invocation asks: no stat once the code is in the cache
         dest = self.settings.node_dir / "code" / digest.replace(":", "-")
-        if dest.is_dir():
-            return dest
-        lock = self._code_locks.setdefault(digest, asyncio.Lock())
-        async with lock:
-            if not dest.is_dir():
-                blob = await asyncio.to_thread(self._store.get, uri)
-                await asyncio.to_thread(unpack_verified, blob, digest, dest)
+        if not dest.is_dir():
+            lock = self._code_locks.setdefault(digest, asyncio.Lock())
+            async with lock:
+                if not dest.is_dir():
+                    blob = await asyncio.to_thread(self._store.get, uri)
+                    await asyncio.to_thread(unpack_verified, blob, digest, dest)
+        self._code_dirs[digest] = dest
         return dest
 
     # ----- instances --------------------------------------------------------------------------
@@ -504,6 +562,7 @@ class NodeAgent:
             inst = await self._launcher.new_instance()
         except (InstanceDied, OSError, CgroupError) as exc:
             log.error("could not start an instance: %s", exc)
+            self._wake_all()  # the room it held is free again
             return None
         finally:
             self._starting -= 1
@@ -523,8 +582,7 @@ class NodeAgent:
             )
             if deficit:
                 await asyncio.gather(*(self._start_instance() for _ in range(deficit)))
-                async with self._freed:
-                    self._freed.notify_all()
+                self._wake_all()
                 continue
             generic = [s.instance for s in self._slots.values() if s.instance.state == "generic"]
             for inst in generic[self.pool_target :]:
@@ -548,8 +606,7 @@ class NodeAgent:
         inst.state = "gone"
         self._emit(inst, "gone", reason=reason)
         self._pool_wakeup.set()
-        async with self._freed:
-            self._freed.notify_all()
+        self._wake_all()
 
     def _set_state(
         self, inst: Instance, state: InstanceState, spec: FunctionSpec | None = None, reason: str = ""

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from services.runtime.protocol import ChannelClosed, encode_frame, read_frame_sync
+from services.runtime.protocol import ChannelClosed, FrameReader, encode_frame
 
 LOG_CAP = 64 * 1024
 STDLIB = os.path.join(os.path.dirname(os.__file__), "")
@@ -223,10 +223,11 @@ class Runtime:
 
 def serve(sock: socket.socket) -> None:
     runtime = Runtime()
+    frames = FrameReader(sock)
     sock.sendall(encode_frame({"op": "hello", "pid": os.getpid()}))
     while True:
         try:
-            msg = read_frame_sync(sock)
+            msg = frames.read()
         except ChannelClosed:
             return
         op = msg.get("op")
