@@ -479,6 +479,8 @@ class Reader:
                     # It fetches only to catch a late view up, where there is data to read: a
                     # short wait keeps its end-offset answers quick even then.
                     fetch_max_wait_ms=20,
+                    # With nothing assigned its fetch routine only wakes on this timer.
+                    consumer_timeout_ms=10_000,
                 )
                 consumer = AIOKafkaConsumer(
                     bootstrap_servers=self.bootstrap,
@@ -560,6 +562,8 @@ class Reader:
             tps = sorted({tp for v in views for tp in v._tps})
             users = {tp: [v for v in views if tp in v._next] for tp in tps}
             ends = await probe.end_offsets(tps)
+            if not any(v._next[tp] < ends[tp] for tp in tps for v in users[tp]):
+                return True  # nothing to read
             probe.assign(tps)
             try:
                 for tp in tps:
@@ -578,7 +582,9 @@ class Reader:
                                 view._next[tp] = position
                 return True
             finally:
-                probe.unsubscribe()  # the probe goes back to fetching nothing
+                # Back to fetching nothing. An empty assignment rather than unsubscribe(): aiokafka's
+                # fetch routine fails if the subscription is gone before it saw the last one.
+                probe.assign([])
 
     async def _detach(self, view: _View) -> None:
         await view._end()

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from events import BuildFinished, FunctionSpec, InvocationCompleted
+from events import BuildFinished, FunctionSpec, InvocationCompleted, Record
 from events.codec import encode
 from events.dlq import DeadLettered
 from events.function import CodeSource
@@ -194,6 +194,13 @@ def test_a_late_view_catches_up_without_waiting_for_the_long_poll(stoker_setting
             await out.send_and_wait(topics.function, encode(spec("after")), key=b"after")
             assert await late.wait_caught_up(timeout_s=10) and await early.wait_caught_up(timeout_s=10)
             assert len(late.rows) == len(early.rows) == 51
+            # Several late views at once, some with nothing to read (as `stoker status` opens them).
+            for _ in range(3):
+                views = [reader.table(t, (Record,)) for t in (topics.function, topics.placement, topics.node)]
+                await asyncio.gather(
+                    *(v.start() for v in views), reader.tail(topics.build, (Record,), replay=True).start()
+                )
+                assert len(views[0].rows) == 51 and not views[1].rows
         finally:
             await reader.stop()
             await out.stop()
