@@ -17,7 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.trace import Status as SpanStatus
+from opentelemetry.trace import StatusCode
 
 from events import (
     Clamp,
@@ -228,7 +231,7 @@ class NodeAgent:
                 telemetry.FUNCTION: inv.function,
                 telemetry.NODE: self.settings.node,
             }
-            with tracer.start_as_current_span("stoker start", attributes=attributes) as span:
+            with _CurrentSpan("stoker start", attributes) as span:
                 outcome.queue_ms = max(0.0, now_ms() - inv.requested_ms)
                 slot, kind = await self._acquire(spec, inv.deadline_ms)
                 span.set_attribute(telemetry.START_KIND, kind if isinstance(kind, str) else "failed")
@@ -265,7 +268,7 @@ class NodeAgent:
         }
         attributes = {telemetry.INVOCATION_ID: inv.id, telemetry.FUNCTION: inv.function, "stoker.instance": inst.id}
         pids_hits = self._pids_hits(inst)
-        with tracer.start_as_current_span("stoker exec", attributes=attributes):
+        with _CurrentSpan("stoker exec", attributes):
             try:
                 reply = await inst.request(msg, timeout_s)
             except InstanceTimeout:
@@ -351,7 +354,7 @@ class NodeAgent:
         version = spec.code_version
         while True:
             plan = pool.plan_start(
-                self._facts(),
+                self._facts_for(spec.name, version),
                 spec.name,
                 version,
                 max_instances=self.settings.max_instances,
@@ -655,6 +658,19 @@ class NodeAgent:
         now = time.monotonic()
         return [self._facts_of(s, now) for s in self._slots.values()]
 
+    def _facts_for(self, function: str, version: str) -> list[pool.InstanceFacts]:
+        """What ``plan_start`` needs for one function: its ready instances alone when it has some
+        (the plan takes one of them, whatever the rest are), else every instance."""
+        now = time.monotonic()
+        ready = [
+            self._facts_of(s, now)
+            for s in self._slots.values()
+            if s.instance.state == "ready"
+            and s.instance.function == function
+            and s.instance.function_version == version
+        ]
+        return ready or self._facts()
+
     # ----- node -------------------------------------------------------------------------------
 
     def heartbeat(self) -> NodeHeartbeat:
@@ -766,6 +782,28 @@ class NodeAgent:
             )
         except Exception:  # noqa: BLE001
             log.exception("could not announce the shutdown")
+
+
+class _CurrentSpan:
+    """``tracer.start_as_current_span`` without its generator-based context managers (each
+    invocation opens two: this costs about half as much)."""
+
+    __slots__ = ("span", "_token")
+
+    def __init__(self, name: str, attributes: dict[str, Any]) -> None:
+        self.span = tracer.start_span(name, attributes=attributes)
+        self._token: Any = None
+
+    def __enter__(self) -> trace.Span:
+        self._token = otel_context.attach(trace.set_span_in_context(self.span))
+        return self.span
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        otel_context.detach(self._token)
+        if isinstance(exc, Exception):
+            self.span.record_exception(exc)
+            self.span.set_status(SpanStatus(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+        self.span.end()
 
 
 class _Outcome:

@@ -171,6 +171,8 @@ class WorkConsumer:
                 self._fetching = False
             for tp, records in batches.items():
                 for n, rec in enumerate(records, 1):
+                    if self._stopping:
+                        break  # not handed over, not committed: the next incarnation skips it, the dispatcher re-routes
                     await self._one(rec)
                     self._positions[tp] = rec.offset + 1
                     if n % YIELD_EVERY == 0:
