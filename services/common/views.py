@@ -11,7 +11,10 @@ the views of a process are served by ONE reader, which owns:
   not suffer;
 * one *probe* consumer for metadata and beginning/end offsets. Kafka answers a connection's
   requests in order, so a ListOffsets on the follower's connection would queue behind its
-  long-poll; the probe never fetches, so it costs nothing while idle.
+  long-poll. The probe fetches only to catch up a view attached while the follower is already
+  polling (the follower's next fetch, with the new partitions, would wait at the broker behind
+  the one in flight); the view then joins the follower where the probe stopped. Idle, it fetches
+  nothing and costs nothing.
 
 Usage (a service's composition root)::
 
@@ -25,6 +28,9 @@ Usage (a service's composition root)::
     await late.start()     # a view added later: the other views keep their positions
     await late.stop()      # only this view; the reader carries on
     await reader.stop()
+
+A view's own ``start`` also starts the reader when it was not started (a client that opens
+views as it needs them); ``reader.start()`` with no view opens nothing.
 
 Callbacks: a table's ``on_change(key, record_or_None)`` and a tail's ``on_record(record)``. A plain
 function runs inline on the reader's task (keep it short: every view of the process waits for
@@ -59,7 +65,16 @@ from events.base import Record
 from events.dlq import DeadLettered
 from services.common.broker import dead_letter_for
 
-__all__ = ["DeadLetterSink", "Reader", "Table", "Tail", "dead_letters_to", "partitions_of"]
+__all__ = [
+    "FETCH_MAX_WAIT_MS",
+    "DeadLetterSink",
+    "Reader",
+    "Table",
+    "Tail",
+    "dead_letters_to",
+    "partitions_of",
+    "trace_context",
+]
 
 log = logging.getLogger("stoker.views")
 tracer = trace.get_tracer("stoker.views")
