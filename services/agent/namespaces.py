@@ -32,6 +32,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import functools
 import os
 import socket
 import struct
@@ -49,6 +50,7 @@ __all__ = [
     "new_netns",
     "plan_root",
     "prepare_etc",
+    "private_mount_namespace",
     "unmount",
     "unmount_tree",
 ]
@@ -164,6 +166,23 @@ def unmount_tree(path: str | os.PathLike[str]) -> list[str]:
     for point in points:
         unmount(point)
     return points
+
+
+def private_mount_namespace() -> bool:
+    """Move this process (the agent, before it starts any thread) into a mount namespace of its own,
+    a slave of the host's: it sees what the host mounts, and what it mounts (the instances folder,
+    every function's code) is seen by it, its zygote and its instances only, and goes when they
+    do, even after a SIGKILL. Returns False (and does nothing) when not root.
+    """
+    if os.geteuid() != 0:
+        return False
+    import threading
+
+    if threading.active_count() > 1:  # unshare would move only this thread
+        raise MountError(errno.EINVAL, "a private mount namespace must be made before any thread starts")
+    unshare(CLONE_NEWNS)
+    mount(None, b"/", None, MS_REC | MS_SLAVE)
+    return True
 
 
 def make_shared(path: str | os.PathLike[str]) -> None:
@@ -380,15 +399,10 @@ def build_root(plan: RootPlan, unshare_net: bool) -> None:
         os.umask(old_umask)
 
 
-def plan_root(
-    instance_dir: str | os.PathLike[str],
-    python_prefix: str,
-    etc_dir: str | os.PathLike[str],
-    uid: int,
-    gid: int,
-    hostname: str = "sandbox",
-) -> RootPlan:
-    """What :func:`build_root` needs, looked up here (in the parent) so that the child only mounts."""
+@functools.lru_cache(maxsize=8)
+def _host_layout(python_prefix: str, etc_dir: str) -> tuple[tuple[bytes, ...], tuple[tuple[bytes, bytes], ...],
+                                                           tuple[bytes, ...], tuple[bytes, ...]]:
+    """The parts of a plan that are the same for every instance of a node (looked up once)."""
     prefix = os.path.realpath(python_prefix)
     trees: list[str] = ["/usr"]
     if not (prefix + "/").startswith("/usr/"):
@@ -403,13 +417,26 @@ def plan_root(
     # The interpreter's own site-packages may hold anything (here: orjson, pytest, ...): not the runtime's.
     hidden = [str(p) for p in Path(prefix, "lib").glob("python3*/site-packages") if p.is_dir()]
     binds = [name.encode() for name in ETC_BINDS if os.path.isdir(os.path.join(etc_dir, name))]
+    return (tuple(os.fsencode(t) for t in trees), tuple(links), tuple(os.fsencode(h) for h in hidden), tuple(binds))
+
+
+def plan_root(
+    instance_dir: str | os.PathLike[str],
+    python_prefix: str,
+    etc_dir: str | os.PathLike[str],
+    uid: int,
+    gid: int,
+    hostname: str = "sandbox",
+) -> RootPlan:
+    """What :func:`build_root` needs, looked up here (in the parent) so that the child only mounts."""
+    trees, links, hidden, binds = _host_layout(python_prefix, os.path.realpath(etc_dir))
     return RootPlan(
         instance_dir=os.fsencode(os.path.realpath(instance_dir)),
-        ro_trees=tuple(os.fsencode(t) for t in trees),
-        hidden=tuple(os.fsencode(h) for h in hidden),
-        links=tuple(links),
+        ro_trees=trees,
+        hidden=hidden,
+        links=links,
         etc_dir=os.fsencode(os.path.realpath(etc_dir)),
-        etc_binds=tuple(binds),
+        etc_binds=binds,
         hostname=hostname.encode(),
         uid=uid,
         gid=gid,

@@ -40,6 +40,8 @@ import orjson
 from services.agent import namespaces, sandbox
 from services.runtime.protocol import HEADER, ChannelClosed, encode_frame
 
+PR_SET_CHILD_SUBREAPER = 36
+
 
 def _read_request(ctrl: socket.socket) -> tuple[dict[str, Any], list[int]]:
     """One frame plus the file descriptors that came with its first bytes."""
@@ -108,6 +110,8 @@ def _child(
 
 
 REAL_PYTHON = os.path.realpath(sys.executable)
+_children: set[int] = set()
+"""Instances forked here. Their orphans are reaped here too (subreaper), but not reported."""
 _netns_ready = False
 """True while this zygote sits in a fresh network namespace its next child may take."""
 
@@ -140,6 +144,7 @@ def _fork(msg: dict[str, Any], fds: list[int], ctrl: socket.socket, wake_fds: tu
     pid = os.fork()
     if pid == 0:
         _child(msg, fds[0], ctrl, wake_fds, resolved)
+    _children.add(pid)
     os.close(fds[0])
     _netns_ready = False  # the child has it now: a new one once the reply is out
     return {"op": "forked", "id": msg.get("id"), "ok": True, "pid": pid}
@@ -154,6 +159,9 @@ def _reap() -> list[dict[str, Any]]:
             break
         if pid == 0:
             break
+        if pid not in _children:
+            continue  # an orphan of an instance, reparented here: reaped, nobody waits for it
+        _children.discard(pid)
         code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
         ended.append({"op": "exited", "pid": pid, "code": code})
     return ended
@@ -218,6 +226,9 @@ def main() -> None:
     gc.freeze()
     if netns:
         _next_netns()
+    # What an instance leaves when it dies (its function's processes, killed with its cgroup)
+    # becomes this zygote's to reap, not the host init's: no zombie keeps an instance uid in /proc.
+    sandbox._call_prctl(sandbox._prctl(), PR_SET_CHILD_SUBREAPER, 1)
     serve(socket.socket(fileno=args.fd), preloaded, netns=netns)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -33,7 +34,9 @@ FNS = Path(__file__).parent / "fns"
 DENIED_CONNECT = {"ECONNREFUSED", "ENETUNREACH", "EHOSTUNREACH", "TimeoutError", "EACCES", "EPERM"}
 
 
-OUTSIDE_HOST, OUTSIDE_GW = "198.51.100.2", "198.51.100.1"  # TEST-NET-2: a test host in a namespace made here
+RUNTIME_0 = {"stoker.io/role": "runtime", "kubernetes.io/hostname": "runtime-0"}
+RUNTIME_1 = {"stoker.io/role": "runtime", "kubernetes.io/hostname": "runtime-1"}
+OUTSIDE_NET = "198.51.100."  # TEST-NET-2: a /30 of it per run for the test host in a namespace made here
 
 
 @dataclass
@@ -44,6 +47,7 @@ class Node:
     listener_port: int
     host_ips: list[str]
     outside: tuple[str, int]
+    outside_gw: str
     code_dirs: dict[str, Path] = field(default_factory=dict)
 
     @property
@@ -52,22 +56,25 @@ class Node:
 
 
 @contextlib.contextmanager
-def outside_host() -> Iterator[tuple[str, int]]:
+def outside_host() -> Iterator[tuple[str, int, str]]:
     """"The outside world" for egress: a network namespace of this test with a TCP server, linked to
-    the host over a veth pair (the host routes to it as it would to any outside address)."""
+    the host over a veth pair (the host routes to it as it would to any outside address). Yields
+    (its address, the server's port, the host's address on that link)."""
     name, link = f"sbx-out-{uuid.uuid4().hex[:6]}", f"sbxo{uuid.uuid4().hex[:6]}"
+    block = 4 * random.randrange(64)
+    gw, host = f"{OUTSIDE_NET}{block + 1}", f"{OUTSIDE_NET}{block + 2}"
     subprocess.run(["ip", "netns", "add", name], check=True)
     server = None
     try:
         subprocess.run(["ip", "-batch", "-"], check=True, text=True, input=(
             f"link add {link} type veth peer name {link}p\nlink set {link}p netns {name}\n"
-            f"addr add {OUTSIDE_GW}/24 dev {link}\nlink set {link} up\n"))
+            f"addr add {gw}/30 dev {link}\nlink set {link} up\n"))
         subprocess.run(["ip", "-n", name, "-batch", "-"], check=True, text=True, input=(
-            f"link set lo up\naddr add {OUTSIDE_HOST}/24 dev {link}p\nlink set {link}p up\n"
-            f"route add default via {OUTSIDE_GW}\n"))
+            f"link set lo up\naddr add {host}/30 dev {link}p\nlink set {link}p up\n"
+            f"route add default via {gw}\n"))
         port = 17777
         code = ("import socket\n"
-                f"s = socket.create_server(('{OUTSIDE_HOST}', {port}))\n"
+                f"s = socket.create_server(('{host}', {port}))\n"
                 "print('listening', flush=True)\n"
                 "while True:\n"
                 "    c, _ = s.accept()\n"
@@ -76,11 +83,12 @@ def outside_host() -> Iterator[tuple[str, int]]:
         server = subprocess.Popen(["ip", "netns", "exec", name, sys.executable, "-I", "-c", code],
                                   stdout=subprocess.PIPE, text=True)
         assert server.stdout is not None and server.stdout.readline().strip() == "listening"
-        yield OUTSIDE_HOST, port
+        yield host, port, gw
     finally:
         if server is not None:
             server.kill()
             server.wait()
+        subprocess.run(["ip", "link", "del", link], check=False, capture_output=True)
         subprocess.run(["ip", "netns", "del", name], check=False)
 
 
@@ -112,11 +120,11 @@ def node(kafka_broker: RunningBroker, tmp_path_factory: pytest.TempPathFactory) 
     shutil.copytree(FNS / "sandbox_b", other, dirs_exist_ok=True)
     (other / "b_only.txt").write_text("only in the second function's code\n")
     try:
-        out_address = outside.enter_context(outside_host())
+        out_host, out_port, out_gw = outside.enter_context(outside_host())
         dispatcher.wait_ready()
         gateway.wait_ready()
         agent.wait_ready()
-        found = Node(settings, agent, gateway_port, listener_port, host_ipv4(), out_address)
+        found = Node(settings, agent, gateway_port, listener_port, host_ipv4(), (out_host, out_port), out_gw)
 
         async def deploy() -> None:
             async with StokerClient(settings) as client:
@@ -140,7 +148,7 @@ def node(kafka_broker: RunningBroker, tmp_path_factory: pytest.TempPathFactory) 
                     FunctionSpec(name="probe-reset", entrypoint="handler:main", source=probe, reuse="reset"),
                 ]
                 for spec in specs:
-                    await client.put_function(spec)
+                    await client.put_function(spec.model_copy(update={"node_selector": RUNTIME_0}))
                 for name, source in (("hostile", hostile), ("probe", probe)):
                     assert source.digest is not None
                     found.code_dirs[name] = found.node_dir / "code" / source.digest.replace(":", "-")
@@ -297,6 +305,7 @@ def test_nothing_is_left_behind_when_an_instance_is_gone(node: Node) -> None:
 
     def gone() -> bool:
         assert not box.exists(), f"{box} is still there"
+        assert str(node.node_dir) not in Path("/proc/self/mountinfo").read_text(), "a mount is on the host"
         mounts = Path("/proc/self/mountinfo").read_text()
         assert iid not in mounts, "a mount of the instance is left"
         for entry in os.listdir("/proc"):
@@ -320,7 +329,7 @@ def platform_targets(node: Node) -> dict[str, tuple[str, int]]:
     broker_host, broker_port = node.settings.bootstrap.rsplit(":", 1)
     targets = {"broker": (broker_host, int(broker_port)), "gateway": ("127.0.0.1", node.gateway_port),
                "node port": ("127.0.0.1", node.listener_port)}
-    for ip in [*node.host_ips, OUTSIDE_GW]:
+    for ip in [*node.host_ips, node.outside_gw]:
         targets |= {f"broker@{ip}": (ip, int(broker_port)), f"gateway@{ip}": (ip, node.gateway_port),
                     f"node port@{ip}": (ip, node.listener_port)}
     return targets
@@ -330,7 +339,7 @@ def test_egress_reaches_the_outside_but_never_the_platform(node: Node) -> None:
     targets = platform_targets(node)
     with socket.create_connection(node.outside, timeout=2) as conn:  # the host itself reaches it
         assert conn.recv(16) == b"outside"
-    socket.create_connection((OUTSIDE_GW, node.gateway_port), timeout=2).close()  # the gateway is on it
+    socket.create_connection((node.outside_gw, node.gateway_port), timeout=2).close()  # the gateway is on it
     got = invoke(node.settings, "egress", {"action": "attempts", "connect": {"outside": node.outside, **targets}})
     look = invoke(node.settings, "egress", {"action": "look"})
     assert got.status == "ok" and look.status == "ok", (got, look)
@@ -375,3 +384,68 @@ def test_an_egress_instance_leaves_no_link_behind(node: Node) -> None:
         return True
 
     assert_eventually(gone, timeout_s=15, message=f"{link} removed")
+
+
+# --------------------------------------------------------------------------- without a zygote, and after a crash
+
+
+@pytest.fixture(scope="module")
+def spawn_node(node: Node) -> Iterator[ServiceProcess]:
+    """A second agent (runtime-1) without a zygote: its instances are spawned interpreters that
+    confine themselves. Functions pinned to it by hostname."""
+    agent = ServiceProcess("services.agent", "agent-runtime-1", node.settings,
+                           {"STOKER_NODE_NAME": "runtime-1", "STOKER_POOL_SIZE": "1", "STOKER_MAX_INSTANCES": "3",
+                            "STOKER_CGROUPS": "on", "STOKER_ZYGOTE": "off"})
+    try:
+        agent.wait_ready()
+
+        async def deploy() -> None:
+            async with StokerClient(node.settings) as client:
+                probe = package_code(node.settings, FNS / "sandbox")
+                await client.put_function(FunctionSpec(name="probe-spawn", entrypoint="handler:main", source=probe,
+                                                       node_selector=RUNTIME_1))
+
+        asyncio.run(deploy())
+        yield agent
+    finally:
+        agent.stop()
+        print(agent.log()[-3000:])
+
+
+def test_spawned_instances_are_sandboxed_the_same_way(node: Node, spawn_node: ServiceProcess) -> None:
+    result = invoke(node.settings, "probe-spawn", {"action": "look"})
+    assert result.status == "ok" and result.node == "runtime-1", result
+    assert result.start in ("pool", "spawn"), result.start
+    seen = result.output
+    assert seen["uid"] >= 200000 and seen["groups"] == [], seen
+    assert seen["proc"] == [str(seen["pid"])] and seen["interfaces"] == [[1, "lo"]], seen["proc_stat"]
+    assert "work" in seen["root"] and "code" in seen["root"] and seen["code"] == ["handler.py"], seen
+    attempts = invoke(node.settings, "probe-spawn", {"action": "attempts", "import": ["aiokafka"],
+                                                     "connect": {"broker": platform_targets(node)["broker"]}})
+    assert attempts.output == {"connect broker": "ECONNREFUSED", "import aiokafka": "ModuleNotFoundError"}, attempts
+
+
+def test_a_crashed_agents_sandboxes_are_removed_by_the_next_one(node: Node, spawn_node: ServiceProcess) -> None:
+    before = invoke(node.settings, "probe-spawn", {"action": "look"})
+    assert before.status == "ok" and before.instance, before
+    old_uid, old_iid = before.output["uid"], before.instance  # (the uid may be handed out again, once free)
+    instances = node.settings.home / "nodes" / "runtime-1" / "instances"
+    assert (instances / old_iid).is_dir()
+    spawn_node.kill()  # SIGKILL: no shutdown, its instances die with it (parent-death signal)
+    # Its mounts were in its own mount namespace, gone with it: the host never had any.
+    assert old_iid not in Path("/proc/self/mountinfo").read_text(), "a crashed agent's mount is on the host"
+    assert str(instances) not in Path("/proc/self/mountinfo").read_text()
+    spawn_node.ready_file.unlink()  # the killed agent's; the restarted one writes its own
+    restarted = ServiceProcess("services.agent", "agent-runtime-1", node.settings,
+                               {"STOKER_NODE_NAME": "runtime-1", "STOKER_POOL_SIZE": "1", "STOKER_MAX_INSTANCES": "3",
+                                "STOKER_CGROUPS": "on", "STOKER_ZYGOTE": "off"})
+    spawn_node.proc = restarted.proc  # the fixture stops whichever runs now
+    restarted.wait_ready()
+    assert not (instances / old_iid).exists(), "the crashed agent's instance folder is left"
+    assert old_iid not in Path("/proc/self/mountinfo").read_text(), "the crashed agent's mounts are left"
+
+    old_proc = Path(f"/proc/{before.output['pid']}")
+    assert_eventually(lambda: not old_proc.exists() or old_proc.stat().st_uid != old_uid,
+                      message="the crashed agent's instance process gone")
+    after = invoke(node.settings, "probe-spawn", {"action": "look"})
+    assert after.status == "ok" and after.instance != old_iid, after

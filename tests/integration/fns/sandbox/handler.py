@@ -73,6 +73,7 @@ def main(event):
             "uid": os.getuid(), "euid": os.geteuid(), "gid": os.getgid(), "groups": os.getgroups(),
             "pid": os.getpid(), "cwd": os.getcwd(), "tmp": tempfile.gettempdir(), "root": sorted(os.listdir("/")),
             "proc": sorted(p for p in os.listdir("/proc") if p.isdigit()), "interfaces": socket.if_nameindex(),
+            "proc_stat": {p: read(f"/proc/{p}/stat") for p in os.listdir("/proc") if p.isdigit()},
             "netns": os.stat("/proc/self/ns/net").st_ino, "hostname": socket.gethostname(),
             "code": sorted(os.listdir("/code")), "sys_path": sys.path, "home": os.environ.get("HOME"),
         }
