@@ -8,7 +8,8 @@ agent gives that namespace a way out:
   namespace as ``eth0`` with ``10.200.x.2/30`` and a default route (one /30 per instance uid, so
   addresses are unique on the host because uids are);
 * on the host, once per agent: ``net.ipv4.ip_forward=1`` and an nftables table
-  ``inet stoker-<platform>`` that
+  ``inet stoker-<platform>-<node>-<agent pid>`` (one per agent, so no agent's stop removes what another
+  agent's instances rely on; every table covers every instance interface, so they only add up) that
 
   - rejects everything from an instance interface to the host itself (every port of every host
     address: the broker, the gateway, the agent, anything else running on the node),
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import shutil
 import socket
 import subprocess
@@ -99,6 +101,21 @@ def ruleset(table: str, deny: Iterable[str]) -> str:
 """
 
 
+def remove_dead_tables() -> list[str]:
+    """Tables of agents that died without removing theirs (their instances, and links, died too)."""
+    listed = subprocess.run(["nft", "list", "tables", "inet"], capture_output=True, text=True, timeout=30)
+    removed = []
+    for line in listed.stdout.splitlines():
+        name = line.split()[-1] if line.startswith("table inet stoker-") else ""
+        pid = name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            subprocess.run(["nft", "delete", "table", "inet", name], capture_output=True, timeout=30)
+            removed.append(name)
+    if removed:
+        log.warning("removed the nftables tables of agents that are gone: %s", removed)
+    return removed
+
+
 class Egress:
     """The host side of egress for one agent (its nftables table), and the links of its instances."""
 
@@ -107,7 +124,8 @@ class Egress:
 
     @classmethod
     def setup(cls, table: str, uids: range, broker_hosts: Iterable[str], extra_deny: Iterable[str]) -> Egress:
-        """Forwarding on, the table in place (replacing a crashed agent's); raises EgressUnavailable."""
+        """Forwarding on, the table ``<table>-<pid>`` in place (dead agents' tables removed);
+        raises EgressUnavailable."""
         for tool in ("ip", "nft"):
             if shutil.which(tool) is None:
                 raise EgressUnavailable(f"`{tool}` is not installed on this node (apt-get install "
@@ -117,12 +135,12 @@ class Egress:
         deny = [*DEFAULT_DENY, *_resolve(broker_hosts), *(d.strip() for d in extra_deny if d.strip())]
         for net in deny:
             ipaddress.ip_network(net, strict=False)  # a bad STOKER_EGRESS_DENY entry fails here
-        egress = cls(table, uids, deny)
+        egress = cls(f"{table}-{os.getpid()}", uids, deny)
         try:
             with open("/proc/sys/net/ipv4/ip_forward", "w") as fh:
                 fh.write("1")  # host-wide; the table above confines what instances may forward
-            subprocess.run(["nft", "delete", "table", "inet", table], capture_output=True, timeout=30)
-            _run(["nft", "-f", "-"], ruleset(table, deny))
+            remove_dead_tables()
+            _run(["nft", "-f", "-"], ruleset(egress.table, deny))
         except OSError as exc:
             raise EgressUnavailable(f"cannot set up forwarding and nftables: {exc}") from exc
         return egress

@@ -266,7 +266,8 @@ class Launcher:
         self.uids = UidPool(uids)
         brokers = [part.rsplit(":", 1)[0] for part in self.settings.common.bootstrap.split(",") if part]
         try:
-            self.egress = Egress.setup(self.platform, uids, brokers, self.settings.egress_deny.split(","))
+            self.egress = Egress.setup(f"{self.platform}-{self.settings.node}", uids, brokers,
+                                       self.settings.egress_deny.split(","))
         except EgressUnavailable as exc:
             self.egress_problem = str(exc)
             log.warning("functions with network=egress will be refused on this node: %s", exc)

@@ -92,6 +92,10 @@ def outside_host() -> Iterator[tuple[str, int, str]]:
         subprocess.run(["ip", "netns", "del", name], check=False)
 
 
+def nft_tables() -> str:
+    return subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, check=True).stdout
+
+
 def host_ipv4() -> list[str]:
     """This host's own non-loopback IPv4 addresses (where a listener on 0.0.0.0 answers)."""
     out = subprocess.run(["ip", "-4", "-o", "addr", "show"], capture_output=True, text=True, check=True).stdout
@@ -431,6 +435,8 @@ def test_a_crashed_agents_sandboxes_are_removed_by_the_next_one(node: Node, spaw
     old_uid, old_iid = before.output["uid"], before.instance  # (the uid may be handed out again, once free)
     instances = node.settings.home / "nodes" / "runtime-1" / "instances"
     assert (instances / old_iid).is_dir()
+    killed_pid = spawn_node.proc.pid
+    assert f"-runtime-1-{killed_pid}" in nft_tables()
     spawn_node.kill()  # SIGKILL: no shutdown, its instances die with it (parent-death signal)
     # Its mounts were in its own mount namespace, gone with it: the host never had any.
     assert old_iid not in Path("/proc/self/mountinfo").read_text(), "a crashed agent's mount is on the host"
@@ -442,6 +448,9 @@ def test_a_crashed_agents_sandboxes_are_removed_by_the_next_one(node: Node, spaw
     spawn_node.proc = restarted.proc  # the fixture stops whichever runs now
     restarted.wait_ready()
     assert not (instances / old_iid).exists(), "the crashed agent's instance folder is left"
+    tables = nft_tables()
+    assert f"-runtime-1-{spawn_node.proc.pid}" in tables and f"-runtime-1-{killed_pid}" not in tables, tables
+    assert f"-runtime-0-{node.agent.proc.pid}" in tables, "another agent's crash took runtime-0's table"
     assert old_iid not in Path("/proc/self/mountinfo").read_text(), "the crashed agent's mounts are left"
 
     old_proc = Path(f"/proc/{before.output['pid']}")
