@@ -134,6 +134,7 @@ async def run(settings: BuilderSettings) -> None:
         auto_offset_reset="earliest",
         ack_policy=AckPolicy.NACK_ON_ERROR,
         max_poll_interval_ms=30 * 60 * 1000,
+        consumer_timeout_ms=1000,  # the fetch routine's safety-net timer (5 wakes a second by default)
     )
     async def on_code_committed(event: CodeCommitted) -> None:
         await functions.wait_caught_up(timeout_s=2.0)

@@ -122,7 +122,11 @@ async def run(common: CommonSettings, config: PolicyConfig) -> None:
 
     # Metrics are a stream of snapshots: one lost to a restart is replaced by the next interval.
     @broker.subscriber(
-        topics.node_metric, group_id="stoker-throttler", auto_offset_reset="latest", ack_policy=AckPolicy.ACK
+        topics.node_metric,
+        group_id="stoker-throttler",
+        auto_offset_reset="latest",
+        ack_policy=AckPolicy.ACK,
+        consumer_timeout_ms=1000,  # the fetch routine's safety-net timer (5 wakes a second by default)
     )
     async def on_metrics(metrics: NodeMetrics) -> None:
         if now_ms() - metrics.at_ms > 10_000:
