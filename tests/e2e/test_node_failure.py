@@ -41,17 +41,22 @@ def test_killed_agent_in_flight_work_is_retried_or_lost_exactly_once(
     assert not processes_under(home), "processes left after `stoker down`"
 
     retried, lost_ids, on_killed, results, killed = outcome
-    survivor = "runtime-1" if killed == "runtime-0" else "runtime-0"
     for inv_id, records in results.items():
         assert len(records) == 1, f"{inv_id} has {len(records)} terminal results: {records}"
     assert on_killed, "no invocation was running on the killed node"
     for inv_id, records in results.items():
         rec = records[0]
         if inv_id in on_killed and inv_id in lost_ids:
-            # Its deadline passed before the node was declared dead: not re-run, reported lost.
-            assert rec["status"] == "lost" and rec["error"]["kind"] == "node_lost", rec
+            # The supervisor restarts the killed agent at once, so the dispatcher may learn of the
+            # death from the new incarnation before the deadline: then it re-runs it, past its
+            # deadline (timeout, attempt 2); if the deadline passed first, it is reported lost.
+            if rec["status"] == "lost":
+                assert rec["error"]["kind"] == "node_lost", rec
+            else:
+                assert rec["status"] == "timeout" and rec["attempt"] == 2, rec
         elif inv_id in on_killed:
-            assert rec["status"] == "ok" and rec["attempt"] == 2 and rec["node"] == survivor, rec
+            # Re-run on the survivor or on the restarted agent (a new incarnation of the node).
+            assert rec["status"] == "ok" and rec["attempt"] == 2, rec
         elif inv_id in lost_ids:
             assert rec["status"] == "timeout", rec  # ran on the survivor past its deadline
         else:
