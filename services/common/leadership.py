@@ -644,7 +644,7 @@ class TermReader:
             enable_auto_commit=False,
             auto_offset_reset=reset,
             isolation_level="read_committed",
-            fetch_max_wait_ms=100,
+            fetch_max_wait_ms=500,  # a fetch returns as soon as data arrives: only an idle poll waits
         )
 
     async def start(self) -> None:
