@@ -250,6 +250,11 @@ class Launcher:
 
     def _setup_sandbox(self) -> None:
         uids = parse_uid_range(self.settings.instance_uids)
+        with contextlib.suppress(OSError):
+            if os.stat("/proc/self/ns/mnt").st_ino == os.stat("/proc/1/ns/mnt").st_ino:
+                log.warning("the agent shares the host's mount namespace (not started as `python -m "
+                            "services.agent`): its mounts are on the host until it stops, or until the next "
+                            "agent of this node cleans up after a crash")
         self.python_prefix = base_prefix(self.settings.python)
         base = self.instances_dir
         base.mkdir(parents=True, exist_ok=True)
