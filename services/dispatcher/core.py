@@ -22,7 +22,6 @@ from opentelemetry import trace
 
 from events import (
     ErrorInfo,
-    Execute,
     FunctionSpec,
     InstanceChanged,
     InvocationCompleted,
@@ -36,7 +35,7 @@ from events import (
     codec,
     now_ms,
 )
-from events.dispatch import DispatchState, InvocationQueued, InvocationSent
+from events.dispatch import DispatchState, InvocationQueued
 from services.common import placement, telemetry
 from services.dispatcher.ledger import InFlight, Ledger, Waiting
 from services.dispatcher.routing import NodeView, choose_node
