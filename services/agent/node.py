@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
 import uuid
@@ -62,6 +63,9 @@ Publish = Callable[[Record, str, str | None], Awaitable[Any]]
 """Publish a record to a topic with a key, returning once the broker confirmed it."""
 PublishResult = Callable[[Record, Sequence[str], str], Awaitable[None]]
 """Publish a result to each of the topics with a key, returning once the broker confirmed every copy."""
+STARTED_PER_INSTANCE = 16
+"""Invocations started (waiting for an instance or running) per instance the node may have; the
+rest of a backlog waits as plain commands, in arrival order."""
 WAIT_RECHECK_S = 5.0
 """An invocation waiting for an instance plans again at least this often. Every change that can
 end a wait (an instance released, prewarmed, reset, started or gone) wakes waiters at once: with
@@ -110,6 +114,11 @@ class NodeAgent:
         self._code_locks: dict[str, asyncio.Lock] = {}
         self._code_dirs: dict[str, Path] = {}
         self._in_flight: dict[tuple[str, int], asyncio.Task[None]] = {}
+        self._deferred: deque[tuple[tuple[str, int], Execute, contextvars.Context]] = deque()
+        """Accepted invocations not started yet (beyond ``_start_limit``), oldest first, each with
+        the trace context it arrived in."""
+        self._deferred_keys: set[tuple[str, int]] = set()
+        self._start_limit = max(64, STARTED_PER_INSTANCE * settings.max_instances)
         self._done: OrderedDict[tuple[str, int], None] = OrderedDict()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._seq = 0
@@ -129,17 +138,49 @@ class NodeAgent:
     def accept_execute(self, cmd: Execute) -> None:
         """Start running an invocation in the background (the handler returns at once)."""
         key = (cmd.invocation.id, cmd.attempt)
-        if key in self._in_flight or key in self._done or not self._accepting:
+        if key in self._in_flight or key in self._done or key in self._deferred_keys or not self._accepting:
             return  # a redelivered command; the first copy owns the result
-        task = asyncio.create_task(self._execute(cmd), name=f"exec:{cmd.invocation.id}")
+        if len(self._in_flight) >= self._start_limit:
+            # More than the instances can take soon: kept as a command, not as a task waiting for an
+            # instance (each such waiter planned, held a span and a timer, and a backlog of them was
+            # walked by every garbage collection: the node slowed down the more it fell behind).
+            self._deferred.append((key, cmd, contextvars.copy_context()))
+            self._deferred_keys.add(key)
+            if cmd.invocation.deadline_ms is not None:
+                # It ends at its deadline even if no room frees up by then (deadline_passed).
+                delay = max(0.0, (cmd.invocation.deadline_ms - now_ms()) / 1000)
+                asyncio.get_running_loop().call_later(delay, self._start_deferred, key)
+            return
+        self._start(key, cmd, None)
+
+    def _start(self, key: tuple[str, int], cmd: Execute, context: contextvars.Context | None) -> None:
+        task = asyncio.create_task(self._execute(cmd), name=f"exec:{cmd.invocation.id}", context=context)
         self._in_flight[key] = task
         task.add_done_callback(lambda _task: self._finished(key))
+
+    def _start_deferred(self, key: tuple[str, int] | None = None) -> None:
+        """Start deferred invocations while there is room (or the one with ``key``, room or not)."""
+        if key is not None:
+            if key not in self._deferred_keys:
+                return
+            for entry in self._deferred:
+                if entry[0] == key:
+                    self._deferred.remove(entry)
+                    self._deferred_keys.discard(key)
+                    self._start(*entry)
+                    return
+        while self._deferred and len(self._in_flight) < self._start_limit:
+            entry = self._deferred.popleft()
+            self._deferred_keys.discard(entry[0])
+            self._start(*entry)
 
     def _finished(self, key: tuple[str, int]) -> None:
         self._in_flight.pop(key, None)
         self._done[key] = None
         while len(self._done) > 50_000:
             self._done.popitem(last=False)
+        if self._deferred:
+            self._start_deferred()
 
     def ensure_pool(self, cmd: EnsurePool) -> None:
         self.pool_target = cmd.generic
@@ -688,7 +729,7 @@ class NodeAgent:
             ),
             unschedulable=self.unschedulable,
             pool_target=self.pool_target,
-            in_flight=len(self._in_flight),
+            in_flight=len(self._in_flight) + len(self._deferred),
             seq=self._seq,
             interval_ms=int(self.settings.heartbeat_interval_s * 1000),
             instances=[
@@ -771,6 +812,8 @@ class NodeAgent:
     async def shutdown(self) -> None:
         """Finish in-flight work (bounded), stop every instance, and say goodbye."""
         self._accepting = False
+        self._start_limit = len(self._in_flight) + len(self._deferred)
+        self._start_deferred()  # drained like the rest
         if self._in_flight:
             await asyncio.wait(list(self._in_flight.values()), timeout=self.settings.drain_timeout_s)
         await asyncio.gather(*(slot.instance.destroy() for slot in self._slots.values()), return_exceptions=True)
