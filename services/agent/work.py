@@ -37,7 +37,7 @@ from pydantic import ValidationError
 from events import FunctionSpec, codec
 from events.base import Record
 from events.dlq import DeadLettered
-from services.common.broker import dead_letter_for
+from services.common.broker import dead_letter_of
 from services.common.views import partitions_of
 
 __all__ = ["COMMIT_INTERVAL_S", "ResultWriter", "WorkConsumer"]
@@ -211,15 +211,7 @@ class WorkConsumer:
             span.end()
 
     async def _dead_letter(self, rec: ConsumerRecord[bytes, bytes], reason: str) -> None:
-        letter = dead_letter_for(
-            topic=rec.topic,
-            partition=rec.partition,
-            offset=rec.offset,
-            key=rec.key,
-            value=rec.value,
-            reason=reason,
-            consumer=self._name,
-        )
+        letter = dead_letter_of(rec, reason, self._name)
         log.warning("dead-lettering %s[%s]@%s: %s", rec.topic, rec.partition, rec.offset, reason)
         await self._dead_letters(letter)
 

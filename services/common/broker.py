@@ -78,6 +78,20 @@ def dead_letter_for(
     )
 
 
+def dead_letter_of(rec: Any, reason: str, consumer: str) -> DeadLettered:
+    """The dead letter of a consumed record (anything with aiokafka's ``topic``, ``partition``,
+    ``offset``, ``key`` and ``value``)."""
+    return dead_letter_for(
+        topic=rec.topic,
+        partition=rec.partition,
+        offset=rec.offset,
+        key=rec.key,
+        value=rec.value,
+        reason=reason,
+        consumer=consumer,
+    )
+
+
 def make_dead_letter_middleware(dlq_topic: str, consumer: str, broker_ref: list[KafkaBroker]) -> type:
     """A middleware that moves undecodable or poison records to ``dlq_topic`` and acks them."""
 
@@ -94,15 +108,7 @@ def make_dead_letter_middleware(dlq_topic: str, consumer: str, broker_ref: list[
             except PoisonRecord as exc:
                 reason = str(exc)
             raw = msg.raw_message
-            letter = dead_letter_for(
-                topic=raw.topic,
-                partition=raw.partition,
-                offset=raw.offset,
-                key=raw.key,
-                value=raw.value,
-                reason=reason,
-                consumer=consumer,
-            )
+            letter = dead_letter_of(raw, reason, consumer)
             log.warning("dead-lettering %s[%s]@%s: %s", raw.topic, raw.partition, raw.offset, reason)
             await broker_ref[0].publish(letter, dlq_topic, key=raw.key)
             return None

@@ -39,7 +39,7 @@ that publishes or waits (even on this reader's ``wait_caught_up``) never stalls 
 callback that raises is logged and the reader carries on.
 
 Records that cannot be decoded, or fail their schema, go to ``dead_letters`` (built with
-:func:`services.common.broker.dead_letter_for`, ``consumer`` = the service name) and are skipped.
+:func:`services.common.broker.dead_letter_of`, ``consumer`` = the service name) and are skipped.
 Records with a ``traceparent`` header get a CONSUMER span ``"<topic> read"`` whose parent is the
 writer's span, current while their callback runs (``traced=False`` on a view turns that off,
 e.g. for heartbeats, each its own one-span trace).
@@ -63,7 +63,7 @@ from opentelemetry.trace import SpanKind
 from events import codec
 from events.base import Record
 from events.dlq import DeadLettered
-from services.common.broker import dead_letter_for
+from services.common.broker import dead_letter_of
 
 __all__ = [
     "FETCH_MAX_WAIT_MS",
@@ -792,15 +792,7 @@ class Reader:
             return
         if self._dead_letters is None:
             return
-        letter = dead_letter_for(
-            topic=rec.topic,
-            partition=rec.partition,
-            offset=rec.offset,
-            key=rec.key,
-            value=rec.value,
-            reason=reason,
-            consumer=self.service,
-        )
+        letter = dead_letter_of(rec, reason, self.service)
         self._spawn(self._send_letter(letter))
 
     async def _send_letter(self, letter: DeadLettered, attempts: int = 30) -> None:
