@@ -34,7 +34,7 @@ from loadtest.stats import machine_facts, percentile
 from services.poolmgr.keepalive import FixedPolicy, HybridPolicy, KeepAlivePolicy
 
 console = Console()
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "azure-functions-2019-sample"
+DEFAULT_DATA = Path(__file__).resolve().parent / "data" / "azure-functions-2019-sample"
 TRACE_MINUTES = 1440
 
 

@@ -4,7 +4,7 @@
                              [--compress 60] [--policies fixed,hybrid] [--exec sleep|spin]
 
 The trace (Shahrad et al., "Serverless in the Wild", USENIX ATC 2020, CC-BY 4.0; the vHive sample in
-``../shared/data/azure-functions-2019-sample``) gives per-minute invocation counts per function
+``loadtest/data/azure-functions-2019-sample``) gives per-minute invocation counts per function
 (``{N}_inv.csv``) and execution-time percentiles (``{N}_run.csv``); columns are found by header name.
 
 - ``--functions`` functions invoked in the window (at most ``--max-per-minute`` per minute) are

@@ -14,7 +14,7 @@ from loadtest import load, replay, report, throughput
 from loadtest.load import Breaking, Outcome, Sample
 from loadtest.stats import latency_summary, ratio
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "azure-functions-2019-sample"
+DATA = Path(__file__).resolve().parents[2] / "loadtest" / "data" / "azure-functions-2019-sample"
 
 
 def test_latency_summary_has_the_tail_percentiles() -> None:
@@ -90,7 +90,7 @@ def test_execution_times_follow_the_percentiles() -> None:
 
 
 def test_the_plan_spreads_each_minute_and_compresses_time() -> None:
-    assert DATA.is_dir(), f"the shared trace sample is not beside the repository ({DATA})"
+    assert DATA.is_dir(), f"the trace sample is missing from the repository ({DATA})"
     window = replay.load_window(DATA, 100, 1, 10)
     picked = replay.pick(window, 5, 60, random.Random(1))
     assert 0 < len(picked) <= 5 and all(sum(f.counts) > 0 and max(f.counts) <= 60 for f in picked)

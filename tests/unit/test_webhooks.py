@@ -24,7 +24,7 @@ from services.gateway.webhooks import (
     signature_valid,
 )
 
-GITHUB_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "webhooks" / "github"
+GITHUB_DATA = Path(__file__).resolve().parents[1] / "data" / "webhooks" / "github"
 
 VECTOR_SECRET = "It's a Secret to Everybody"
 VECTOR_BODY = b"Hello, World!"
