@@ -45,21 +45,46 @@ class InstanceTimeout(Exception):
     """The instance did not answer in time; it has been killed."""
 
 
-class Channel(asyncio.Protocol):
-    """The agent's end of an instance's socketpair: frames out, frames in, one awaited at a time.
+class NotStarted(Exception):
+    """A request queued behind another was lost with its instance before the instance began it:
+    it did not run, so it may run elsewhere."""
 
-    A protocol rather than a stream reader: a reply that arrives in one piece (nearly all do) is
-    decoded straight from the bytes the loop read and resolves the waiting request, with no
-    reader task, no ``readexactly`` per part and no ``wait_for`` task per request.
+
+class _Call:
+    """One request on a channel: answered in order; its timeout runs from when the instance begins it."""
+
+    __slots__ = ("future", "timeout_s", "on_start", "timer", "started")
+
+    def __init__(self, future: asyncio.Future[Any], timeout_s: float | None, on_start: Callable[[], None] | None):
+        self.future, self.timeout_s, self.on_start = future, timeout_s, on_start
+        self.timer: asyncio.TimerHandle | None = None
+        self.started = False
+
+
+class Channel(asyncio.Protocol):
+    """The agent's end of an instance's socketpair: requests out, their answers back in order.
+
+    A protocol rather than a stream reader: an answer that arrives in one piece (nearly all do) is
+    decoded straight from the bytes the loop read and resolves its request, with no reader task,
+    no ``readexactly`` per part and no ``wait_for`` task per request. The instance serves frames
+    one after the other, so a request may be queued behind the one it is running (see
+    :meth:`Instance.request_after`): it begins the moment the previous answer is written, without
+    waiting for the agent to read that answer and send the next.
     """
 
     def __init__(self) -> None:
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
+        self._calls: deque[_Call] = deque()
         self._frames: deque[Any] = deque()
-        """Frames nobody waited for yet (the hello, usually)."""
+        """Frames no request waited for (the hello)."""
         self._waiter: asyncio.Future[Any] | None = None
         self._closed: ChannelClosed | None = None
+
+    @property
+    def closed(self) -> bool:
+        """Nothing more can begin on it (the instance went, or is being killed)."""
+        return self._closed is not None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
@@ -86,11 +111,22 @@ class Channel(asyncio.Protocol):
                 return
 
     def _deliver(self, data: bytes, start: int) -> bool:
+        if self._closed is not None:
+            return False
         try:
             frame = decode_body(memoryview(data)[start:])
         except ChannelClosed as exc:
             self._close(exc)
             return False
+        if self._calls:
+            call = self._calls.popleft()
+            if call.timer is not None:
+                call.timer.cancel()
+            if not call.future.done():
+                call.future.set_result(frame)
+            if self._calls:
+                self._begin(self._calls[0])
+            return True
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             self._waiter = None
@@ -99,27 +135,57 @@ class Channel(asyncio.Protocol):
             self._frames.append(frame)
         return True
 
+    def _begin(self, call: _Call) -> None:
+        call.started = True
+        if call.timeout_s is not None:
+            call.timer = asyncio.get_running_loop().call_later(call.timeout_s, self._expire, call)
+        if call.on_start is not None:
+            call.on_start()
+
+    def _expire(self, call: _Call) -> None:
+        # The instance is killed for it: what is queued behind never began, and no later answer counts.
+        if not call.future.done():
+            call.future.set_exception(TimeoutError())
+        self._fail_all(ChannelClosed("a request timed out; the instance is being killed"))
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._close(ChannelClosed("instance closed its channel"))
 
-    def _close(self, exc: ChannelClosed) -> None:
+    def _fail_all(self, exc: ChannelClosed) -> None:
         if self._closed is None:
             self._closed = exc
         waiter, self._waiter = self._waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_exception(exc)
+        calls, self._calls = self._calls, deque()
+        for call in calls:
+            if call.timer is not None:
+                call.timer.cancel()
+            if not call.future.done():
+                call.future.set_exception(exc if call.started else NotStarted(str(exc)))
+
+    def _close(self, exc: ChannelClosed) -> None:
+        self._fail_all(exc)
         if self._transport is not None:
             self._transport.close()
 
-    def send(self, frame: bytes) -> None:
-        """Queue one encoded frame (non-blocking; the transport buffers it)."""
+    def call(
+        self, frame: bytes, timeout_s: float | None, on_start: Callable[[], None] | None = None
+    ) -> asyncio.Future[Any]:
+        """Send one encoded request; the future gets its answer, ``TimeoutError`` once it ran
+        ``timeout_s`` (counted from when the instance begins it), or the reason the channel went."""
         if self._closed is not None:
-            raise self._closed
+            raise NotStarted(str(self._closed))  # the instance is gone: this one never began
         assert self._transport is not None
+        call = _Call(asyncio.get_running_loop().create_future(), timeout_s, on_start)
+        self._calls.append(call)
         self._transport.write(frame)
+        if len(self._calls) == 1:
+            self._begin(call)
+        return call.future
 
     async def receive(self) -> Any:
-        """The next frame (raises :class:`ChannelClosed` once the instance is gone)."""
+        """The next frame no request waits for (the hello; raises :class:`ChannelClosed` once gone)."""
         if self._frames:
             return self._frames.popleft()
         if self._closed is not None:
@@ -173,20 +239,38 @@ class Instance:
 
     async def request(self, msg: dict[str, Any], timeout_s: float | None) -> dict[str, Any]:
         """Send one frame and wait for its answer; kill the instance if it takes too long."""
-        channel = self.channel
-        assert channel is not None
         async with self._lock:
             try:
-                channel.send(encode_frame(msg))
-                async with asyncio.timeout(timeout_s):
-                    return await channel.receive()  # type: ignore[no-any-return]
-            except TimeoutError:
-                await self.kill()
-                raise InstanceTimeout(f"no answer within {timeout_s:.3f}s") from None
-            except (ChannelClosed, ConnectionError, BrokenPipeError) as exc:
-                code = await self.exit_code()
-                kind = "oom_killed" if self.cgroup is not None and oom_killed(self.cgroup, code) else "instance_died"
-                raise InstanceDied(describe_exit(code, kind), kind) from exc
+                return await self._call(msg, timeout_s, None)
+            except NotStarted as exc:  # it was queued behind a request that took the instance down
+                raise await self._died(exc) from exc
+
+    async def request_after(self, msg: dict[str, Any], timeout_s: float, on_start: Callable[[], None]) -> Any:
+        """Queue a request behind the one the instance is running: it begins as soon as that one
+        is answered (``on_start`` runs then), without a round trip through the agent in between.
+
+        Raises :class:`NotStarted` if the instance went before it began (timeout, death or kill of
+        the request ahead): the request did not run. Otherwise as :meth:`request`.
+        """
+        return await self._call(msg, timeout_s, on_start)
+
+    async def _call(self, msg: dict[str, Any], timeout_s: float | None, on_start: Callable[[], None] | None) -> Any:
+        channel = self.channel
+        assert channel is not None
+        try:
+            return await channel.call(encode_frame(msg), timeout_s, on_start)
+        except TimeoutError:
+            await self.kill()
+            raise InstanceTimeout(f"no answer within {timeout_s or 0:.3f}s") from None
+        except NotStarted:
+            raise
+        except (ChannelClosed, ConnectionError, BrokenPipeError) as exc:
+            raise await self._died(exc) from exc
+
+    async def _died(self, exc: BaseException) -> InstanceDied:
+        code = await self.exit_code()
+        kind = "oom_killed" if self.cgroup is not None and oom_killed(self.cgroup, code) else "instance_died"
+        return InstanceDied(describe_exit(code, kind), kind)
 
     async def exit_code(self, timeout_s: float = 2.0) -> int | None:
         try:

@@ -49,7 +49,7 @@ from events import (
 from events.instance import InstanceState
 from services.agent import pool
 from services.agent.cgroups import CgroupError
-from services.agent.instances import Instance, InstanceDied, InstanceTimeout
+from services.agent.instances import Instance, InstanceDied, InstanceTimeout, NotStarted
 from services.agent.launcher import Launcher
 from services.agent.sandbox import SandboxError
 from services.agent.settings import AgentSettings
@@ -88,6 +88,24 @@ class _Slot:
     """A CPU quota the throttler imposed, below the function's own."""
     last_cpu_ns: int | None = None
     last_throttled_ns: int | None = None
+    runner: object | None = None
+    """The invocation the instance is running (its ``_Outcome``): only it decides what happens to
+    the instance afterwards, unless an invocation queued behind it has begun (then that one does)."""
+    runner_keeps: bool = False
+    """The running invocation's spec leaves the instance as it is (reuse keep, no max invocations
+    or age): only then may another invocation be queued behind it."""
+    queued: bool = False
+    """An invocation is queued behind the running one (at most one)."""
+
+
+def _keeps(spec: FunctionSpec) -> bool:
+    """Whether an invocation of ``spec`` leaves its instance as it found it, so the next one may be
+    queued behind it on the instance."""
+    return spec.reuse == "keep" and spec.max_invocations is None and spec.max_age_s is None
+
+
+class _Requeue(Exception):
+    """The instance an invocation was queued on went before it began: plan it again."""
 
 
 class NodeAgent:
@@ -272,29 +290,35 @@ class NodeAgent:
                 telemetry.FUNCTION: inv.function,
                 telemetry.NODE: self.settings.node,
             }
-            with _CurrentSpan("stoker start", attributes) as span:
-                outcome.queue_ms = max(0.0, now_ms() - inv.requested_ms)
-                slot, kind = await self._acquire(spec, inv.deadline_ms)
-                span.set_attribute(telemetry.START_KIND, kind if isinstance(kind, str) else "failed")
-                if kind == "prewarmed" and slot is not None and slot.prewarm_trace is not None:
-                    # One build trace (webhook -> build -> artifact -> prewarm -> specialize), linked here.
-                    span.add_link(slot.prewarm_trace, {"stoker.link": "prewarmed-by"})
-            outcome.start_ms = (time.perf_counter() - started) * 1000
-            if slot is None:
-                outcome.fail("timeout", "deadline_passed", "no instance became free before the deadline")
-            elif isinstance(kind, ErrorInfo):
-                outcome.instance = slot.instance.id
-                outcome.fail("error", kind.kind, kind.message, kind.traceback)
-            else:
-                outcome.start, outcome.instance = kind, slot.instance.id
-                await self._run(cmd, slot, outcome)
+            while True:
+                with _CurrentSpan("stoker start", attributes) as span:
+                    outcome.queue_ms = max(0.0, now_ms() - inv.requested_ms)
+                    slot, kind, queued = await self._acquire(spec, inv.deadline_ms)
+                    span.set_attribute(telemetry.START_KIND, kind if isinstance(kind, str) else "failed")
+                    if kind == "prewarmed" and slot is not None and slot.prewarm_trace is not None:
+                        # One build trace (webhook -> build -> artifact -> prewarm -> specialize), linked here.
+                        span.add_link(slot.prewarm_trace, {"stoker.link": "prewarmed-by"})
+                outcome.start_ms = (time.perf_counter() - started) * 1000
+                if slot is None:
+                    outcome.fail("timeout", "deadline_passed", "no instance became free before the deadline")
+                elif isinstance(kind, ErrorInfo):
+                    outcome.instance = slot.instance.id
+                    outcome.fail("error", kind.kind, kind.message, kind.traceback)
+                else:
+                    outcome.start, outcome.instance = kind, slot.instance.id
+                    try:
+                        await self._run(cmd, slot, outcome, queued)
+                    except _Requeue:
+                        await asyncio.sleep(0)  # let the instance's end be seen before planning again
+                        continue  # it never ran: another instance, or another place in line
+                break
         except Exception as exc:  # noqa: BLE001 - every accepted invocation must end with a result
             log.exception("invocation %s failed inside the agent", inv.id)
             outcome.fail("error", "agent_error", repr(exc))
         finally:
             await self._complete(inv.reply_to, outcome.result())
 
-    async def _run(self, cmd: Execute, slot: _Slot, outcome: _Outcome) -> None:
+    async def _run(self, cmd: Execute, slot: _Slot, outcome: _Outcome, queued: bool = False) -> None:
         inv, spec = cmd.invocation, cmd.spec
         inst = slot.instance
         timeout_s = spec.timeout_s
@@ -308,24 +332,13 @@ class NodeAgent:
             "max_output_bytes": spec.max_output_bytes,
         }
         attributes = {telemetry.INVOCATION_ID: inv.id, telemetry.FUNCTION: inv.function, "stoker.instance": inst.id}
-        pids_hits = self._pids_hits(inst)
-        with _CurrentSpan("stoker exec", attributes):
-            try:
-                reply = await inst.request(msg, timeout_s)
-            except InstanceTimeout:
-                outcome.exec_ms = timeout_s * 1000
-                if self._pids_hits(inst) > pids_hits:
-                    outcome.fail("error", "pids_limit", f"hit its limit of {spec.pids_limit} processes; killed")
-                else:
-                    outcome.fail("timeout", "timeout", f"ran past its timeout of {timeout_s:.3f}s; instance killed")
-                await self._gone(inst, f"killed: {outcome.error.kind if outcome.error else 'timeout'}")
+        if queued:
+            reply = await self._run_queued(slot, spec, msg, timeout_s, attributes, outcome)
+            if reply is None:
                 return
-            except InstanceDied as exc:
-                await self._gone(inst, slot.kill_reason or str(exc))
-                if slot.kill_reason:
-                    outcome.fail("error", "killed", f"{slot.kill_reason} ({exc})")
-                else:
-                    outcome.fail("error", exc.kind, str(exc))
+        else:
+            reply = await self._run_now(slot, spec, msg, timeout_s, attributes, outcome)
+            if reply is None:
                 return
         inst.uses += 1
         inst.last_used_at = time.monotonic()
@@ -333,16 +346,103 @@ class NodeAgent:
         outcome.exec_ms = float(reply.get("exec_ms", 0.0))
         if reply.get("ok"):
             outcome.status, outcome.output = "ok", reply.get("output")
-            await self._after_use(slot, spec)
+            await self._after_use(slot, spec, outcome)
             return
         err = reply.get("error") or {}
         outcome.fail("error", err.get("kind", "Error"), err.get("message", ""), err.get("traceback"))
-        if self._pids_hits(inst) > pids_hits:
+        if self._pids_hits(inst) > outcome.pids_hits:
             # A fork bomb: its children may still be forking; the instance goes, with all of them.
             outcome.fail("error", "pids_limit", f"hit its limit of {spec.pids_limit} processes: {err.get('message')}")
+            if slot.runner is not outcome:  # the invocation queued behind it has begun: it goes too
+                slot.kill_reason = "the invocation before it on this instance hit its pids limit"
             await self._retire(inst, "hit its pids limit")
             return
-        await self._after_use(slot, spec)
+        await self._after_use(slot, spec, outcome)
+
+    def _begin(self, slot: _Slot, spec: FunctionSpec, outcome: _Outcome) -> None:
+        """``outcome``'s invocation is the one the instance runs now."""
+        slot.runner, slot.runner_keeps = outcome, _keeps(spec)
+        outcome.pids_hits = self._pids_hits(slot.instance)
+        if slot.runner_keeps and not slot.queued:
+            self._wake_one((slot.instance.function, slot.instance.function_version))  # room behind it
+
+    async def _run_now(
+        self,
+        slot: _Slot,
+        spec: FunctionSpec,
+        msg: dict[str, Any],
+        timeout_s: float,
+        attributes: dict[str, Any],
+        outcome: _Outcome,
+    ) -> dict[str, Any] | None:
+        """Send the invocation to an instance that has nothing else to do; None when it failed."""
+        inst = slot.instance
+        self._begin(slot, spec, outcome)
+        with _CurrentSpan("stoker exec", attributes):
+            try:
+                return await inst.request(msg, timeout_s)  # type: ignore[no-any-return]
+            except (InstanceTimeout, InstanceDied) as exc:
+                await self._failed(slot, spec, timeout_s, outcome, exc)
+                return None
+
+    async def _run_queued(
+        self,
+        slot: _Slot,
+        spec: FunctionSpec,
+        msg: dict[str, Any],
+        timeout_s: float,
+        attributes: dict[str, Any],
+        outcome: _Outcome,
+    ) -> dict[str, Any] | None:
+        """Queue the invocation behind the one the instance runs; None when it failed.
+
+        Raises :class:`_Requeue` when the instance went before it began.
+        """
+        inst = slot.instance
+        queued_at = time.perf_counter()
+        began: list[int] = []
+
+        def on_start() -> None:
+            slot.queued = False
+            began.append(time.time_ns())
+            self._begin(slot, spec, outcome)
+            outcome.start_ms += (time.perf_counter() - queued_at) * 1000  # waiting in line is starting
+
+        try:
+            reply: dict[str, Any] = await inst.request_after(msg, timeout_s, on_start)
+        except NotStarted:
+            slot.queued = False
+            raise _Requeue() from None
+        except (InstanceTimeout, InstanceDied) as exc:
+            self._exec_span(attributes, began)
+            await self._failed(slot, spec, timeout_s, outcome, exc)
+            return None
+        self._exec_span(attributes, began)
+        return reply
+
+    def _exec_span(self, attributes: dict[str, Any], began: list[int]) -> None:
+        # From when the instance began it, not from when it was queued.
+        tracer.start_span("stoker exec", attributes=attributes, start_time=began[0] if began else None).end()
+
+    async def _failed(
+        self, slot: _Slot, spec: FunctionSpec, timeout_s: float, outcome: _Outcome, exc: Exception
+    ) -> None:
+        """The instance timed out (and was killed) or died while running ``outcome``'s invocation."""
+        inst = slot.instance
+        if isinstance(exc, InstanceTimeout):
+            outcome.exec_ms = timeout_s * 1000
+            if self._pids_hits(inst) > outcome.pids_hits:
+                outcome.fail("error", "pids_limit", f"hit its limit of {spec.pids_limit} processes; killed")
+            else:
+                outcome.fail("timeout", "timeout", f"ran past its timeout of {timeout_s:.3f}s; instance killed")
+            await self._gone(inst, f"killed: {outcome.error.kind if outcome.error else 'timeout'}")
+            return
+        assert isinstance(exc, InstanceDied)
+        await self._gone(inst, slot.kill_reason or str(exc))
+        if slot.kill_reason:
+            outcome.fail("error", "killed", f"{slot.kill_reason} ({exc})")
+        else:
+            outcome.fail("error", exc.kind, str(exc))
 
     def _pids_hits(self, inst: Instance) -> int:
         if inst.cgroup is None:
@@ -352,8 +452,11 @@ class NodeAgent:
         except OSError:
             return 0
 
-    async def _after_use(self, slot: _Slot, spec: FunctionSpec) -> None:
+    async def _after_use(self, slot: _Slot, spec: FunctionSpec, outcome: _Outcome) -> None:
         """What the function's reuse type says happens to the instance after an invocation."""
+        if slot.runner is not outcome:
+            return  # the invocation queued behind this one has begun: the instance is its now
+        slot.runner = None
         inst = slot.instance
         if slot.retire_after_use:
             await self._retire(inst, slot.retire_after_use)
@@ -389,8 +492,9 @@ class NodeAgent:
         topics = (self.topics.result, reply_to) if reply_to else (self.topics.result,)
         await self._publish_result(result, topics, result.id)
 
-    async def _acquire(self, spec: FunctionSpec, deadline_ms: int | None) -> tuple[_Slot | None, Any]:
-        """Get an instance holding ``spec``'s code; returns (slot, start kind or ErrorInfo)."""
+    async def _acquire(self, spec: FunctionSpec, deadline_ms: int | None) -> tuple[_Slot | None, Any, bool]:
+        """Get an instance holding ``spec``'s code: (slot, start kind or ErrorInfo, whether the
+        invocation is queued behind the one the instance is running)."""
         code_dir = await self._code_dir(spec)
         version = spec.code_version
         while True:
@@ -405,12 +509,12 @@ class NodeAgent:
                 slot = self._slots[plan.instance]  # type: ignore[index]
                 slot.prewarmed = False
                 self._set_state(slot.instance, "busy")
-                return slot, plan.kind
+                return slot, plan.kind, False
             if plan.kind == "pool":
                 slot = self._slots[plan.instance]  # type: ignore[index]
                 self._set_state(slot.instance, "specializing", spec)
                 self._pool_wakeup.set()  # refill the pool in the background
-                return slot, await self._load(slot, spec, code_dir, "pool")
+                return slot, await self._load(slot, spec, code_dir, "pool"), False
             if plan.kind in ("spawn", "evict"):
                 if plan.kind == "evict":
                     await self._retire(self._slots[plan.instance].instance, "evicted for another function")  # type: ignore[index]
@@ -418,16 +522,44 @@ class NodeAgent:
                 if fresh is None:
                     continue
                 self._set_state(fresh.instance, "specializing", spec)
-                return fresh, await self._load(fresh, spec, code_dir, fresh.instance.origin)
+                return fresh, await self._load(fresh, spec, code_dir, fresh.instance.origin), False
             # wait: every slot is busy
             remaining = None if deadline_ms is None else (deadline_ms - now_ms()) / 1000
             if remaining is not None and remaining <= 0:
-                return None, None
+                return None, None, False
+            behind = self._queue_behind(spec)
+            if behind is not None:
+                return behind, "warm", True
             handed = await self._wait_for_instance(spec.name, version, min(remaining or WAIT_RECHECK_S, WAIT_RECHECK_S))
             if handed is not None:
                 kind = "prewarmed" if handed.prewarmed else "warm"
                 handed.prewarmed = False
-                return handed, kind
+                return handed, kind, False
+
+    def _queue_behind(self, spec: FunctionSpec) -> _Slot | None:
+        """A busy instance of ``spec``'s code to queue the invocation behind, when that cannot
+        change what happens to either invocation: both leave the instance as they found it, and
+        nothing is due to happen to the instance (retire, kill) once the running one ends."""
+        if not _keeps(spec):
+            return None
+        for slot in self._slots.values():
+            inst = slot.instance
+            if (
+                slot.runner is not None
+                and slot.runner_keeps
+                and not slot.queued
+                and inst.state == "busy"
+                and inst.function == spec.name
+                and inst.function_version == spec.code_version
+                and slot.retire_after_use is None
+                and slot.kill_reason is None
+                and inst.alive
+                and inst.channel is not None
+                and not inst.channel.closed
+            ):
+                slot.queued = True
+                return slot
+        return None
 
     async def _wait_for_instance(self, function: str, version: str, timeout_s: float) -> _Slot | None:
         """Wait until an instance of ``function`` is handed over (or anything else changed: None)."""
@@ -463,6 +595,17 @@ class NodeAgent:
             self._wake_all()
             return
         if not queue:
+            self._waiting.pop(key, None)
+
+    def _wake_one(self, key: tuple[str | None, str | None]) -> None:
+        """The oldest invocation waiting for ``key``'s code plans again (there is room behind one)."""
+        queue = self._waiting.get(key)
+        while queue:
+            waiter = queue.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                break
+        if queue is not None and not queue:
             self._waiting.pop(key, None)
 
     def _wake_all(self) -> None:
@@ -861,6 +1004,8 @@ class _Outcome:
         self.instance: str | None = None
         self.logs: str | None = None
         self.queue_ms = self.start_ms = self.exec_ms = 0.0
+        self.pids_hits = 0
+        """The instance's pids-limit hits when it began this invocation."""
 
     def fail(self, status: Status, kind: str, message: str, traceback: str | None = None) -> None:
         self.status, self.error = status, ErrorInfo(kind=kind, message=message, traceback=traceback)

@@ -51,7 +51,7 @@ def test_decoder_refuses_what_codec_refuses_with_the_same_reason() -> None:
 
 def test_channel_delivers_whole_split_and_coalesced_frames_in_order() -> None:
     channel = Channel()
-    frames = [encode_frame({"n": i, "pad": "x" * (i * 1000)}) for i in range(5)]
+    frames = [encode_frame({"n": i, "pad": "x" * (i * 1000)}) for i in range(5)]  # none asked for: kept in order
     got: list[Any] = []
 
     async def go() -> None:
@@ -105,11 +105,75 @@ def test_frame_reader_and_channel_over_a_socketpair() -> None:
         channel = await open_channel(agent_end)
         out = []
         for payload in (None, {"a": 1}, "y" * 3_000_000, list(range(1000))):
-            channel.send(encode_frame(payload))
-            out.append(await channel.receive())
+            out.append(await channel.call(encode_frame(payload), 10.0))
+        pipelined = [channel.call(encode_frame(i), 10.0) for i in range(20)]  # answered in order
+        out.append([await f for f in pipelined])
         channel.close()
         return out
 
-    assert asyncio.run(go()) == [None, {"a": 1}, "y" * 3_000_000, list(range(1000))]
+    assert asyncio.run(go()) == [None, {"a": 1}, "y" * 3_000_000, list(range(1000)), list(range(20))]
     thread.join(timeout=5)
     assert not thread.is_alive()
+
+
+class _Transport:
+    """What a Channel writes, and whether it was closed."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_a_queued_request_begins_when_the_one_ahead_is_answered() -> None:
+    async def go() -> None:
+        channel = Channel()
+        channel.connection_made(_Transport())  # type: ignore[arg-type]
+        began: list[str] = []
+        first = channel.call(encode_frame("x"), 5.0, lambda: began.append("x"))
+        second = channel.call(encode_frame("y"), 0.05, lambda: began.append("y"))
+        assert began == ["x"]  # the second waits in line; its timeout has not started
+        await asyncio.sleep(0.1)
+        assert not second.done()
+        channel.data_received(encode_frame({"answer": "x"}))
+        assert began == ["x", "y"] and await first == {"answer": "x"}
+        with pytest.raises(TimeoutError):  # now it runs, and runs out of time
+            await second
+
+    asyncio.run(go())
+
+
+def test_what_was_queued_behind_a_timeout_or_a_death_did_not_start() -> None:
+    from services.agent.instances import NotStarted
+
+    async def go() -> None:
+        channel = Channel()
+        transport = _Transport()
+        channel.connection_made(transport)  # type: ignore[arg-type]
+        head = channel.call(encode_frame("x"), 0.02)
+        behind = channel.call(encode_frame("y"), 5.0)
+        with pytest.raises(TimeoutError):
+            await head
+        with pytest.raises(NotStarted):
+            await behind
+        channel.data_received(encode_frame("late"))  # an answer after the timeout counts for nobody
+        with pytest.raises(NotStarted):  # nothing more begins on it
+            channel.call(encode_frame("z"), 1.0)
+
+        dying = Channel()
+        dying.connection_made(_Transport())  # type: ignore[arg-type]
+        running = dying.call(encode_frame("x"), None)
+        queued = dying.call(encode_frame("y"), None)
+        dying.connection_lost(None)
+        with pytest.raises(ChannelClosed) as died:
+            await running
+        assert not isinstance(died.value, NotStarted)
+        with pytest.raises(NotStarted):
+            await queued
+
+    asyncio.run(go())
