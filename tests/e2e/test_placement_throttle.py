@@ -68,7 +68,9 @@ def test_the_throttler_clamps_then_isolates_a_cpu_hog_and_releases_it(cluster: P
 
     async def hog_and_victim() -> tuple[list[InvocationCompleted], list[InvocationCompleted]]:
         async with StokerClient(cluster.settings) as client:
-            hogs = [asyncio.create_task(client.invoke("hog", {"seconds": 7}, timeout_s=60))]
+            # Long enough that, clamped late on a busy machine, it still presses on its quota for
+            # the intervals that lead to isolation.
+            hogs = [asyncio.create_task(client.invoke("hog", {"seconds": 10}, timeout_s=60))]
             victims = []
             for _ in range(12):
                 victims.append(await client.invoke("victim", {"action": "echo"}, timeout_s=30))
