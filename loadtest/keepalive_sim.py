@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gzip
 import random
 import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import orjson
 from rich.console import Console
@@ -35,6 +36,14 @@ from services.poolmgr.keepalive import FixedPolicy, HybridPolicy, KeepAlivePolic
 
 console = Console()
 DEFAULT_DATA = Path(__file__).resolve().parent / "data" / "azure-functions-2019-sample"
+
+
+def open_sample(directory: Path, name: str) -> IO[str]:
+    """A file of the trace sample, as text; the largest are kept gzipped (``name.gz``)."""
+    plain = directory / name
+    if plain.exists():
+        return plain.open(newline="")
+    return gzip.open(directory / f"{name}.gz", "rt", newline="")
 TRACE_MINUTES = 1440
 
 
@@ -68,11 +77,11 @@ def load_sample(directory: Path, sample: int, functions: int | None, minutes: in
     Columns are found by header name: their order differs between versions of the sample.
     """
     durations: dict[str, float] = {}
-    with (directory / f"{sample}_run.csv").open(newline="") as f:
+    with open_sample(directory, f"{sample}_run.csv") as f:
         for run_row in csv.DictReader(f):
             durations[run_row["HashFunction"]] = float(run_row["Average"]) / 1000.0
     traces: list[FunctionTrace] = []
-    with (directory / f"{sample}_inv.csv").open(newline="") as f:
+    with open_sample(directory, f"{sample}_inv.csv") as f:
         reader = csv.reader(f)
         header = next(reader)
         name_col = header.index("HashFunction")

@@ -48,7 +48,7 @@ from rich.table import Table
 from events import FunctionSpec, NodeHeartbeat, NodeStopped, Record
 from loadtest import harness, plots
 from loadtest.harness import Target, console, fmt
-from loadtest.keepalive_sim import DEFAULT_DATA, arrivals
+from loadtest.keepalive_sim import DEFAULT_DATA, arrivals, open_sample
 from loadtest.load import Outcome, Sample, describe, kafka_call, open_loop, start_results
 from loadtest.stats import latency_summary, ratio
 from services.common.client import StokerClient, package_code
@@ -102,14 +102,14 @@ class Planned:
 def load_window(directory: Path, sample: int, start_minute: int, minutes: int) -> list[TraceFunction]:
     """Every function of ``{sample}_inv.csv`` with its counts over ``[start_minute, start_minute + minutes)``."""
     run: dict[str, tuple[dict[int, float], float]] = {}
-    with (directory / f"{sample}_run.csv").open(newline="") as f:
+    with open_sample(directory, f"{sample}_run.csv") as f:
         for row in csv.DictReader(f):
             run[row["HashFunction"]] = (
                 {p: float(row[f"percentile_Average_{p}"]) for p in PERCENTILES},
                 float(row["Average"]),
             )
     out: list[TraceFunction] = []
-    with (directory / f"{sample}_inv.csv").open(newline="") as f:
+    with open_sample(directory, f"{sample}_inv.csv") as f:
         for row in csv.DictReader(f):
             name = row["HashFunction"]
             if name not in run:
