@@ -85,6 +85,16 @@ class RunningBroker:
         return self.cfg.bootstrap
 
 
+def own_trace(out: str) -> tuple[str, int]:
+    """The requested trace of ``stoker trace`` output and how many trace trees it holds.
+
+    A span that started on a prewarmed instance links to the prewarm's trace, which the command prints after
+    the requested one; that linked tree is not part of the invocation's own trace.
+    """
+    own = out.split("linked from")[0]
+    return own, sum(line.startswith("trace ") for line in own.splitlines())
+
+
 def start_test_broker(home: Path) -> RunningBroker:
     """Start a real single-node KRaft broker on free ports; fails loudly with its log."""
     port, controller = free_ports(2)

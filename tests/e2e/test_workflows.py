@@ -19,7 +19,7 @@ from events import InvocationRequested
 from services.cli import platform as embedded
 from services.common.client import StokerClient
 from tests.e2e.conftest import Platform, processes_under, start_platform
-from tests.helpers import assert_eventually, eventually
+from tests.helpers import assert_eventually, eventually, own_trace
 
 FNS = Path(__file__).resolve().parents[1] / "integration" / "fns"
 
@@ -150,7 +150,8 @@ def test_a_workflow_runs_like_a_function(flows: tuple[Platform, Path]) -> None:
 
     def one_trace() -> str:
         out = platform.stoker("trace", run_id, check=False).stdout
-        return out if out.count("workflow step") >= 6 and out.count("trace ") == 1 else ""
+        own, trees = own_trace(out)
+        return own if own.count("workflow step") >= 6 and trees == 1 else ""
 
     assert_eventually(one_trace, timeout_s=15, message="one trace with a span per step")
 
