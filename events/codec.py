@@ -24,6 +24,7 @@ from events.names import NameClaimed
 from events.node import NodeHeartbeat, NodeStopped
 from events.placement import PlacementOverride
 from events.pool import PrewarmCompleted, PrewarmRequested, PrewarmStarted, RepoConfigured
+from events.triggers import TriggerFailed, TriggerFired, TriggerSpec, TriggerStatus
 from events.work import Clamp, ConfigureNode, EnsurePool, Execute, Recycle, Specialize
 from events.workflow import RunFinished, RunStarted, StepFinished, StepStarted, WorkflowSpec
 
@@ -65,6 +66,10 @@ MODELS: dict[str, type[Record]] = {
         StepStarted,
         StepFinished,
         RunFinished,
+        TriggerSpec,
+        TriggerFired,
+        TriggerStatus,
+        TriggerFailed,
     )
 }
 """Every record model by its ``type``."""
