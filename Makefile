@@ -4,7 +4,11 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup nft up down status test test-unit lint bench clean
+.PHONY: setup nft tools manifests up down status test test-unit test-k8s lint bench clean
+TOOLS  := .stoker/tools
+# helm's own state kept with the tools, so that a user's helm plugins and settings change no render
+HELM   := HELM_CACHE_HOME=$(TOOLS)/helm-home/cache HELM_CONFIG_HOME=$(TOOLS)/helm-home/config \
+          HELM_DATA_HOME=$(TOOLS)/helm-home/data $(TOOLS)/bin/helm
 
 setup: $(STAMP) nft ## create the venv, install Stoker, fetch the Kafka jars (idempotent)
 	@$(BIN)/stoker setup
@@ -14,6 +18,15 @@ nft:
 	@command -v nft >/dev/null || test "$$(id -u)" -ne 0 || apt-get install -y -q nftables >/dev/null 2>&1 \
 		|| { apt-get update -q >/dev/null && apt-get install -y -q nftables >/dev/null; } \
 		|| echo "could not install nftables: functions with --network egress will be refused"
+
+# helm, etcd, kube-apiserver, kubectl (the chart's renderer, the k8s tier's control plane) in
+# $(TOOLS)/bin: those on PATH are used as they are, the others built with Go once and reused.
+tools:
+	@bash deploy/tools/install.sh $(TOOLS)
+
+manifests: tools ## deploy/k8s/stoker.yaml = `helm template` of the chart (commit both)
+	$(HELM) template stoker deploy/helm/stoker --namespace stoker > deploy/k8s/stoker.yaml
+	$(HELM) lint --strict deploy/helm/stoker
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
@@ -33,11 +46,14 @@ down: ## stop a detached platform
 status:
 	$(BIN)/stoker status
 
-test: setup ## run the whole suite against a broker the tests start and stop
+test: setup tools ## run the whole suite against a broker and a Kubernetes API server the tests start and stop
 	$(BIN)/pytest -q tests
 
 test-unit: setup
 	$(BIN)/pytest -q tests/unit
+
+test-k8s: setup tools ## the chart through helm, and etcd + kube-apiserver: manifests, RBAC, nodewatch
+	$(BIN)/pytest -q tests/k8s
 
 lint: setup
 	$(BIN)/ruff check events services loadtest tests

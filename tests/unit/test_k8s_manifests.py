@@ -1,4 +1,8 @@
-"""The Helm chart, its renderer, and the committed manifests (deploy/k8s/) they must equal."""
+"""The committed manifests (deploy/k8s/, `helm template` output of the chart): schemas and the cluster shape.
+
+tests/k8s/test_chart.py checks that they are what the real Helm renders from the chart, and
+tests/k8s/test_apply.py that a real API server accepts every one of them.
+"""
 
 from __future__ import annotations
 
@@ -9,19 +13,26 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from deploy import render
-from deploy.render import Renderer, TemplateError, documents, manifest_text, render_chart
-
 REPO = Path(__file__).resolve().parents[2]
 COMMITTED = REPO / "deploy" / "k8s" / "stoker.yaml"
 LATEST = kubernetes_validate.utils.latest_version()
 # The newest schemas kubernetes-validate ships, and an older release still common in clusters.
 VERSIONS = [LATEST, "1.30.0"]
 MANAGEMENT = ["gateway", "dispatcher", "poolmgr", "builder", "throttler", "workflow", "nodewatch"]
+# The order Helm sorts rendered objects in (pkg/release/util InstallOrder): one `kubectl apply` of
+# the file then creates each object after what it refers to.
+HELM_INSTALL_ORDER = [
+    "PriorityClass", "Namespace", "NetworkPolicy", "ResourceQuota", "LimitRange", "PodSecurityPolicy",
+    "PodDisruptionBudget", "ServiceAccount", "Secret", "SecretList", "ConfigMap", "StorageClass",
+    "PersistentVolume", "PersistentVolumeClaim", "CustomResourceDefinition", "ClusterRole",
+    "ClusterRoleList", "ClusterRoleBinding", "ClusterRoleBindingList", "Role", "RoleList", "RoleBinding",
+    "RoleBindingList", "Service", "DaemonSet", "Pod", "ReplicationController", "ReplicaSet", "Deployment",
+    "HorizontalPodAutoscaler", "StatefulSet", "Job", "CronJob", "IngressClass", "Ingress", "APIService",
+]  # fmt: skip
 
 
-def manifests(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    return documents(manifest_text(render_chart(values=values)))
+def documents(text: str) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(text) if d]
 
 
 def by_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
@@ -37,25 +48,9 @@ def env_of(doc: dict[str, Any]) -> dict[str, Any]:
     return {e["name"]: e.get("value", e.get("valueFrom")) for e in container(doc).get("env", [])}
 
 
-# --------------------------------------------------------------------------- committed == rendered
-
-
-def test_committed_manifests_match_a_fresh_render(tmp_path: Path) -> None:
-    out = tmp_path / "stoker.yaml"
-    assert render.main(["--out", str(out)]) == 0
-    assert COMMITTED.read_text() == out.read_text(), "deploy/k8s is stale: run `python -m deploy.render`"
-    assert render.main(["--check"]) == 0
-    assert sorted(p.name for p in COMMITTED.parent.iterdir()) == ["stoker.yaml"]
-
-
-def test_check_fails_on_a_stale_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    stale = tmp_path / "stoker.yaml"
-    stale.write_text(COMMITTED.read_text().replace("replicas: 1", "replicas: 3", 1))
-    assert render.main(["--check", "--out", str(stale)]) == 1
-    assert "is stale" in capsys.readouterr().err
-
-
-# --------------------------------------------------------------------------- schema validation
+@pytest.fixture(scope="module")
+def committed() -> list[dict[str, Any]]:
+    return documents(COMMITTED.read_text())
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -79,79 +74,7 @@ def test_strict_validation_is_not_vacuous() -> None:
         kubernetes_validate.validate(deployment, LATEST, strict=True)
 
 
-VARIANTS: dict[str, dict[str, Any]] = {
-    "no isolation pool": {"agent": {"pools": {"isolated": {"enabled": False}}}},
-    "host cgroupfs": {"agent": {"hostCgroupfs": True}},
-    "chart-made secret": {"webhookSecret": {"value": "s3cret"}},
-    "existing claim, no job, no namespace": {
-        "artifacts": {"create": False},
-        "topicsJob": {"enabled": False},
-        "createNamespace": False,
-    },
-    "tracing, extra settings, storage class, tolerations": {
-        "otlpEndpoint": "http://otel:4318",
-        "config": {"STOKER_KEEPALIVE": "fixed", "STOKER_NODE_TIMEOUT_S": "5"},
-        "artifacts": {"storageClassName": "nfs"},
-        "management": {"tolerations": [{"key": "dedicated", "operator": "Exists", "effect": "NoSchedule"}]},
-        "builder": {"pipArgs": "--index-url https://pypi.internal/simple"},
-        "gateway": {"replicas": 3, "service": {"type": "LoadBalancer"}},
-    },
-}
-
-
-@pytest.mark.parametrize("name", list(VARIANTS))
-def test_rendered_variants_validate(name: str) -> None:
-    for doc in manifests(VARIANTS[name]):
-        kubernetes_validate.validate(doc, LATEST, strict=True)
-
-
-def test_variants_render_what_they_say() -> None:
-    assert "stoker-agent-isolated" not in by_kind(manifests(VARIANTS["no isolation pool"]), "DaemonSet")
-
-    agent = by_kind(manifests(VARIANTS["host cgroupfs"]), "DaemonSet")["stoker-agent-runtime"]
-    volumes = {v["name"]: v for v in agent["spec"]["template"]["spec"]["volumes"]}
-    assert volumes["cgroupfs"]["hostPath"] == {"path": "/sys/fs/cgroup", "type": "Directory"}
-    mounts = {m["name"]: m for m in container(agent)["volumeMounts"]}
-    assert mounts["cgroupfs"]["mountPath"] == "/sys/fs/cgroup" and not mounts["cgroupfs"].get("readOnly")
-
-    (secret,) = by_kind(manifests(VARIANTS["chart-made secret"]), "Secret").values()
-    assert secret["metadata"]["name"] == "stoker-webhook" and secret["data"] == {"secret": "czNjcmV0"}
-
-    kinds = {d["kind"] for d in manifests(VARIANTS["existing claim, no job, no namespace"])}
-    assert not kinds & {"PersistentVolumeClaim", "Job", "Namespace"}
-
-    docs = manifests(VARIANTS["tracing, extra settings, storage class, tolerations"])
-    config = by_kind(docs, "ConfigMap")["stoker-config"]["data"]
-    assert config["STOKER_OTLP_ENDPOINT"] == "http://otel:4318"
-    assert config["STOKER_KEEPALIVE"] == "fixed" and config["STOKER_NODE_TIMEOUT_S"] == "5"
-    assert by_kind(docs, "PersistentVolumeClaim")["stoker-artifacts"]["spec"]["storageClassName"] == "nfs"
-    gateway = by_kind(docs, "Deployment")["stoker-gateway"]
-    assert gateway["spec"]["replicas"] == 3
-    assert gateway["spec"]["template"]["spec"]["tolerations"][0]["key"] == "dedicated"
-    assert by_kind(docs, "Service")["stoker-gateway"]["spec"]["type"] == "LoadBalancer"
-    assert env_of(by_kind(docs, "Deployment")["stoker-builder"])["STOKER_PIP_ARGS"].startswith("--index-url")
-
-
-def test_the_external_kafka_is_required() -> None:
-    with pytest.raises(TemplateError, match="kafka.bootstrap"):
-        manifests({"kafka": {"bootstrap": ""}})
-
-
-def test_release_name_and_namespace() -> None:
-    docs = documents(manifest_text(render_chart(release="fn", namespace="faas")))
-    assert by_kind(docs, "Namespace").keys() == {"faas"}
-    assert "fn-gateway" in by_kind(docs, "Deployment")
-    binding = by_kind(docs, "ClusterRoleBinding")["fn-nodewatch"]
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "fn-nodewatch", "namespace": "faas"}]
-    assert all(d["metadata"].get("namespace") in (None, "faas") for d in docs)
-
-
 # --------------------------------------------------------------------------- the cluster shape
-
-
-@pytest.fixture(scope="module")
-def committed() -> list[dict[str, Any]]:
-    return documents(COMMITTED.read_text())
 
 
 def test_management_services_run_on_management_nodes(committed: list[dict[str, Any]]) -> None:
@@ -282,7 +205,7 @@ def test_the_namespace_admits_the_privileged_agents(committed: list[dict[str, An
 def test_manifests_come_in_install_order(committed: list[dict[str, Any]]) -> None:
     kinds = [d["kind"] for d in committed]
     assert kinds[0] == "Namespace"
-    order = [render.INSTALL_ORDER.index(k) for k in kinds]
+    order = [HELM_INSTALL_ORDER.index(k) for k in kinds]
     assert order == sorted(order)
     assert kinds.index("ConfigMap") < kinds.index("Deployment")
 
@@ -297,113 +220,3 @@ def test_values_file_explains_the_agents_privileges() -> None:
     text = (REPO / "deploy/helm/stoker/values.yaml").read_text()
     agent = text[text.index("\nagent:") :]
     assert "Why privileged" in agent and "cgroup" in agent and "hostCgroupfs" in agent
-
-
-# --------------------------------------------------------------------------- the renderer itself
-
-
-def tpl(source: str, dot: Any = None, defines: str = "") -> str:
-    renderer = Renderer()
-    if defines:
-        renderer.parse(defines, "_helpers.tpl")
-    return renderer.render(renderer.parse(source, "t.yaml"), dot if dot is not None else {})
-
-
-def test_fields_variables_and_trimming() -> None:
-    dot = {"Values": {"a": {"b": "x"}, "n": 3}, "Release": {"Name": "r"}}
-    assert tpl("{{ .Values.a.b }}-{{ .Release.Name }}", dot) == "x-r"
-    assert tpl("a  {{- .Values.n -}}  \n b", dot) == "a3b"
-    assert tpl("a\n{{- /* a comment */ -}}\nb", dot) == "ab"
-    assert tpl("{{/* only */}}x", dot) == "x"
-    assert tpl("{{ $v := .Values.a }}{{ $v.b }}{{ $.Release.Name }}", dot) == "xr"
-    assert tpl('{{ "}}" }}', dot) == "}}"
-    assert tpl("{{ `raw \\n` }}", dot) == "raw \\n"
-    assert tpl("{{ .Values.n }} {{ 2.5 }} {{ true }}", dot) == "3 2.5 true"
-
-
-def test_conditionals() -> None:
-    source = "{{ if .a }}A{{ else if .b }}B{{ else if .c }}C{{ else }}D{{ end }}"
-    assert [tpl(source, d) for d in ({"a": 1}, {"b": [1]}, {"c": "x"}, {"a": 0, "b": [], "c": ""})] == list("ABCD")
-    assert tpl("{{ if and .a (not .b) }}y{{ end }}", {"a": True, "b": False}) == "y"
-    assert tpl("{{ if or .a .b }}y{{ else }}n{{ end }}", {"a": {}, "b": None}) == "n"
-    assert tpl('{{ if eq .a "x" "y" }}in{{ end }}{{ if ne .a "x" }}!{{ end }}', {"a": "y"}) == "in!"
-    assert tpl("{{ if .missing }}y{{ else }}n{{ end }}", {}) == "n"
-    assert tpl("{{ with .a }}{{ .b }}{{ else }}none{{ end }}", {"a": {"b": "in"}}) == "in"
-    assert tpl("{{ with .a }}{{ .b }}{{ else }}none{{ end }}", {"a": {}}) == "none"
-
-
-def test_range_over_lists_and_maps() -> None:
-    dot = {"l": ["a", "b"], "m": {"z": 1, "a": 2}, "root": "R"}
-    assert tpl("{{ range .l }}[{{ . }}{{ $.root }}]{{ end }}", dot) == "[aR][bR]"
-    assert tpl("{{ range $i, $v := .l }}{{ $i }}={{ $v }};{{ end }}", dot) == "0=a;1=b;"
-    assert tpl("{{ range $k, $v := .m }}{{ $k }}={{ $v }};{{ end }}", dot) == "a=2;z=1;"  # sorted, like Go
-    assert tpl("{{ range $v := .m }}{{ $v }}{{ end }}", dot) == "21"
-    assert tpl("{{ range .none }}x{{ else }}empty{{ end }}", dot) == "empty"
-
-
-def test_define_include_and_functions() -> None:
-    helpers = '{{- define "lbl" -}}\nname: {{ .n }}\nteam: {{ .t | default "core" }}\n{{- end }}'
-    out = tpl('labels:\n  {{- include "lbl" (dict "n" .name) | nindent 2 }}\n', {"name": "x"}, helpers)
-    assert out == "labels:\n  name: x\n  team: core\n"
-    assert tpl("{{ .v | quote }} {{ 8080 | quote }}", {"v": 'a"b'}) == '"a\\"b" "8080"'
-    assert tpl("{{ .s | b64enc }}", {"s": "s3cret"}) == "czNjcmV0"
-    assert tpl('{{ "Stoker-ABCdef" | trunc 7 | trimSuffix "-" | lower }}', {}) == "stoker"
-    assert tpl("{{ .v | indent 2 }}", {"v": "a\nb"}) == "  a\n  b"
-    assert tpl('{{ required "need x" .x }}', {"x": "ok"}) == "ok"
-    assert tpl("{{ if empty .l }}e{{ end }}{{ range list 1 2 }}{{ . }}{{ end }}", {"l": []}) == "e12"
-
-
-def test_to_yaml_matches_helm_layout() -> None:
-    value = {"b": {"requests": {"cpu": "1", "memory": "1Gi"}}, "a": [{"key": "x", "operator": "Exists"}], "n": 2}
-    out = tpl("x:\n  {{- toYaml .v | nindent 2 }}\n", {"v": value})
-    assert yaml.safe_load(out) == {"x": value}
-    assert out == (
-        "x:\n  a:\n  - key: x\n    operator: Exists\n  b:\n    requests:\n      cpu: '1'\n      memory: 1Gi\n  n: 2\n"
-    )
-    assert tpl("{{ toYaml .v }}", {"v": "plain"}) == "plain"
-    assert tpl("{{ toYaml .v }}", {"v": {}}) == "{}"
-
-
-@pytest.mark.parametrize(
-    ("source", "dot", "message"),
-    [
-        ("{{ .missing }}", {}, "missing value"),
-        ("{{ .a.b.c }}", {"a": {}}, "nil pointer"),
-        ("{{ .a.b }}", {"a": "text"}, "cannot take"),
-        ("{{ .n }}", {"n": 1000000}, "exponent"),
-        ("{{ .n }}", {"n": 2.0}, "no fraction"),
-        ("{{ .l }}", {"l": [1]}, "toYaml"),
-        ('{{ printf "%s" .x }}', {"x": 1}, "not supported"),
-        ('{{ template "x" . }}', {}, "not supported"),
-        ("{{ if .a }}x", {"a": 1}, "has no end"),
-        ("{{ end }}", {}, "end without"),
-        ("{{ else }}", {}, "else without"),
-        ("{{ .a", {}, "unclosed"),
-        ('{{ include "nope" . }}', {}, "no template"),
-        ('{{ required "x is required" .x }}', {}, "x is required"),
-        ("{{ $nope }}", {}, "undefined variable"),
-        ("{{ .a .b }}", {"a": 1, "b": 2}, "method calls"),
-        ("{{ quote | .a }}", {"a": 1}, "only a function"),
-        ("{{ /* not adjacent */ }}", {}, "comment must start"),
-        ('{{ "\\x41" }}', {}, "escapes"),
-    ],
-)
-def test_what_the_renderer_refuses(source: str, dot: Any, message: str) -> None:
-    with pytest.raises(TemplateError, match=message):
-        tpl(source, dot)
-
-
-def test_values_merge_like_helm() -> None:
-    base = {"a": {"b": 1, "c": [1, 2]}, "d": "x", "e": {"f": 1}}
-    merged = render.deep_merge(base, {"a": {"c": [3]}, "d": None, "e": {"g": 2}})
-    assert merged == {"a": {"b": 1, "c": [3]}, "e": {"f": 1, "g": 2}}
-    assert base["a"] == {"b": 1, "c": [1, 2]}  # untouched
-
-
-def test_values_files_layer_over_the_chart(tmp_path: Path) -> None:
-    extra = tmp_path / "site.yaml"
-    extra.write_text("kafka:\n  bootstrap: broker-1:9092,broker-2:9092\n")
-    out = tmp_path / "site-stoker.yaml"
-    assert render.main(["-f", str(extra), "--out", str(out)]) == 0
-    config = by_kind(documents(out.read_text()), "ConfigMap")["stoker-config"]["data"]
-    assert config["STOKER_BOOTSTRAP"] == "broker-1:9092,broker-2:9092"

@@ -1,6 +1,6 @@
 {{/*
-Helpers. deploy/render.py renders these templates too: keep to the subset it documents
-(fields, if/else/range/with/define, include, toYaml, nindent, quote, default, required, dict...).
+Helpers of the Stoker chart. deploy/k8s/stoker.yaml is this chart's `helm template` output
+(`make manifests`); tests/k8s/test_chart.py renders it again with Helm and compares.
 */}}
 
 {{/* Labels of every object; call with (dict "root" $ "component" "gateway"). */}}
