@@ -40,6 +40,7 @@ from events.codec import DecodeError, loads
 from events.function import CodeSource
 from services.agent.settings import parse_taints
 from services.cli import platform
+from services.cli import triggers as trigger_cli
 from services.cli.broker import BrokerError, broker_is_reachable
 from services.common.admin import ensure_topics
 from services.common.artifacts import ArtifactError, LocalArtifactStore
@@ -54,6 +55,7 @@ app = typer.Typer(
 )
 fn_app = typer.Typer(help="Create, change, inspect and invoke functions.", no_args_is_help=True)
 app.add_typer(fn_app, name="fn")
+app.add_typer(trigger_cli.app, name="trigger")
 console = Console()
 err = Console(stderr=True)
 
@@ -276,6 +278,7 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readabl
                 "entrypoint": spec.entrypoint,
                 "reuse": spec.reuse,
             }
+        report["triggers"] = trigger_cli.status_report(common)
     if as_json:
         print_json(report)
         return
@@ -343,6 +346,7 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readabl
             fn["reuse"],
         )
     console.print(table)
+    trigger_cli.print_rows(report.get("triggers", {}))
 
 
 def _duration(seconds: float) -> str:

@@ -118,6 +118,7 @@ class PlatformConfig:
         comps += [
             Component(n, "services.workflow", on_management) for n in copy_names("workflow", self.workflow_engines)
         ]
+        comps.append(Component("trigger", "services.trigger", on_management))
         comps += [self.agent(n, n.rsplit("-", 1)[0]) for n in self.node_names]
         comps.append(
             Component("gateway", "services.gateway", {"STOKER_HTTP_PORT": str(self.http_port), **on_management})
