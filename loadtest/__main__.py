@@ -2,7 +2,7 @@
 
 Scenarios: floor, warm, cold, throughput, trace, hops; all (floor to trace in turn, then the report;
 ``--quick`` for small sizes); report; and the other programs spine, starts, prewarm, keepalive, throttle,
-workflows, idle.
+workflows, idle, cost.
 ``python -m loadtest SCENARIO --help`` lists a scenario's options.
 """
 
@@ -27,6 +27,7 @@ SCENARIOS: dict[str, tuple[str, str]] = {
     "throttle": ("loadtest.throttle", "noisy-neighbour throttling"),
     "workflows": ("loadtest.workflows", "workflow overhead and prewarm"),
     "idle": ("loadtest.idle", "CPU and broker connections of the idle platform, per component"),
+    "cost": ("loadtest.cost", "CPU ms per invocation, per component, under load (Stoker and direct)"),
 }
 ALL = ("floor", "warm", "cold", "throughput", "trace")
 QUICK: dict[str, list[str]] = {

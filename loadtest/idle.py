@@ -128,15 +128,17 @@ def thread_ticks(pid: int) -> dict[tuple[int, str], int]:
 class Sampler:
     """Reads the platform's processes again and again; a process seen first mid-window counts from 0."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, extra_roots: Mapping[str, int] | None = None) -> None:
         self.run_dir = run_dir
+        self.extra_roots = dict(extra_roots or {})
+        """More processes to count, by name (with their children), next to the platform's components."""
         self.usage: dict[int, Usage] = {}
         self.owner: dict[int, str] = {}
         self._started = False
 
     def sample(self) -> None:
         table = process_table()
-        owner = descendants(component_pids(self.run_dir), table)
+        owner = descendants({**component_pids(self.run_dir), **self.extra_roots}, table)
         for pid, name in owner.items():
             comm, _ppid, ticks = table[pid]
             threads = thread_ticks(pid)

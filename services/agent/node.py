@@ -940,14 +940,16 @@ class NodeAgent:
                 # when an instance holds user code: generic ones are not judged by the throttler,
                 # and an idle node would otherwise send a record a second for nobody.
                 if any(f.function is not None for f in record.instances):
-                    await self._publish(record, self.topics.node_metric, self.settings.node)
+                    with telemetry.untraced():
+                        await self._publish(record, self.topics.node_metric, self.settings.node)
             except Exception:  # noqa: BLE001 - a missed interval is survivable
                 log.exception("metrics failed")
 
     async def send_heartbeats(self) -> None:
         while True:
             try:
-                await self._publish(self.heartbeat(), self.topics.node, self.settings.node)
+                with telemetry.untraced():
+                    await self._publish(self.heartbeat(), self.topics.node, self.settings.node)
             except Exception:  # noqa: BLE001 - a missed heartbeat is survivable; a dead loop is not
                 log.exception("heartbeat failed")
             await asyncio.sleep(self.settings.heartbeat_interval_s)

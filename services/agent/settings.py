@@ -74,8 +74,9 @@ class AgentSettings:
     pool_size: int = 2
     """Generic instances kept ready until the poolmgr says otherwise."""
     max_instances: int = 8
-    heartbeat_interval_s: float = 1.0
-    """Every heartbeat says the node is up; three missed (``STOKER_NODE_TIMEOUT_S``, 3 s) and it is down."""
+    heartbeat_interval_s: float = 2.0
+    """Every heartbeat says the node is up; three missed (``STOKER_NODE_TIMEOUT_S``, 6 s) and it is down.
+    Every service that routes or places reads each one, so this is the idle platform's main pulse."""
     labels: dict[str, str] = field(default_factory=dict)
     taints: list[Taint] = field(default_factory=list)
     python: str = sys.executable
@@ -108,7 +109,7 @@ class AgentSettings:
             node=node,
             pool_size=env_int(env, "STOKER_POOL_SIZE", 2),
             max_instances=env_int(env, "STOKER_MAX_INSTANCES", 8),
-            heartbeat_interval_s=env_float(env, "STOKER_HEARTBEAT_S", 1.0),
+            heartbeat_interval_s=env_float(env, "STOKER_HEARTBEAT_S", 2.0),
             labels={
                 "stoker.io/role": "runtime",
                 "kubernetes.io/hostname": node,

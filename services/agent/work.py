@@ -38,7 +38,7 @@ from events import FunctionSpec, codec
 from events.base import Record
 from events.dlq import DeadLettered
 from services.common.broker import dead_letter_of
-from services.common.views import partitions_of
+from services.common.views import FETCH_MAX_WAIT_MS, partitions_of
 
 __all__ = ["COMMIT_INTERVAL_S", "ResultWriter", "WorkConsumer"]
 
@@ -54,8 +54,6 @@ MAX_BATCH = 500
 """Records taken from one fetch at most."""
 YIELD_EVERY = 16
 """Commands handed over before the consume loop lets other work run."""
-FETCH_MAX_WAIT_MS = 500
-"""A fetch returns as soon as a command arrives; the wait only paces an idle node's polls."""
 
 Handle = Callable[[Record], Awaitable[None]]
 DeadLetterSink = Callable[[DeadLettered], Awaitable[object]]

@@ -47,7 +47,7 @@ from events import codec
 from events.base import Record
 from events.topics import Topics, TopicSpec
 from services.common.admin import ensure_topics
-from services.common.views import partitions_of
+from services.common.views import FETCH_MAX_WAIT_MS, partitions_of
 
 __all__ = [
     "Ack",
@@ -190,7 +190,7 @@ class Leadership(ConsumerRebalanceListener):  # type: ignore[misc]
         instance: str,
         transactional_id: str,
         session_timeout_ms: int = 6_000,
-        heartbeat_interval_ms: int = 1_000,
+        heartbeat_interval_ms: int = 2_000,
         on_role: Callable[[str], None] | None = None,
     ) -> None:
         self.lease = lease
@@ -232,6 +232,7 @@ class Leadership(ConsumerRebalanceListener):  # type: ignore[misc]
             heartbeat_interval_ms=self._heartbeat_ms,
             rebalance_timeout_ms=int(self._session_s * 1000) + 4_000,
             max_poll_interval_ms=int(self._session_s * 1000) + 4_000,
+            fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
         )
         await self._consumer.start()
         self._consumer.subscribe([self.lease.name], listener=self)
@@ -338,7 +339,7 @@ class Leadership(ConsumerRebalanceListener):  # type: ignore[misc]
         assert self._consumer is not None
         while True:
             try:
-                await self._consumer.getmany(timeout_ms=500)
+                await self._consumer.getmany(timeout_ms=1_000)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the membership must outlive a failed poll
@@ -644,7 +645,7 @@ class TermReader:
             enable_auto_commit=False,
             auto_offset_reset=reset,
             isolation_level="read_committed",
-            fetch_max_wait_ms=500,  # a fetch returns as soon as data arrives: only an idle poll waits
+            fetch_max_wait_ms=FETCH_MAX_WAIT_MS,  # a fetch returns as soon as data arrives: only an idle poll waits
         )
 
     async def start(self) -> None:

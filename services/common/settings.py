@@ -54,6 +54,8 @@ class CommonSettings:
     otlp_endpoint: str = ""
     """OTLP/HTTP traces endpoint; empty writes spans to ``<home>/traces`` instead."""
     log_level: str = "INFO"
+    traces_per_s: float = 100.0
+    """New traces a process records per second (bursts of as many); the rest are propagated, not recorded."""
 
     @property
     def topics(self) -> Topics:
@@ -85,4 +87,5 @@ class CommonSettings:
             topic_prefix=env_str(env, "STOKER_TOPIC_PREFIX", DEFAULT_PREFIX),
             otlp_endpoint=env_str(env, "STOKER_OTLP_ENDPOINT", ""),
             log_level=env_str(env, "STOKER_LOG_LEVEL", "INFO"),
+            traces_per_s=env_float(env, "STOKER_TRACES_PER_S", 100.0),
         )

@@ -7,7 +7,7 @@ the views of a process are served by ONE reader, which owns:
 
 * one ``AIOKafkaConsumer`` (no group, assigned partitions, ``read_committed``, no auto-commit) that
   long-polls every partition any view needs: an idle process costs the broker one fetch per
-  ``fetch_max_wait_ms`` (500 ms), and a fetch returns as soon as data arrives, so latency does
+  ``fetch_max_wait_ms`` (5 s), and a fetch returns as soon as data arrives, so latency does
   not suffer;
 * one *probe* consumer for metadata and beginning/end offsets. Kafka answers a connection's
   requests in order, so a ListOffsets on the follower's connection would queue behind its
@@ -86,8 +86,10 @@ DeadLetterSink = Callable[[DeadLettered], Awaitable[object]]
 BadRecordHook = Callable[[str, int, int, bytes | None, bytes | None, str], None]
 """(topic, partition, offset, key, value, reason): what a view does with a bad record instead."""
 
-FETCH_MAX_WAIT_MS = 500
-"""How long the broker holds an empty fetch: the idle cost is one fetch per this, per process."""
+FETCH_MAX_WAIT_MS = 5_000
+"""How long the broker holds an empty fetch. A fetch returns as soon as data arrives (and a new
+assignment cancels the one in flight), so this only paces an idle consumer's polls: the idle cost
+is one fetch per this, per consumer."""
 _RECHECK_S = 0.1
 """While someone waits to be caught up: how often positions are looked at again."""
 

@@ -28,7 +28,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
 from events import InvocationRequested, codec
-from services.common.views import trace_context
+from services.common.views import FETCH_MAX_WAIT_MS, trace_context
 from services.dispatcher import recovery
 from services.dispatcher.core import Dispatcher, DispatcherBroken
 from services.dispatcher.progress import Progress
@@ -78,7 +78,7 @@ class Intake(ConsumerRebalanceListener):  # type: ignore[misc]
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             isolation_level="read_committed",  # workflow steps come from a transactional engine
-            fetch_max_wait_ms=500,
+            fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
             max_poll_records=1000,
             session_timeout_ms=10_000,
             heartbeat_interval_ms=2_000,
@@ -100,7 +100,7 @@ class Intake(ConsumerRebalanceListener):  # type: ignore[misc]
         while True:
             if self.dispatcher.broken is not None:
                 raise DispatcherBroken(f"a write failed: {self.dispatcher.broken!r}")
-            batches = await self._consumer.getmany(timeout_ms=2_000, max_records=1000)
+            batches = await self._consumer.getmany(timeout_ms=FETCH_MAX_WAIT_MS, max_records=1000)
             if not batches:
                 continue
             async with self._lock:

@@ -12,7 +12,7 @@ from services.common.settings import CommonSettings, env_float, env_int
 @dataclass(frozen=True)
 class DispatcherSettings:
     common: CommonSettings
-    node_timeout_s: float = 3.0
+    node_timeout_s: float = 6.0
     """A node whose last heartbeat is older than this is down; its work is retried or lost."""
     max_attempts: int = 2
     """Runs of one invocation at most (the first plus retries after a node died)."""
@@ -31,7 +31,7 @@ class DispatcherSettings:
         env = os.environ if env is None else env
         return cls(
             common=CommonSettings.from_env(env),
-            node_timeout_s=env_float(env, "STOKER_NODE_TIMEOUT_S", 3.0),
+            node_timeout_s=env_float(env, "STOKER_NODE_TIMEOUT_S", 6.0),
             max_attempts=env_int(env, "STOKER_MAX_ATTEMPTS", 2),
             max_queue_s=env_float(env, "STOKER_MAX_QUEUE_S", 60.0),
             instance_name=env.get("STOKER_INSTANCE_NAME") or "dispatcher",
