@@ -66,7 +66,8 @@ class TriggerSpec(Record):
     """Where a new consumer group starts on the source topic."""
     # ----- cron triggers
     cron: str | None = None
-    """A five-field cron expression (minute hour day-of-month month day-of-week)."""
+    """A five-field cron expression (minute hour day-of-month month day-of-week), or six fields
+    with a leading seconds field (``*/10 * * * * *``: every ten seconds)."""
     payload: Any = None
     """The event each firing passes to the function (besides the firing's own fields)."""
     timezone: str = "UTC"

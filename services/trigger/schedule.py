@@ -36,8 +36,11 @@ def zone(name: str) -> ZoneInfo:
 
 def validate(expression: str, timezone: str = "UTC") -> None:
     """Raise :class:`ScheduleError` for an expression or zone cronsim would not accept."""
-    if len(expression.split()) != 5:
-        raise ScheduleError(f"a cron expression has five fields (minute hour day month weekday): {expression!r}")
+    if len(expression.split()) not in (5, 6):
+        raise ScheduleError(
+            f"a cron expression has five fields (minute hour day month weekday), or six with seconds first: "
+            f"{expression!r}"
+        )
     try:
         CronSim(expression, datetime.now(zone(timezone)))
     except CronSimError as exc:

@@ -229,3 +229,10 @@ def test_a_result_that_arrives_before_its_waiter_is_kept_for_it() -> None:
         assert book.take("trg.t.o-0-3") is None and book.take("trg.t.o-0-5") is not None
 
     asyncio.run(go())
+
+
+def test_a_six_field_schedule_has_seconds_first() -> None:
+    schedule.validate("*/10 * * * * *")
+    after = ms("2026-01-01T10:00:01")
+    expected = [ms("2026-01-01T10:00:10"), ms("2026-01-01T10:00:20")]
+    assert schedule.slots_after("*/10 * * * * *", "UTC", after, 2) == expected
