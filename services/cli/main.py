@@ -1085,7 +1085,10 @@ def trace_cmd(ident: Annotated[str, typer.Argument(help="Invocation id (or trace
     spans = load_spans(common.traces_dir)
     ids = trace_ids_for(spans, ident)
     if not ids:
-        raise fail(f"no spans for {ident!r} in {common.traces_dir} (spans are written within a second)")
+        raise fail(
+            f"no spans for {ident!r} in {common.traces_dir}: spans are written within a second, and a process "
+            f"records at most STOKER_TRACES_PER_S ({common.traces_per_s:g}) new traces a second"
+        )
     for trace_id in ids:
         console.print(build_tree(spans, trace_id))
         for linked in linked_traces(spans, trace_id):
