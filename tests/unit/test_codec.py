@@ -37,6 +37,7 @@ from events.metrics import InstanceMetrics, NodeMetrics, ThrottleDecided
 from events.names import NameClaimed
 from events.placement import ISOLATED_TOLERATION, RUNTIME_TOLERATION, PlacementOverride, Toleration
 from events.pool import PrewarmCompleted, PrewarmRequested, PrewarmStarted, RepoConfigured
+from events.triggers import TriggerFailed, TriggerFired, TriggerSpec, TriggerStatus
 from events.work import Clamp, ConfigureNode
 from events.workflow import RunFinished, RunStarted, StepFinished, StepSpec, StepStarted, WorkflowSpec
 
@@ -256,6 +257,24 @@ def _samples() -> dict[str, object]:
             value_b64="ew==",
             consumer="dispatcher",
             at_ms=13,
+        ),
+        "trigger.spec": TriggerSpec(
+            name="orders-in", function="hello", topic="orders", error_topic="orders.failed", ordered="per-key",
+            created_ms=1, updated_ms=2, active_since_ms=3,
+        ),
+        "trigger.fired": TriggerFired(trigger="tick", slot_ms=60_000, invocation="cron.tick.60000", at_ms=14),
+        "trigger.status": TriggerStatus(
+            trigger="orders-in", instance="trigger", state="running", lag={"0": 2}, at_ms=15
+        ),
+        "trigger.failed": TriggerFailed(
+            trigger="orders-in",
+            function="hello",
+            source_topic="orders",
+            partition=1,
+            offset=9,
+            reason="function_failed",
+            error=ErrorInfo(kind="ValueError", message="bad"), attempts=4, invocations=["trg.orders-in.orders-1-9"],
+            value={"a": 1}, at_ms=16,
         ),
     }
 
