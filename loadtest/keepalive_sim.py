@@ -1,7 +1,8 @@
 """Keep-alive policies on the Azure Functions trace: cold starts and idle instance-seconds, fixed vs hybrid.
 
     python -m loadtest.keepalive_sim [--sample 100|1000] [--functions N] [--minutes 1440]
-                                     [--fixed-minutes 10] [--seed 1] [--out loadtest/results]
+                                     [--fixed-minutes 10] [--seed 1] [--prewarm-load-s 1]
+                                     [--no-variants] [--no-plot] [--out loadtest/results]
 
 Replays the per-minute invocation counts of the Azure Functions 2019 trace sample (Shahrad et al.,
 "Serverless in the Wild", USENIX ATC 2020, CC-BY 4.0) against the pool manager's own policies from
@@ -11,7 +12,15 @@ instantly); invocations that overlap share it. Idle instance-seconds are the sec
 but runs nothing. Invocations of a minute are spread uniformly at random over that minute (seeded);
 each runs for the function's average execution time from ``*_run.csv``. The hybrid policy learns
 online: at the end of each invocation it decides from the idle times seen so far, never later ones.
-An instance still loaded when the simulated window ends counts idle up to that end.
+An instance still loaded when the simulated window ends counts idle up to that end. A pre-warm
+takes ``--prewarm-load-s`` to load: a call that comes before it is ready is a cold start.
+
+Besides the two policies compared (hybrid against fixed ``--fixed-minutes``), it runs fixed
+keep-alives of 5, 10, 20, 30, 60 and 120 minutes and the hybrid variants (the paper's own
+parameters, without the forecast, other forecasts) and draws them as a Pareto plot: cold-start
+share against idle instance-seconds (``keepalive-<when>-pareto.png``, with matplotlib).
+Target: hybrid <= 0.5x the cold starts of fixed 10 min at <= 1.0x its idle instance-seconds, and
+no group of functions (by invocations) with more cold starts than fixed.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
+from loadtest import plots
 from loadtest.stats import machine_facts, percentile
 from services.poolmgr.keepalive import FixedPolicy, HybridPolicy, KeepAlivePolicy
 
@@ -44,6 +54,8 @@ def open_sample(directory: Path, name: str) -> IO[str]:
     if plain.exists():
         return plain.open(newline="")
     return gzip.open(directory / f"{name}.gz", "rt", newline="")
+
+
 TRACE_MINUTES = 1440
 
 
@@ -107,13 +119,17 @@ def arrivals(counts: Sequence[int], rng: random.Random) -> list[float]:
     return out
 
 
-def simulate(times: Sequence[float], duration_s: float, policy: KeepAlivePolicy, end_s: float) -> Outcome:
+def simulate(
+    times: Sequence[float], duration_s: float, policy: KeepAlivePolicy, end_s: float, prewarm_load_s: float = 0.0
+) -> Outcome:
     """One function's instance under ``policy``: cold starts and idle seconds over ``[0, end_s]``.
 
     Per gap between the end of the busy period and the next arrival, the decision made at that end
     says whether the arrival is warm (:meth:`KeepAliveDecision.wants_loaded`) and how long the
-    instance idled: loaded over ``[prewarm_after_s, unload_after_s]`` of the gap. Computed per gap,
-    not per second: this is the loop that must stay fast for the 608k invocations of the day.
+    instance idled: loaded over ``[prewarm_after_s, unload_after_s]`` of the gap. A pre-warm takes
+    ``prewarm_load_s`` to load: an arrival before it is ready is a cold start (the instance's
+    memory counts from the pre-warm point all the same). Computed per gap, not per second: this
+    is the loop that must stay fast for the 608k invocations of the day.
     """
     if not times:
         return Outcome(0, 0, 0.0, "never invoked")
@@ -134,6 +150,9 @@ def simulate(times: Sequence[float], duration_s: float, policy: KeepAlivePolicy,
             unload = p + d.keep_alive_s
             if gap < p:
                 cold += 1  # unloaded after the invocation, not pre-warmed yet
+            elif p > 0 and gap < p + prewarm_load_s:
+                cold += 1  # the pre-warm was late: still loading when the call came
+                idle += gap - p
             elif gap <= unload:
                 idle += gap - p
             else:
@@ -197,7 +216,11 @@ def by_invocations(outcomes: dict[str, list[Outcome]]) -> list[dict[str, Any]]:
 
 
 def run(
-    traces: Sequence[FunctionTrace], policies: dict[str, KeepAlivePolicy], end_s: float, seed: int
+    traces: Sequence[FunctionTrace],
+    policies: dict[str, KeepAlivePolicy],
+    end_s: float,
+    seed: int,
+    prewarm_load_s: float = 0.0,
 ) -> tuple[dict[str, list[Outcome]], dict[str, float]]:
     """Every function under every policy, on the same arrivals; also the seconds each policy took."""
     rng = random.Random(seed)
@@ -210,9 +233,29 @@ def run(
         took["arrivals"] += time.perf_counter() - started
         for label, policy in policies.items():
             started = time.perf_counter()
-            outcomes[label].append(simulate(times, trace.duration_s, policy, end_s))
+            outcomes[label].append(simulate(times, trace.duration_s, policy, end_s, prewarm_load_s))
             took[label] += time.perf_counter() - started
     return outcomes, took
+
+
+PARETO_FIXED_MINUTES = (5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
+"""Fixed keep-alives drawn on the Pareto plot."""
+
+
+def hybrid_variants() -> dict[str, HybridPolicy]:
+    """The hybrid policy as configured, and the variants measured against it."""
+    return {
+        "hybrid": HybridPolicy(),
+        "hybrid, paper's parameters (4 h fallback, p5-p99 only, no forecast)": HybridPolicy(
+            fallback_keep_alive_s=4 * 3600.0, floor_no_prewarm=False, forecast=None, cold_start_cost_s=None
+        ),
+        "hybrid, p5-p99 window only": HybridPolicy(cold_start_cost_s=None),
+        "hybrid, no forecast": HybridPolicy(forecast=None),
+        "hybrid, forecast = last": HybridPolicy(forecast="last"),
+        "hybrid, forecast = ses": HybridPolicy(forecast="ses"),
+        "hybrid, cold start = 1800 s idle": HybridPolicy(cold_start_cost_s=1800.0),
+        "hybrid, cold start = 3600 s idle": HybridPolicy(cold_start_cost_s=3600.0),
+    }
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -227,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fixed-minutes", type=float, default=10.0, help="keep-alive of the fixed policy")
     parser.add_argument("--seed", type=int, default=1, help="seed of the arrival times within each minute")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder of the trace sample")
+    parser.add_argument("--prewarm-load-s", type=float, default=1.0, help="time a pre-warm takes to load")
+    parser.add_argument("--no-variants", action="store_true", help="only fixed and hybrid, no Pareto runs")
+    parser.add_argument("--no-plot", action="store_true", help="no Pareto plot")
     parser.add_argument("--out", type=Path, default=Path("loadtest/results"))
     args = parser.parse_args(argv)
     if not 1 <= args.minutes <= TRACE_MINUTES:
@@ -241,7 +287,12 @@ def main(argv: list[str] | None = None) -> int:
     hybrid = HybridPolicy()
     fixed_label = f"fixed {args.fixed_minutes:g} min"
     policies: dict[str, KeepAlivePolicy] = {fixed_label: fixed, "hybrid": hybrid}
-    outcomes, took = run(traces, policies, args.minutes * 60.0, args.seed)
+    if not args.no_variants:
+        for minutes in PARETO_FIXED_MINUTES:
+            policies.setdefault(f"fixed {minutes:g} min", FixedPolicy(minutes * 60.0))
+        for label, variant in hybrid_variants().items():
+            policies.setdefault(label, variant)
+    outcomes, took = run(traces, policies, args.minutes * 60.0, args.seed, args.prewarm_load_s)
     figures = {label: totals(outs) for label, outs in outcomes.items()}
     f, h = figures[fixed_label], figures["hybrid"]
     ratios = {
@@ -250,6 +301,16 @@ def main(argv: list[str] | None = None) -> int:
             h["per_function_cold_start_pct_p75"], f["per_function_cold_start_pct_p75"]
         ),
         "idle_instance_s": _ratio(h["idle_instance_s"], f["idle_instance_s"]),
+    }
+    groups_worse = [
+        row["invocations"]
+        for row in by_invocations({fixed_label: outcomes[fixed_label], "hybrid": outcomes["hybrid"]})
+        if row["hybrid"]["cold_starts"] > row[fixed_label]["cold_starts"]
+    ]
+    target = {
+        "cold_starts_at_most_0.5x": ratios["cold_starts"] is not None and ratios["cold_starts"] <= 0.5,
+        "idle_at_most_1.0x": ratios["idle_instance_s"] is not None and ratios["idle_instance_s"] <= 1.0,
+        "groups_with_more_cold_starts": groups_worse,
     }
     total_s = time.perf_counter() - started
     report: dict[str, Any] = {
@@ -262,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
             "functions": len(traces),
             "minutes": args.minutes,
             "seed": args.seed,
+            "prewarm_load_s": args.prewarm_load_s,
             "fixed": {"keep_alive_s": fixed.keep_alive_s},
             "hybrid": {
                 "range_s": hybrid.range_s,
@@ -273,10 +335,17 @@ def main(argv: list[str] | None = None) -> int:
                 "min_samples": hybrid.min_samples,
                 "min_cv": hybrid.min_cv,
                 "max_out_of_bounds_share": hybrid.max_out_of_bounds_share,
+                "forecast": hybrid.forecast,
+                "forecast_margin": hybrid.forecast_margin,
+                "floor_no_prewarm": hybrid.floor_no_prewarm,
+                "cold_start_cost_s": hybrid.cold_start_cost_s,
+                "alternative_head_pcts": list(hybrid.alternative_head_pcts),
+                "alternative_tail_pcts": list(hybrid.alternative_tail_pcts),
             },
         },
         "policies": figures,
         "hybrid_over_fixed": ratios,
+        "target": target,
         "by_invocations": by_invocations(outcomes),
         "runtime_s": {
             "load": round(load_s, 3),
@@ -331,13 +400,42 @@ def main(argv: list[str] | None = None) -> int:
         )
     console.print(groups)
     console.print(f"hybrid decisions after the last invocation, by kind: {h['final_decisions']}")
+    if len(policies) > 2:
+        pareto = Table(
+            "policy", "cold-start share %", "cold / fixed", "idle instance-h", "idle / fixed", title="Pareto"
+        )
+        for label, fig in figures.items():
+            pareto.add_row(
+                label,
+                cell(fig["cold_start_pct"]),
+                cell(_ratio(fig["cold_starts"], f["cold_starts"])),
+                cell(fig["idle_instance_s"] / 3600),
+                cell(_ratio(fig["idle_instance_s"], f["idle_instance_s"])),
+            )
+        console.print(pareto)
+    console.print(
+        f"target (<= 0.5x cold starts at <= 1.0x idle of {fixed_label}, no group worse): "
+        f"cold {cell(ratios['cold_starts'])}x, idle {cell(ratios['idle_instance_s'])}x, "
+        f"groups with more cold starts: {groups_worse or 'none'}"
+    )
     console.print(
         f"runtime: load {load_s:.2f}s, arrivals {took['arrivals']:.2f}s, "
         + ", ".join(f"{label} {took[label]:.2f}s" for label in policies)
         + f", total {total_s:.2f}s"
     )
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"keepalive-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = args.out / f"keepalive-{stamp}.json"
+    if not args.no_plot and len(policies) > 2:
+        png = plots.keepalive_pareto(
+            {label: (fig["cold_start_pct"] or 0.0, fig["idle_instance_s"]) for label, fig in figures.items()},
+            args.out / f"keepalive-{stamp}-pareto.png",
+            f"Keep-alive on the Azure Functions sample ({args.sample}_inv.csv, {len(traces)} functions, "
+            f"{args.minutes} min)",
+        )
+        report["plots"] = [png.name] if png else []
+        if png:
+            console.print(f"plot {png}")
     path.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
     console.print(f"saved {path}")
     return 0

@@ -148,3 +148,37 @@ def trace_timeline(runs: Mapping[str, Mapping[str, Sequence[float]]], path: Path
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def keepalive_pareto(points: Mapping[str, tuple[float, float]], path: Path, title: str) -> Path | None:
+    """Keep-alive policies as points: cold-start share (%) against idle instance-seconds.
+
+    ``points`` maps a label to ``(cold-start share %, idle instance-seconds)``. Labels starting with
+    ``fixed`` are joined into one line (the fixed keep-alive frontier); every other point is marked
+    and labelled, so a policy below and left of that line does better on both.
+    """
+    plt = _pyplot()
+    if plt is None or not points:
+        return None
+    fig, ax = plt.subplots(figsize=(10, 6))
+    fixed = sorted(((idle / 3600, cold, label) for label, (cold, idle) in points.items() if label.startswith("fixed")))
+    if fixed:
+        ax.plot([p[0] for p in fixed], [p[1] for p in fixed], marker="o", color="grey", label="fixed keep-alive")
+        for x, y, label in fixed:
+            ax.annotate(label.removeprefix("fixed "), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    markers = "s^vD<>pP*Xh"
+    others = [(label, cold, idle) for label, (cold, idle) in points.items() if not label.startswith("fixed")]
+    for n, (label, cold, idle) in enumerate(others):
+        ax.scatter([idle / 3600], [cold], marker=markers[n % len(markers)], s=60, label=label, zorder=3)
+    ax.set_xscale("log")
+    _plain_log_ticks(ax.xaxis)
+    ax.tick_params(axis="x", which="minor", labelsize=7)
+    ax.set_xlabel("idle instance-hours (log scale)")
+    ax.set_ylabel("cold-start share of invocations, %")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

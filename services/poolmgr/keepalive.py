@@ -4,17 +4,28 @@ The ``hybrid`` policy is the hybrid-histogram policy of M. Shahrad, R. Fonseca, 
 P. Batum, J. Cooke, E. Laureano, C. Tresness, M. Russinovich and R. Bianchini, "Serverless in the
 Wild: Characterizing and Optimizing the Serverless Workload at a Large Cloud Provider", USENIX ATC
 2020 (section 4.2). Per function it keeps a histogram of idle times (from the end of one invocation
-to the start of the next) in 1-minute bins over a limited range (4 hours). When the histogram is
-representative, the instance is unloaded right after an invocation, pre-warmed shortly before the
-head (5th percentile) of the idle times, and kept loaded until shortly after the tail (99th
-percentile); both windows get a 10% margin. When it is not representative (too few idle times, too
-many beyond the range, or no prominent pattern), the policy falls back to a fixed, generous
-keep-alive with no pre-warm. Where the paper forecasts out-of-range idle times with ARIMA, this
-module takes the same fallback: a forecaster would be a model to fit per function in the pool
-manager, for the few functions invoked less often than every four hours.
+to the start of the next) in 1-minute bins over a limited range (4 hours). Its branches, in order:
+
+1. Too few idle times yet (a new or rare function): the standard keep-alive (a fixed time, no
+   pre-warm), as the paper does while it learns.
+2. Most idle times beyond the range: the paper forecasts the next idle time with ARIMA; here a
+   forecast over the function's recent out-of-bounds idle times (their median by default; the
+   last one and simple exponential smoothing are the variants measured against it by
+   ``loadtest.keepalive_sim``). The instance is unloaded after the invocation, pre-warmed at the
+   forecast minus a margin and kept until the forecast plus the margin (the paper's 15%).
+3. A histogram without a prominent pattern (CV of the bin counts under 2, the paper's threshold):
+   the standard keep-alive again.
+4. A representative histogram: unloaded right after an invocation, pre-warmed at the head (5th
+   percentile) of the idle times minus a 10% margin, kept loaded until the tail (99th percentile)
+   plus 10%. When the head is in the first bin the instance is not unloaded at all, and then the
+   window is never shorter than the standard keep-alive: measured on the Azure day, a shorter one
+   saves next to no memory on those (frequent) functions and costs them cold starts.
 
 The ``fixed`` policy is the state of practice the paper compares against: keep every instance loaded
 for a fixed time after each invocation.
+
+Every time constant scales together (:meth:`HybridPolicy.scaled`), so a replay on a compressed clock
+runs the same policy, and the simulator and the pool manager call the same :meth:`decide`.
 
 Pure logic: no Kafka, no I/O, no clock. The pool manager feeds arrivals in and turns decisions into
 prewarm and recycle commands (:meth:`KeepAliveDecision.wants_loaded` says which, at a given idle time).
@@ -23,8 +34,11 @@ prewarm and recycle commands (:meth:`KeepAliveDecision.wants_loaded` says which,
 from __future__ import annotations
 
 import math
+import statistics
 from bisect import bisect_left
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from functools import cached_property
 from itertools import accumulate
 from typing import Protocol
@@ -32,11 +46,13 @@ from typing import Protocol
 __all__ = [
     "DEFAULT_BIN_S",
     "DEFAULT_RANGE_S",
+    "FORECASTS",
     "FixedPolicy",
     "HybridPolicy",
     "IdleHistogram",
     "KeepAliveDecision",
     "KeepAlivePolicy",
+    "forecast_idle_s",
     "policy_from_config",
 ]
 
@@ -45,6 +61,29 @@ DEFAULT_RANGE_S: float = 4 * 3600.0
 
 DEFAULT_BIN_S: float = 60.0
 """Bin width: the paper's 1 minute, also the granularity of the Azure Functions trace."""
+
+DEFAULT_RECENT: int = 8
+"""Out-of-bounds idle times each histogram remembers for the forecast."""
+
+FORECASTS: tuple[str, ...] = ("median", "last", "ses")
+"""Forecasts of the next out-of-bounds idle time: the median of the recent ones, the latest one,
+simple exponential smoothing (alpha 0.5)."""
+
+
+def forecast_idle_s(recent: Sequence[float], kind: str = "median") -> float:
+    """The next idle time forecast from ``recent`` ones (oldest first); ``recent`` must not be empty."""
+    if not recent:
+        raise ValueError("nothing to forecast from")
+    if kind == "median":
+        return float(statistics.median(recent))
+    if kind == "last":
+        return float(recent[-1])
+    if kind == "ses":
+        level = float(recent[0])
+        for x in recent[1:]:
+            level = 0.5 * x + 0.5 * level
+        return level
+    raise ValueError(f"unknown forecast {kind!r}: expected one of {', '.join(FORECASTS)}")
 
 
 class IdleHistogram:
@@ -55,9 +94,11 @@ class IdleHistogram:
     so the pool manager can hold one per function.
     """
 
-    __slots__ = ("range_s", "bin_s", "bins", "count", "out_of_bounds", "_sum_sq", "_last_end_s")
+    __slots__ = ("range_s", "bin_s", "bins", "count", "out_of_bounds", "recent_out_of_bounds", "_sum_sq", "_last_end_s")
 
-    def __init__(self, range_s: float = DEFAULT_RANGE_S, bin_s: float = DEFAULT_BIN_S) -> None:
+    def __init__(
+        self, range_s: float = DEFAULT_RANGE_S, bin_s: float = DEFAULT_BIN_S, recent: int = DEFAULT_RECENT
+    ) -> None:
         if bin_s <= 0 or range_s < bin_s:
             raise ValueError(f"need 0 < bin_s <= range_s, got bin_s={bin_s}, range_s={range_s}")
         n_bins = round(range_s / bin_s)
@@ -73,6 +114,8 @@ class IdleHistogram:
         """Idle times within the range (the sum of :attr:`bins`)."""
         self.out_of_bounds = 0
         """Idle times of ``range_s`` or more."""
+        self.recent_out_of_bounds: deque[float] = deque(maxlen=max(1, recent))
+        """The latest out-of-bounds idle times (seconds, oldest first), for the forecast."""
         # Sum of squared bin counts, kept up to date so the CV costs O(1) per decision.
         self._sum_sq = 0
         self._last_end_s: float | None = None
@@ -126,6 +169,7 @@ class IdleHistogram:
         i = int(idle_s // self.bin_s)
         if i >= len(self.bins):
             self.out_of_bounds += 1
+            self.recent_out_of_bounds.append(idle_s)
             return
         c = self.bins[i]
         self.bins[i] = c + 1
@@ -255,7 +299,7 @@ class FixedPolicy:
 
 @dataclass(frozen=True)
 class HybridPolicy:
-    """The hybrid-histogram policy of Shahrad et al. (ATC 2020), without its ARIMA branch."""
+    """The hybrid-histogram policy of Shahrad et al. (ATC 2020), with a forecast for out-of-bounds idle times."""
 
     range_s: float = DEFAULT_RANGE_S
     """Range of the histogram: idle times beyond it are out of bounds."""
@@ -267,23 +311,40 @@ class HybridPolicy:
     """Percentile of idle times that sets the end of the keep-alive window."""
     margin: float = 0.10
     """Safety margin: the pre-warm point comes this share earlier, the unload point this share later."""
-    fallback_keep_alive_s: float = DEFAULT_RANGE_S
-    """Keep-alive when the histogram is not representative: generous, as in the paper (the range)."""
+    fallback_keep_alive_s: float = 600.0
+    """The standard keep-alive, while the histogram is not representative (and the floor of a
+    window that does not unload after use, see ``floor_no_prewarm``)."""
     min_samples: int = 5
-    """Idle times needed before the histogram is trusted; until then, the fallback."""
+    """Idle times needed before the histogram (or the forecast) is trusted; until then, the fallback."""
     min_cv: float = 2.0
     """CV of the bin counts below which idle times show no pattern (the paper's threshold, 2)."""
     max_out_of_bounds_share: float = 0.5
-    """Share of out-of-bounds idle times from which the histogram is not used (the paper hands these
-    functions to ARIMA; here they get the fallback)."""
+    """Share of out-of-bounds idle times from which the forecast decides instead of the histogram."""
+    forecast: str | None = "median"
+    """How out-of-bounds idle times are forecast (one of :data:`FORECASTS`); ``None``: the fallback."""
+    forecast_margin: float = 0.15
+    """The forecast's window: from the forecast minus this share to the forecast plus it (the paper's 15%)."""
+    floor_no_prewarm: bool = True
+    """A histogram window that starts at 0 (head in the first bin) lasts at least the standard keep-alive."""
+    cold_start_cost_s: float | None = 2700.0
+    """Idle instance-seconds one cold start is worth. The histogram's window is taken only when,
+    on the idle times seen so far, it costs less (idle time plus this per cold start) than the
+    standard keep-alive would have; else the standard keep-alive. ``None``: always the window
+    (the paper)."""
+    alternative_head_pcts: tuple[float, ...] = (25.0,)
+    """Higher head percentiles whose windows compete with the paper's (``head_pct``) on that cost."""
+    alternative_tail_pcts: tuple[float, ...] = (95.0,)
+    """Lower tail percentiles whose windows compete with the paper's (``tail_pct``) on that cost."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.head_pct <= self.tail_pct <= 100:
             raise ValueError(f"need 0 <= head_pct <= tail_pct <= 100, got {self.head_pct}, {self.tail_pct}")
-        if not 0 <= self.margin < 1:
-            raise ValueError(f"margin must be within [0, 1), got {self.margin}")
+        if not 0 <= self.margin < 1 or not 0 <= self.forecast_margin < 1:
+            raise ValueError(f"margins must be within [0, 1), got {self.margin}, {self.forecast_margin}")
         if self.fallback_keep_alive_s < 0 or self.min_samples < 1:
             raise ValueError("fallback_keep_alive_s must be >= 0 and min_samples >= 1")
+        if self.forecast is not None and self.forecast not in FORECASTS:
+            raise ValueError(f"unknown forecast {self.forecast!r}: expected one of {', '.join(FORECASTS)} or None")
         IdleHistogram(self.range_s, self.bin_s)  # validates the shape once, here, not per function
 
     @property
@@ -291,43 +352,132 @@ class HybridPolicy:
         """``hybrid``."""
         return "hybrid"
 
+    def scaled(self, factor: float) -> HybridPolicy:
+        """The same policy on a clock ``factor`` times faster: every time constant divided by it.
+
+        A replay that compresses the trace's time by ``factor`` runs this, so its histogram bins,
+        range and fallback keep-alive mean the same trace minutes as on the real clock.
+        """
+        if factor <= 0:
+            raise ValueError(f"time scale must be > 0, got {factor}")
+        return replace(
+            self,
+            range_s=self.range_s / factor,
+            bin_s=self.bin_s / factor,
+            fallback_keep_alive_s=self.fallback_keep_alive_s / factor,
+        )
+
     def new_histogram(self) -> IdleHistogram:
         """An empty histogram with this policy's range and bin width."""
         return IdleHistogram(self.range_s, self.bin_s)
 
     def decide(self, hist: IdleHistogram) -> KeepAliveDecision:
-        """Pre-warm at the head percentile minus the margin; unload at the tail percentile plus the margin.
+        """The decision after an invocation ends, from the idle times ``hist`` holds (see the module's branches).
 
-        ``keep_alive_s`` counts from the pre-warm point, so it is the tail window minus the
-        pre-warm window. A head in the first bin gives ``prewarm_after_s == 0``: the instance is
-        not unloaded after the invocation.
+        ``keep_alive_s`` counts from the pre-warm point, so for the histogram it is the tail window
+        minus the pre-warm window. Head and tail round towards keeping the instance loaded (the
+        lower edge of the head bin, the upper edge of the tail bin): a cold start costs a
+        user-visible delay, idle time only memory.
         """
         if hist.bin_s != self.bin_s or hist.range_s != self.range_s:
             raise ValueError("histogram shape differs from the policy's; make it with new_histogram()")
-        why_not = hist.unrepresentative_reason(self.min_samples, self.max_out_of_bounds_share, self.min_cv)
-        if why_not is not None:
-            return KeepAliveDecision(0.0, self.fallback_keep_alive_s, f"fallback: {why_not}")
+        total = hist.total
+        if total < self.min_samples:
+            return self._fallback(f"too few idle times ({total} < {self.min_samples})")
+        oob = hist.out_of_bounds_share
+        if oob >= self.max_out_of_bounds_share:
+            why = f"out of bounds ({oob:.0%} of idle times >= {self.range_s / 60:g} min)"
+            if self.forecast is None or not hist.recent_out_of_bounds:
+                return self._fallback(why)
+            expected = forecast_idle_s(hist.recent_out_of_bounds, self.forecast)
+            prewarm_s = expected * (1 - self.forecast_margin)
+            return KeepAliveDecision(
+                prewarm_s,
+                expected * (1 + self.forecast_margin) - prewarm_s,
+                f"forecast ({self.forecast} of {len(hist.recent_out_of_bounds)} idle times "
+                f"beyond the range: {expected:.0f}s; {why})",
+            )
+        cv = hist.cv
+        if cv < self.min_cv:
+            return self._fallback(f"no pattern (CV {cv:.2f} < {self.min_cv:g})")
         head_bin, tail_bin = hist.percentile_bins(self.head_pct, self.tail_pct)
-        # Lower edge of the head bin, upper edge of the tail bin: both round towards keeping the
-        # instance loaded, since a cold start costs a user-visible delay and idle time only memory.
         head_s = head_bin * self.bin_s
-        tail_s = (tail_bin + 1) * self.bin_s
-        prewarm_s = head_s * (1 - self.margin)
-        keep_s = tail_s * (1 + self.margin) - prewarm_s
+        found = f"p{self.head_pct:g} {head_s:g}s, p{self.tail_pct:g} {(tail_bin + 1) * self.bin_s:g}s, CV {cv:.1f}"
+        prewarm_s, unload_s = self._window(head_bin, tail_bin)
+        if self.cold_start_cost_s is None:
+            return KeepAliveDecision(prewarm_s, unload_s - prewarm_s, f"histogram ({found})")
+        # The paper's window, windows ending at lower tail percentiles, and the standard
+        # keep-alive: the one that would have cost least on the idle times seen so far.
+        seen = [(i, c) for i, c in enumerate(hist.bins) if c]
+        oob = hist.out_of_bounds
+        paper = (self.head_pct, self.tail_pct)
+        best: tuple[float, float] = (prewarm_s, unload_s)
+        best_cost = self._cost(seen, oob, *best)
+        best_pct: tuple[float, float] | None = paper
+        standard = (0.0, self.fallback_keep_alive_s)
+        cost = self._cost(seen, oob, *standard)
+        if cost < best_cost:
+            best, best_cost, best_pct = standard, cost, None
+        heads = [self.head_pct, *(p for p in self.alternative_head_pcts if p > self.head_pct)]
+        tails = [self.tail_pct, *(p for p in self.alternative_tail_pcts if p < self.tail_pct)]
+        marks = hist.percentile_bins(*heads, *tails)
+        for h_pct, h_bin in zip(heads, marks[: len(heads)], strict=True):
+            for t_pct, t_bin in zip(tails, marks[len(heads) :], strict=True):
+                if t_bin < h_bin or (h_pct, t_pct) == paper:
+                    continue
+                # The floor keeps the paper's own window from being shorter than the standard
+                # keep-alive; the alternatives may be, when the cost says so.
+                window = self._window(h_bin, t_bin, floor=False)
+                cost = self._cost(seen, oob, *window)
+                if cost < best_cost:
+                    best, best_cost, best_pct = window, cost, (h_pct, t_pct)
+        per = f"{best_cost / hist.total:.0f}s per idle time"
+        if best_pct is None:
+            return self._fallback(f"the standard keep-alive costs least ({found}; {per})")
         return KeepAliveDecision(
-            prewarm_s, keep_s, f"histogram (p{self.head_pct:g} {head_s:g}s, p{self.tail_pct:g} {tail_s:g}s)"
+            best[0], best[1] - best[0], f"histogram ({found}; p{best_pct[0]:g}-p{best_pct[1]:g}: {per})"
         )
 
+    def _window(self, head_bin: int, tail_bin: int, floor: bool = True) -> tuple[float, float]:
+        """Pre-warm and unload points (seconds after an invocation ends) of a head and a tail bin."""
+        prewarm_s = head_bin * self.bin_s * (1 - self.margin)
+        unload_s = (tail_bin + 1) * self.bin_s * (1 + self.margin)
+        if prewarm_s <= 0 and self.floor_no_prewarm and floor:
+            unload_s = max(unload_s, self.fallback_keep_alive_s)
+        return prewarm_s, unload_s
 
-def policy_from_config(kind: str, fixed_s: float) -> FixedPolicy | HybridPolicy:
+    def _cost(self, seen: Sequence[tuple[int, int]], out_of_bounds: int, prewarm_s: float, unload_s: float) -> float:
+        """Idle seconds plus ``cold_start_cost_s`` per cold start, had the window ``prewarm_s``-``unload_s``
+        followed each idle time seen (``(bin, count)`` pairs; each idle time taken at the middle of
+        its bin; out-of-bounds ones are cold and idle through the window)."""
+        cold_s = self.cold_start_cost_s or 0.0
+        bin_s = self.bin_s
+        span = unload_s - prewarm_s
+        total = out_of_bounds * (span + cold_s)
+        for i, c in seen:
+            idle = (i + 0.5) * bin_s
+            if idle < prewarm_s:
+                total += c * cold_s
+            elif idle <= unload_s:
+                total += c * (idle - prewarm_s)
+            else:
+                total += c * (span + cold_s)
+        return total
+
+    def _fallback(self, why: str) -> KeepAliveDecision:
+        return KeepAliveDecision(0.0, self.fallback_keep_alive_s, f"fallback: {why}")
+
+
+def policy_from_config(kind: str, fixed_s: float, time_scale: float = 1.0) -> FixedPolicy | HybridPolicy:
     """The policy a pool manager is configured with: ``fixed`` (keep-alive ``fixed_s``) or ``hybrid``.
 
-    ``fixed_s`` only applies to ``fixed``; ``hybrid`` uses the paper's parameters, with the
-    histogram range as its fallback keep-alive.
+    ``fixed_s`` only applies to ``fixed``; ``hybrid`` uses the paper's parameters with the
+    standard keep-alive (10 minutes) as its fallback, every time constant divided by
+    ``time_scale`` (a replay on a compressed clock).
     """
     normalized = kind.strip().lower()
     if normalized == "fixed":
         return FixedPolicy(fixed_s)
     if normalized == "hybrid":
-        return HybridPolicy()
+        return HybridPolicy() if time_scale == 1.0 else HybridPolicy().scaled(time_scale)
     raise ValueError(f"unknown keep-alive policy {kind!r}: expected 'fixed' or 'hybrid'")

@@ -16,11 +16,15 @@ def pool_policy_from_env(env: Mapping[str, str]) -> PoolPolicy:
     """The pool policy configured by ``STOKER_POOL_SIZE``, ``STOKER_KEEPALIVE`` and ``STOKER_KEEPALIVE_FIXED_S``.
 
     ``STOKER_KEEPALIVE``: ``hybrid`` (default, learned per function) or ``fixed`` (every function
-    keeps its idle instances ``STOKER_KEEPALIVE_FIXED_S`` seconds, 600 by default). A function that
+    keeps its idle instances ``STOKER_KEEPALIVE_FIXED_S`` seconds, 600 by default).
+    ``STOKER_KEEPALIVE_TIME_SCALE`` (1 by default) divides the hybrid policy's time constants: a
+    trace replay on a clock that many times faster (``loadtest trace``). A function that
     sets ``idle_s`` keeps that fixed value either way.
     """
     keepalive = policy_from_config(
-        env_str(env, "STOKER_KEEPALIVE", "hybrid"), env_float(env, "STOKER_KEEPALIVE_FIXED_S", 600.0)
+        env_str(env, "STOKER_KEEPALIVE", "hybrid"),
+        env_float(env, "STOKER_KEEPALIVE_FIXED_S", 600.0),
+        env_float(env, "STOKER_KEEPALIVE_TIME_SCALE", 1.0),
     )
     return PoolPolicy(generic_per_node=env_int(env, "STOKER_POOL_SIZE", 2), keepalive=keepalive)
 

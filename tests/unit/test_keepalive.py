@@ -14,6 +14,7 @@ from services.poolmgr.keepalive import (
     HybridPolicy,
     IdleHistogram,
     KeepAliveDecision,
+    forecast_idle_s,
     policy_from_config,
 )
 
@@ -153,13 +154,17 @@ def test_hybrid_periodic_function_with_execution_time_learns_the_idle_time() -> 
     assert d.wants_loaded(28.5 * MIN)
 
 
-def test_hybrid_bursty_function_is_kept_loaded_through_its_quiet_periods() -> None:
+def _bursty() -> IdleHistogram:
     # Bursts of 10 invocations a second apart, every 2 hours: 90% of idle times ~0, 10% ~2 hours.
     hist = IdleHistogram()
     for burst in range(6):
         for i in range(10):
             hist.record_arrival(burst * 2 * HOUR + i)
-    d = HybridPolicy().decide(hist)
+    return hist
+
+
+def test_paper_window_keeps_a_bursty_function_loaded_through_its_quiet_periods() -> None:
+    d = HybridPolicy(cold_start_cost_s=None).decide(_bursty())
     assert d.reason.startswith("histogram")
     assert d.prewarm_after_s == 0.0  # the head is in the first bin: never unload after an invocation
     assert d.wants_loaded(1.0)
@@ -167,7 +172,27 @@ def test_hybrid_bursty_function_is_kept_loaded_through_its_quiet_periods() -> No
     assert d.keep_alive_s == pytest.approx(120 * MIN * 1.1)
 
 
-def test_hybrid_frequent_function_gets_a_short_keep_alive() -> None:
+def test_a_window_costing_more_idle_per_cold_start_avoided_than_a_cold_start_is_worth_is_not_taken() -> None:
+    # Two idle hours per quiet period to avoid one cold start: above the 45 minutes one is worth.
+    d = HybridPolicy().decide(_bursty())
+    assert (d.prewarm_after_s, d.keep_alive_s) == (0.0, 600.0)
+    assert d.reason.startswith("fallback: the standard keep-alive costs least (p5 0s, p99 7200s")
+    # Worth it when a cold start is priced above those two hours.
+    dear = HybridPolicy(cold_start_cost_s=3 * HOUR).decide(_bursty())
+    assert dear.keep_alive_s == pytest.approx(120 * MIN * 1.1) and "p5-p99" in dear.reason
+
+
+def test_cost_of_a_window_counts_idle_seconds_and_priced_cold_starts() -> None:
+    policy = HybridPolicy(cold_start_cost_s=100.0)
+    hist = _hist_of([30.0, 30.0, 20 * MIN + 30, 5 * HOUR])  # bins 0, 0, 20 and one out of bounds
+    seen = [(i, c) for i, c in enumerate(hist.bins) if c]
+    # Window 0-600s: two warm (30 s idle each), bin 20 cold (600 s idle + 100), out of bounds likewise.
+    assert policy._cost(seen, hist.out_of_bounds, 0.0, 600.0) == pytest.approx(2 * 30 + 2 * (600 + 100))
+    # Window 1000-1500s: bins 0 cold before the pre-warm (100 each), bin 20 warm (1230 - 1000 idle).
+    assert policy._cost(seen, hist.out_of_bounds, 1000.0, 1500.0) == pytest.approx(2 * 100 + 230 + 500 + 100)
+
+
+def test_hybrid_frequent_function_keeps_at_least_the_standard_keep_alive() -> None:
     rng = random.Random(3)
     hist = IdleHistogram()
     t = 0.0
@@ -175,16 +200,52 @@ def test_hybrid_frequent_function_gets_a_short_keep_alive() -> None:
         t += rng.uniform(0.0, 20.0)
         hist.record_arrival(t, 0.1)
     d = HybridPolicy().decide(hist)
-    assert d.prewarm_after_s == 0.0
-    assert d.keep_alive_s == pytest.approx(MIN * 1.1)  # every idle time in the first bin
+    assert d.prewarm_after_s == 0.0 and d.reason.startswith("histogram")
+    assert d.keep_alive_s == 600.0  # every idle time in the first bin; the window is not shorter
+    paper = HybridPolicy(floor_no_prewarm=False, cold_start_cost_s=None).decide(hist)
+    assert paper.keep_alive_s == pytest.approx(MIN * 1.1)
 
 
-def test_hybrid_out_of_bounds_idle_times_fall_back_to_the_generous_keep_alive() -> None:
+def test_out_of_bounds_idle_times_are_forecast() -> None:
     hist = _periodic(5 * HOUR, 10)
     assert hist.out_of_bounds == 9 and hist.count == 0
+    assert list(hist.recent_out_of_bounds) == [5 * HOUR] * 8  # the latest 8
     d = HybridPolicy().decide(hist)
-    assert "out of bounds" in d.reason
-    assert (d.prewarm_after_s, d.keep_alive_s) == (0.0, DEFAULT_RANGE_S)
+    assert d.reason.startswith("forecast (median of 8 idle times beyond the range: 18000s")
+    # Unloaded after use, pre-warmed at the forecast - 15%, kept until + 15%.
+    assert d.prewarm_after_s == pytest.approx(5 * HOUR * 0.85)
+    assert d.unload_after_s == pytest.approx(5 * HOUR * 1.15)
+    assert d.wants_loaded(5 * HOUR) and not d.wants_loaded(HOUR)
+    without = HybridPolicy(forecast=None).decide(hist)
+    assert "out of bounds" in without.reason and (without.prewarm_after_s, without.keep_alive_s) == (0.0, 600.0)
+
+
+def test_forecasts_of_the_next_idle_time() -> None:
+    recent = [5 * HOUR, 7 * HOUR, 6 * HOUR, 20 * HOUR]
+    assert forecast_idle_s(recent, "median") == pytest.approx(6.5 * HOUR)  # one outlier does not move it
+    assert forecast_idle_s(recent, "last") == 20 * HOUR
+    # Exponential smoothing, alpha 0.5: 5 -> 6 -> 6 -> 13 hours.
+    assert forecast_idle_s(recent, "ses") == pytest.approx(13 * HOUR)
+    with pytest.raises(ValueError):
+        forecast_idle_s([], "median")
+    with pytest.raises(ValueError):
+        forecast_idle_s(recent, "arima")
+    with pytest.raises(ValueError):
+        HybridPolicy(forecast="arima")
+
+
+def test_scaled_policy_decides_the_same_on_a_faster_clock() -> None:
+    fast = HybridPolicy().scaled(60.0)
+    assert (fast.range_s, fast.bin_s, fast.fallback_keep_alive_s) == (240.0, 1.0, 10.0)
+    slow_hist, fast_hist = HybridPolicy().new_histogram(), fast.new_histogram()
+    for i in range(20):
+        slow_hist.record_arrival(i * 30 * MIN)
+        fast_hist.record_arrival(i * 30.0)
+    slow, quick = HybridPolicy().decide(slow_hist), fast.decide(fast_hist)
+    assert quick.prewarm_after_s == pytest.approx(slow.prewarm_after_s / 60)
+    assert quick.unload_after_s == pytest.approx(slow.unload_after_s / 60)
+    with pytest.raises(ValueError):
+        HybridPolicy().scaled(0.0)
 
 
 def test_hybrid_some_out_of_bounds_idle_times_still_use_the_histogram() -> None:
@@ -230,5 +291,6 @@ def test_policy_from_config() -> None:
     assert isinstance(fixed, FixedPolicy) and fixed.keep_alive_s == 120.0 and fixed.name == "fixed"
     hybrid = policy_from_config(" Hybrid ", 120.0)
     assert hybrid == HybridPolicy() and hybrid.name == "hybrid"
+    assert policy_from_config("hybrid", 120.0, time_scale=60.0) == HybridPolicy().scaled(60.0)
     with pytest.raises(ValueError, match="unknown keep-alive policy"):
         policy_from_config("lru", 120.0)

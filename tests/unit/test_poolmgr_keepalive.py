@@ -119,12 +119,12 @@ def test_fixed_policy_recycles_after_its_duration_whatever_was_learned() -> None
     assert decisions == [RecycleDecision("gone", "tick", "keep-alive (fixed): idle 601s, window 0-600s")]
 
 
-def test_hybrid_before_learning_keeps_the_generous_fallback() -> None:
-    hb = _hb(_inst("kept", idle_s=4 * 3600), _inst("gone", idle_s=4 * 3600 + 1))
+def test_hybrid_before_learning_keeps_the_standard_keep_alive() -> None:
+    hb = _hb(_inst("kept", idle_s=600), _inst("gone", idle_s=601))
     decisions = keepalive_decisions(hb, {"tick": _spec()}, HYBRID, {}, now_ms=T0)
     assert [d.instance for d in decisions] == ["gone"]
     assert decisions[0].reason == (
-        "keep-alive (hybrid): idle 14401s, window 0-14400s [fallback: too few idle times (0 < 5)]"
+        "keep-alive (hybrid): idle 601s, window 0-600s [fallback: too few idle times (0 < 5)]"
     )
 
 
@@ -135,7 +135,10 @@ def test_hybrid_unloads_right_after_use_and_keeps_a_prewarmed_instance_in_the_wi
     just_used = keepalive_decisions(_hb(_inst("a", idle_s=0.5)), specs, HYBRID, learned, now_ms=last + 500)
     assert just_used == [
         RecycleDecision(
-            "a", "tick", "keep-alive (hybrid): idle 0.5s, window 1080-1386s [histogram (p5 1200s, p99 1260s)]"
+            "a",
+            "tick",
+            "keep-alive (hybrid): idle 0.5s, window 1080-1386s "
+            "[histogram (p5 1200s, p99 1260s, CV 15.5; p5-p99: 150s per idle time)]",
         )
     ]
     # An instance used 19 minutes ago is within the window: kept.
@@ -197,7 +200,7 @@ def test_prewarm_is_due_at_the_start_of_the_window_and_not_before() -> None:
     assert [(d.function, d.window) for d in due] == [("tick", last)]
     assert due[0].reason == (
         "keep-alive policy: expected arrival in 0-306s "
-        "(hybrid: idle 1080s, window 1080-1386s; histogram (p5 1200s, p99 1260s))"
+        "(hybrid: idle 1080s, window 1080-1386s; histogram (p5 1200s, p99 1260s, CV 15.5; p5-p99: 150s per idle time))"
     )
     # Past the window: the expected arrival did not come; nothing to load any more.
     assert keepalive_prewarms(specs, learned, HYBRID, set(), {}, last + 1387_000) == []
@@ -282,11 +285,13 @@ def _simulate(policy: PoolPolicy, every_s: int, n: int) -> tuple[int, int, int]:
 def test_every_20_minutes_hybrid_prewarms_each_call_and_fixed_10_minutes_is_always_cold() -> None:
     assert _simulate(FIXED, 20 * 60, 12) == (12, 12, 0)
     cold, recycles, prewarms = _simulate(HYBRID, 20 * 60, 12)
-    # The first call is cold, the next five are warm under the fallback; from the sixth on (five idle
-    # times learned) each call is unloaded right after it ends and pre-warmed at 18 minutes, in time
-    # for the next: 7 pre-warms (the last one for a call that never comes).
-    assert (cold, prewarms) == (1, 7)
-    assert recycles == 7 + 1  # after each of the last 7 calls, and the last pre-warm once its window passed
+    # The first call is cold, and so are the next five under the 10-minute standard keep-alive; from
+    # the sixth on (five idle times learned) each call is unloaded right after it ends and pre-warmed
+    # at 18 minutes, in time for the next: 7 pre-warms (the last one for a call that never comes).
+    assert (cold, prewarms) == (6, 7)
+    # 10 minutes after each of the 6 learnt calls, right after each of the last 6, and the last
+    # pre-warm once its window passed.
+    assert recycles == 6 + 6 + 1
 
 
 # --- configuration --------------------------------------------------------------------------------
