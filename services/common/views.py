@@ -385,11 +385,13 @@ class Reader:
         *,
         dead_letters: DeadLetterSink | None = None,
         fetch_max_wait_ms: int = FETCH_MAX_WAIT_MS,
+        fetch_min_bytes: int = 1,
     ) -> None:
         self.bootstrap = bootstrap
         self.service = service
         self._dead_letters = dead_letters
         self._fetch_max_wait_ms = fetch_max_wait_ms
+        self._fetch_min_bytes = fetch_min_bytes
         self._views: list[_View] = []
         self._by_tp: dict[TopicPartition, list[_View]] = {}
         self._delivered: dict[TopicPartition, int] = {}
@@ -506,6 +508,7 @@ class Reader:
                     auto_offset_reset="earliest",  # only used after an out-of-range position
                     isolation_level="read_committed",  # never show a record of an aborted transaction
                     fetch_max_wait_ms=self._fetch_max_wait_ms,
+                    fetch_min_bytes=self._fetch_min_bytes,
                     # The fetch routine wakes on its own events (data consumed, assignment changed);
                     # its safety-net timer need not tick five times a second.
                     consumer_timeout_ms=1000,

@@ -52,6 +52,8 @@ tracer = trace.get_tracer("stoker.poolmgr")
 GROUP = "stoker-poolmgr"
 """The consumer group whose committed position on the prewarm topic the active copy carries on from."""
 PREWARM_RECORDS = (PrewarmRequested, PrewarmStarted, PrewarmCompleted)
+RESULT_BATCH_BYTES = 256 * 1024
+"""Results gathered at the broker before it answers the results reader (about a thousand)."""
 
 
 class _Relay:
@@ -90,8 +92,17 @@ async def run(settings: PoolmgrSettings) -> None:
         traced=False,  # heartbeats: each its own trace, a read span per beat says nothing
     )
     reader.tail(topics.instance, (InstanceChanged,), relay.instance)
-    # Every result of the platform, for bookkeeping: a span each would add to every invocation's trace.
-    reader.tail(topics.result, (InvocationCompleted,), lambda r: learn(arrivals, functions, r), traced=False)
+    # Every result of the platform, for the keep-alive policy, which thinks in minutes: a reader of
+    # its own that the broker answers once a batch has gathered (or the idle wait ran out), so
+    # hundreds of results a second cost a fetch or two, and never delay the views above.
+    results = Reader(
+        common.bootstrap,
+        "poolmgr-results",
+        dead_letters=dead_letters_to(broker, topics.dlq),
+        fetch_min_bytes=RESULT_BATCH_BYTES,
+    )
+    # A span each would add to every invocation's trace.
+    results.tail(topics.result, (InvocationCompleted,), lambda r: learn(arrivals, functions, r), traced=False)
     # ----- end of views ----------------------------------------------------------------------
 
     stopping = False
@@ -187,13 +198,14 @@ async def run(settings: PoolmgrSettings) -> None:
         nonlocal stopping
         stopping = True
         await leadership.stop()
+        await results.stop()
         await reader.stop()
 
     await serve(
         settings.component,
         common,
         broker,
-        on_start=[reader.start, leadership.start],
+        on_start=[reader.start, results.start, leadership.start],
         background=[lead_while_holding],
         on_stop=[stop],
         ready_facts={**facts, "role": "standby"},
