@@ -28,6 +28,7 @@ SCENARIOS: dict[str, tuple[str, str]] = {
     "workflows": ("loadtest.workflows", "workflow overhead and prewarm"),
     "idle": ("loadtest.idle", "CPU and broker connections of the idle platform, per component"),
     "cost": ("loadtest.cost", "CPU ms per invocation, per component, under load (Stoker and direct)"),
+    "triggers": ("loadtest.triggers", "topic-trigger throughput next to a direct consumer of the same topic"),
 }
 ALL = ("floor", "warm", "cold", "throughput", "trace")
 QUICK: dict[str, list[str]] = {
