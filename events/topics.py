@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DEFAULT_PREFIX = "stoker."
+INVOCATION_PARTITIONS = 6
+"""Partitions of the invocation topic and of those keyed like it (results, dispatch records): the
+most dispatchers that can share the work."""
 
 
 @dataclass(frozen=True)
@@ -152,7 +155,7 @@ class Topics:
         """A private reply topic (one per gateway process) for synchronous calls."""
         return f"{self.prefix}reply.{name}"
 
-    def catalogue(self, invocation_partitions: int = 6) -> list[TopicSpec]:
+    def catalogue(self, invocation_partitions: int = INVOCATION_PARTITIONS) -> list[TopicSpec]:
         """Every shared topic, as ``stoker up`` creates it (work and reply topics come per node)."""
         return [
             TopicSpec(self.function, compacted=True),

@@ -105,9 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     for c in components:
         table.add_row(c, *(fmt(r["cpu_ms_per_invocation"].get(c)) for r in runs.values()))
     table.add_row("[bold]total[/bold]", *(fmt(r["total_cpu_ms_per_invocation"]) for r in runs.values()))
-    table.add_row("p50 / p99 ms", *(
-        f"{fmt(r['latency_ms'].get('p50'))} / {fmt(r['latency_ms'].get('p99'))}" for r in runs.values()
-    ))
+    table.add_row(
+        "p50 / p99 ms",
+        *(f"{fmt(r['latency_ms'].get('p50'))} / {fmt(r['latency_ms'].get('p99'))}" for r in runs.values()),
+    )
     console.print(table)
     harness.save(report, args.out)
     return 0

@@ -35,10 +35,11 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from events import InvocationCompleted, InvocationRequested, Topics, TopicSpec, now_ms
 from events.codec import DecodeError, decode, encode
 from events.invocation import ErrorInfo, Timings
+from events.topics import INVOCATION_PARTITIONS
 from services.common.admin import ensure_topics
 from services.common.settings import CommonSettings
 
-PARTITIONS = 3
+PARTITIONS = INVOCATION_PARTITIONS
 """As many partitions as ``stoker up`` gives the invocation and result topics."""
 COMMIT_EVERY_S = 1.0
 """Confirmed offsets are committed at most this often (at-least-once: a crash re-runs at most this much)."""

@@ -20,12 +20,12 @@ import orjson
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.trace import Link, SpanKind, TraceState
-from opentelemetry.util.types import Attributes
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.sampling import Decision, ParentBased, Sampler, SamplingResult
+from opentelemetry.trace import Link, SpanKind, TraceState
+from opentelemetry.util.types import Attributes
 
 from services.common.settings import CommonSettings
 
@@ -131,9 +131,7 @@ class RateLimitedSampler(Sampler):
         return f"RateLimitedSampler{{{self._bucket.per_s:g}/s}}"
 
 
-_UNRECORDED = trace.NonRecordingSpan(
-    trace.SpanContext(trace_id=0x5700_4E52_0000_0000_0000_0000_0000_0001, span_id=0x5700_4E52_0000_0001, is_remote=False)
-)
+_UNRECORDED = trace.NonRecordingSpan(trace.SpanContext(trace_id=0x5700_4E52 << 96 | 1, span_id=1, is_remote=False))
 """A valid parent that is not sampled: under ``ParentBased`` every span started below it is dropped."""
 
 
