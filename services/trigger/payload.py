@@ -91,7 +91,5 @@ def event_of(rec: SourceRecord, trigger: str) -> dict[str, Any]:
 def trace_carrier(rec: SourceRecord) -> dict[str, str]:
     """The source record's W3C trace context, if it carries one."""
     return {
-        name: raw.decode("latin-1")
-        for name, raw in rec.headers
-        if raw is not None and name.lower() in TRACE_HEADERS
+        name: raw.decode("latin-1") for name, raw in rec.headers if raw is not None and name.lower() in TRACE_HEADERS
     }

@@ -98,4 +98,3 @@ def due_slot(
         cursor = page[-1]
         scanned += len(page)
     return latest
-

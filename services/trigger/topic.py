@@ -327,9 +327,7 @@ class TopicTrigger(ConsumerRebalanceListener):  # type: ignore[misc]
             )
         )
         try:
-            return await asyncio.wait_for(
-                asyncio.shield(future), self.settings.invocation_deadline_s + RESULT_MARGIN_S
-            )
+            return await asyncio.wait_for(asyncio.shield(future), self.settings.invocation_deadline_s + RESULT_MARGIN_S)
         except TimeoutError:
             self._book.forget(inv.id)
             return InvocationCompleted(

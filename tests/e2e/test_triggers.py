@@ -243,7 +243,7 @@ def test_a_trigger_service_killed_mid_batch_loses_no_record(platform: Platform) 
         "trigger", "create", "clicks-in", "--topic", "clicks", "--function", "tfn",
         "--response-topic", "clicks.done", "--error-topic", "clicks.failed", "--concurrency", "8", "--from", "earliest",
     )
-    produce(platform, "clicks", [(f"c{i}".encode(), orjson.dumps({"i": i, "sleep": 0.05}), []) for i in range(total)])
+    produce(platform, "clicks", [(f"c{i}".encode(), orjson.dumps({"i": i, "sleep": 0.1}), []) for i in range(total)])
 
     def some_done() -> int:
         n = len(read_all(platform, "clicks.done"))
@@ -329,8 +329,14 @@ def test_a_cron_trigger_fires_each_slot_once_across_a_killed_copy_and_a_second_o
         assert_eventually(
             lambda: len(firings()) >= fired_before + 3, timeout_s=90, interval_s=0.5, message="firing on"
         )
-        roles = [orjson.loads((settings.run_dir / f"{n}.ready").read_bytes())["role"] for n in ("trigger", "trigger-b")]
-        assert sorted(roles) == ["active", "standby"], roles
+
+        def one_active() -> bool:
+            names = ("trigger", "trigger-b")
+            roles = [orjson.loads((settings.run_dir / f"{n}.ready").read_bytes())["role"] for n in names]
+            assert sorted(roles) == ["active", "standby"], roles
+            return True
+
+        assert_eventually(one_active, timeout_s=60, interval_s=0.5, message="one copy fires, the other stands by")
         platform.stoker("trigger", "pause", "tick")
 
         def nobody_fires() -> bool:
