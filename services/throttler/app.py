@@ -27,6 +27,7 @@ from services.common.runner import configure_logging, serve
 from services.common.settings import CommonSettings, env_float, env_int
 from services.common.telemetry import setup_tracing
 from services.common.views import Reader, Table, dead_letters_to
+from services.throttler.fairness import NodeCapacity, NodePressure, read_host_pressure
 from services.throttler.policy import Action, PolicyConfig, Throttler
 from services.throttler.ranges import RangeConfig
 
@@ -48,7 +49,19 @@ def config_from_env(env: Any) -> PolicyConfig:
     )
 
 
-async def run(common: CommonSettings, config: PolicyConfig) -> None:
+def host_pressure_from_env(env: Any) -> bool:
+    """``STOKER_THROTTLE_HOST_PRESSURE=on``: every node's pressure is this host's (``/proc``).
+
+    Only true of an embedded platform, whose agents all run on the throttler's host; elsewhere
+    the node metrics carry no pressure figure yet and the throttler reads the nodes' saturation.
+    """
+    value = str(env.get("STOKER_THROTTLE_HOST_PRESSURE", "off")).strip().lower()
+    if value not in ("on", "off"):
+        raise ValueError(f"STOKER_THROTTLE_HOST_PRESSURE must be on or off, not {value!r}")
+    return value == "on"
+
+
+async def run(common: CommonSettings, config: PolicyConfig, host_pressure: bool = False) -> None:
     configure_logging(common)
     topics = common.topics
     provider = setup_tracing("throttler", common)
@@ -131,7 +144,14 @@ async def run(common: CommonSettings, config: PolicyConfig) -> None:
     async def on_metrics(metrics: NodeMetrics) -> None:
         if now_ms() - metrics.at_ms > 10_000:
             return  # a backlog after a restart says nothing about now
-        for action in throttler.observe(metrics, functions.rows, overrides.rows, now_ms()):
+        beat = nodes.rows.get(metrics.node)
+        pressure: NodePressure | None = read_host_pressure() if host_pressure else None
+        capacity = (
+            NodeCapacity(float(beat.capacity.cpu_millis), float(beat.capacity.memory_mb), pressure=pressure)
+            if isinstance(beat, NodeHeartbeat)
+            else NodeCapacity(pressure=pressure)
+        )
+        for action in throttler.observe(metrics, functions.rows, overrides.rows, now_ms(), capacity):
             await apply(action)
 
     async def tick() -> None:
@@ -147,4 +167,4 @@ async def run(common: CommonSettings, config: PolicyConfig) -> None:
 
 
 def main() -> None:
-    asyncio.run(run(CommonSettings.from_env(), config_from_env(os.environ)))
+    asyncio.run(run(CommonSettings.from_env(), config_from_env(os.environ), host_pressure_from_env(os.environ)))

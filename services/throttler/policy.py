@@ -1,9 +1,24 @@
-"""Pure throttling decisions: from per-interval instance figures to clamp, isolate, kill, release.
+"""Pure throttling decisions: from per-interval figures to clamp, isolate, kill, release.
 
-In order of severity, on a sustained outlier (N consecutive intervals over its bounds):
-clamp the instance's CPU quota to the normal bound; if the clamped instance keeps pressing on its
-quota, isolate the function (new instances only on isolation nodes, the others drained); an
-instance over its memory bound for N intervals is killed. After a quiet cool-down, each is released.
+Two judgments every interval, both on N consecutive intervals so a short burst is never punished:
+
+- **Per instance** (against the normal range, :mod:`services.throttler.ranges`): an instance over
+  its CPU bound is clamped to the bound (not on a node whose pressure figures show that nothing
+  waits for a CPU: busy there hurts no one); if the clamped instance keeps pressing on its quota
+  (throttled and using it), its function is isolated (new instances only on isolation nodes, the
+  others drained), unless the node's pressure shows nothing waits for a CPU there (busy, not
+  hurting anyone). An instance over its memory bound is killed; a second such kill of the same
+  function within the cool-down isolates it.
+- **Per function per node** (:mod:`services.throttler.fairness`): the sum of a function's instances
+  on a node against its fair share of the node (capacity split evenly among the functions active
+  there), while other functions need the node and, for CPU, work waits for a CPU. This catches
+  what each instance alone hides: many short concurrent spinners, a memory grower spread over
+  instances, a fork-heavy function. Such a function has every instance on that node clamped to
+  its fair share; if it keeps taking more (its demand, use plus throttled time, still over the
+  share) for ``isolate_after`` intervals, it is isolated. A function alone on its node, or on a
+  node without pressure, is never judged this way.
+
+After a quiet cool-down, each is released. Every action carries the rule and the figures.
 """
 
 from __future__ import annotations
@@ -13,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from events import FunctionSpec, NodeMetrics, PlacementOverride
+from services.throttler.fairness import FairnessConfig, NodeCapacity, Verdict, judge_node
 from services.throttler.ranges import Bounds, NormalRanges, RangeConfig
 
 ActionKind = Literal["clamp", "isolate", "kill", "release-clamp", "release-isolation"]
@@ -24,13 +40,19 @@ class PolicyConfig:
     """Consecutive intervals over a bound before the first action (clamp, kill)."""
     isolate_after: int = 3
     """Further intervals a clamped instance presses on its quota before its function is isolated."""
-    pressing_share: float = 0.3
-    """Throttled time over this share of the interval: the instance still wants more CPU."""
+    pressing_share: float = 0.1
+    """Throttled time over this share of the interval, using most of its quota: the instance still
+    wants more CPU. (A 1000m spinner clamped to 800m is throttled about 20% of the time.)"""
+    pressing_use: float = 0.8
+    """Share of its quota a clamped instance must use to count as pressing on it."""
+    min_quota_millis: int = 100
+    """Least CPU quota a function-level clamp gives one instance."""
     cooldown_s: float = 30.0
     """Quiet time before a clamp or an isolation is released."""
     isolation_s: float = 300.0
     """An isolation expires by itself after this long unless renewed."""
     ranges: RangeConfig = field(default_factory=RangeConfig)
+    fairness: FairnessConfig = field(default_factory=FairnessConfig)
 
 
 @dataclass(frozen=True)
@@ -59,6 +81,17 @@ class _InstanceState:
     last_seen_ms: int = 0
 
 
+@dataclass
+class _FunctionOnNode:
+    """A function's streaks on one node (the per-function judgment)."""
+
+    over: int = 0
+    clamped_millis: int | None = None
+    pressing: int = 0
+    quiet_since_ms: int | None = None
+    last_seen_ms: int = 0
+
+
 class Throttler:
     """Judges every instance every interval; remembers what it did so it can release it."""
 
@@ -67,9 +100,13 @@ class Throttler:
         self.ranges = NormalRanges(config.ranges)
         self.instances: dict[str, _InstanceState] = {}
         self.isolated: dict[str, int] = {}
+        """Functions this throttler isolated -> when they were last seen abnormal (ms)."""
         self.isolated_until: dict[str, int] = {}
         """Isolations decided here, until when: the override table learns of them only later."""
-        """Functions this throttler isolated -> when they were last seen abnormal (ms)."""
+        self.on_node: dict[tuple[str, str], _FunctionOnNode] = {}
+        """(node, function) -> its per-function streaks there."""
+        self.memory_kills: dict[str, int] = {}
+        """function -> when one of its instances was last killed over its memory bound."""
 
     def bounds(self, function: str | None, spec: FunctionSpec | None) -> Bounds:
         return self.ranges.for_function(
@@ -84,10 +121,14 @@ class Throttler:
         specs: Mapping[str, FunctionSpec],
         overrides: Mapping[str, PlacementOverride],
         now_ms: int,
+        node: NodeCapacity | None = None,
     ) -> list[Action]:
+        """The actions one interval of one node calls for. ``node``: its capacity and, when known,
+        its pressure (the defaults of :class:`NodeCapacity` without it)."""
         c = self.config
         actions: list[Action] = []
         interval_ms = max(1, metrics.interval_ms)
+        verdicts = judge_node(metrics, node or NodeCapacity(), c.fairness)
         for m in metrics.instances:
             if m.state not in ("busy", "ready") or m.function is None:
                 continue  # generic instances run no user code
@@ -99,7 +140,12 @@ class Throttler:
             bounds = self.bounds(m.function, spec)
             cpu_out = m.cpu_millis > bounds.cpu_millis and not m.clamped
             mem_out = m.memory_mb > bounds.memory_mb
-            pressing = m.clamped and m.throttled_ms > c.pressing_share * interval_ms
+            quota = m.cpu_quota_millis
+            pressing = (
+                m.clamped
+                and m.throttled_ms > c.pressing_share * interval_ms
+                and (quota is None or m.cpu_millis >= c.pressing_use * quota)
+            )
             self.ranges.learn(m.function, m.cpu_millis, m.memory_mb, outlier=cpu_out or mem_out or pressing)
             state.cpu_over = state.cpu_over + 1 if cpu_out else 0
             state.memory_over = state.memory_over + 1 if mem_out else 0
@@ -125,8 +171,28 @@ class Throttler:
                     )
                 )
                 state.memory_over = 0
+                killed_before = self.memory_kills.get(m.function)
+                self.memory_kills[m.function] = now_ms
+                if (
+                    killed_before is not None
+                    and now_ms - killed_before <= c.cooldown_s * 1000
+                    and not self._isolated(m.function, overrides, now_ms)
+                ):
+                    actions.append(
+                        self._isolate(
+                            m.function,
+                            f"memory over its bound again {(now_ms - killed_before) / 1000:.0f}s after an instance "
+                            f"was killed for it ({m.memory_mb:.0f}MB > {bounds.memory_mb:.0f}MB)",
+                            now_ms,
+                            figures,
+                            where,
+                        )
+                    )
                 continue
-            if state.cpu_over >= c.outlier_intervals and state.clamped_at_ms is None:
+            verdict = verdicts.get(m.function)
+            # Busy, not hurting: the node's pressure figures show nothing waits for a CPU there.
+            calm_node = verdict is not None and verdict.pressure is False
+            if state.cpu_over >= c.outlier_intervals and state.clamped_at_ms is None and not calm_node:
                 quota = int(bounds.cpu_millis)
                 actions.append(
                     Action(
@@ -147,22 +213,21 @@ class Throttler:
                 if pressing:
                     state.pressing += 1
                     state.quiet_since_ms = None
-                    if state.pressing >= c.isolate_after and not self._isolated(m.function, overrides, now_ms):
+                    if (
+                        state.pressing >= c.isolate_after
+                        and not calm_node
+                        and not self._isolated(m.function, overrides, now_ms)
+                    ):
                         actions.append(
-                            Action(
-                                "isolate",
+                            self._isolate(
                                 m.function,
-                                (
-                                    f"clamped to {m.cpu_quota_millis}m and still throttled {m.throttled_ms:.0f}ms per "
-                                    f"{interval_ms}ms for {state.pressing} intervals"
-                                ),
-                                until_ms=now_ms + int(c.isolation_s * 1000),
-                                figures=figures,
-                                **where,
+                                f"clamped to {m.cpu_quota_millis}m and still throttled {m.throttled_ms:.0f}ms per "
+                                f"{interval_ms}ms for {state.pressing} intervals",
+                                now_ms,
+                                {**figures, **(verdict.figures if verdict is not None else {})},
+                                where,
                             )
                         )
-                        self.isolated[m.function] = now_ms
-                        self.isolated_until[m.function] = now_ms + int(c.isolation_s * 1000)
                     elif m.function in self.isolated:
                         self.isolated[m.function] = now_ms
                 elif not m.clamped and m.cpu_millis > bounds.cpu_millis:
@@ -200,7 +265,104 @@ class Throttler:
                         state.clamped_at_ms = state.quiet_since_ms = None
             elif m.function in self.isolated and (cpu_out or mem_out):
                 self.isolated[m.function] = now_ms  # still abnormal where it runs now
+        # An instance the per-instance judgment clamped just now keeps that (stricter) quota.
+        just_clamped = {a.instance for a in actions if a.kind == "clamp"}
+        for verdict in verdicts.values():
+            actions.extend(self._judge_function(metrics, verdict, overrides, now_ms, just_clamped))
         return actions
+
+    def _judge_function(
+        self,
+        metrics: NodeMetrics,
+        v: Verdict,
+        overrides: Mapping[str, PlacementOverride],
+        now_ms: int,
+        just_clamped: set[str | None],
+    ) -> list[Action]:
+        """The per-function judgment of one function on one node (see the module's docstring)."""
+        c = self.config
+        key = (metrics.node, v.function)
+        state = self.on_node.get(key)
+        if state is None:
+            if not v.hurting_others:
+                return []
+            state = self.on_node[key] = _FunctionOnNode()
+        state.last_seen_ms = now_ms
+        where: dict[str, Any] = {"node": metrics.node, "incarnation": metrics.incarnation}
+        rule = "; ".join(v.hogging)
+        out: list[Action] = []
+        if state.clamped_millis is None:
+            state.over = state.over + 1 if v.hurting_others else 0
+            if state.over >= c.outlier_intervals:
+                quota = max(c.min_quota_millis, int(v.cpu_fair_millis / max(1, len(v.usage.instances))))
+                state.clamped_millis, state.over, state.pressing, state.quiet_since_ms = quota, 0, 0, None
+                reason = (
+                    f"function on {metrics.node} for {c.outlier_intervals} intervals: {rule}; "
+                    f"its {len(v.usage.instances)} instance(s) clamped to {quota}m each"
+                )
+                out.extend(self._clamp_each(v, reason, quota, just_clamped, where))
+            elif not v.hurting_others:
+                del self.on_node[key]
+            return out
+        # Clamped here: new instances get the same quota; still taking more isolates it.
+        out.extend(
+            self._clamp_each(
+                v,
+                f"a new instance of a function clamped on {metrics.node}: {state.clamped_millis}m",
+                state.clamped_millis,
+                just_clamped,
+                where,
+            )
+        )
+        if v.hurting_others:
+            state.pressing += 1
+            state.quiet_since_ms = None
+            if v.function in self.isolated:
+                self.isolated[v.function] = now_ms
+            elif state.pressing >= c.isolate_after and not self._isolated(v.function, overrides, now_ms):
+                out.append(
+                    self._isolate(
+                        v.function,
+                        f"clamped to {state.clamped_millis}m per instance on {metrics.node} and still, "
+                        f"for {state.pressing} intervals: {rule}",
+                        now_ms,
+                        v.figures,
+                        where,
+                    )
+                )
+        else:
+            state.pressing = 0
+            state.quiet_since_ms = state.quiet_since_ms or now_ms
+            if now_ms - state.quiet_since_ms >= c.cooldown_s * 1000:
+                del self.on_node[key]
+                out.append(
+                    Action(
+                        "release-clamp",
+                        v.function,
+                        f"within its share on {metrics.node} for {c.cooldown_s:g}s",
+                        figures=v.figures,
+                        **where,
+                    )
+                )
+        return out
+
+    def _clamp_each(
+        self, v: Verdict, rule: str, quota: int, just_clamped: set[str | None], where: Mapping[str, Any]
+    ) -> list[Action]:
+        """One clamp per instance of the function not clamped yet: never a looser quota for one that is."""
+        return [
+            Action("clamp", v.function, rule, instance=instance, cpu_millis=quota, figures=v.figures, **where)
+            for instance in v.usage.unclamped
+            if instance not in just_clamped
+        ]
+
+    def _isolate(
+        self, function: str, rule: str, now_ms: int, figures: dict[str, float], where: Mapping[str, Any]
+    ) -> Action:
+        until = now_ms + int(self.config.isolation_s * 1000)
+        self.isolated[function] = now_ms
+        self.isolated_until[function] = until
+        return Action("isolate", function, rule, until_ms=until, figures=figures, **where)
 
     def _isolated(self, function: str, overrides: Mapping[str, PlacementOverride], now_ms: int) -> bool:
         if self.isolated_until.get(function, 0) > now_ms:
@@ -221,7 +383,13 @@ class Throttler:
         return out
 
     def forget(self, now_ms: int, older_than_s: float = 60.0) -> None:
-        """Drop instances not seen for a while (gone)."""
+        """Drop instances (and functions on nodes) not seen for a while (gone)."""
         for iid, state in list(self.instances.items()):
             if now_ms - state.last_seen_ms > older_than_s * 1000:
                 del self.instances[iid]
+        for key, fn in list(self.on_node.items()):
+            if now_ms - fn.last_seen_ms > older_than_s * 1000:
+                del self.on_node[key]
+        for function, at in list(self.memory_kills.items()):
+            if now_ms - at > older_than_s * 1000:
+                del self.memory_kills[function]

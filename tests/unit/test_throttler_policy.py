@@ -215,12 +215,28 @@ def test_clamped_instance_still_pressing_isolates_its_function_once() -> None:
 def test_pressing_under_the_share_does_not_isolate() -> None:
     sim = Sim()
     sim.clamp_hog()
-    for _ in range(10):  # 200ms of 1000ms < 30%
-        assert sim.step(_clamped(throttled=200.0)) == []
+    for _ in range(10):  # 50ms of 1000ms < 10%
+        assert sim.step(_clamped(throttled=50.0)) == []
+
+
+def test_a_hog_clamped_at_the_800m_ceiling_is_throttled_20_percent_and_still_isolated() -> None:
+    sim = Sim()
+    sim.clamp_hog()
+    hog = _inst(cpu=800.0, throttled=200.0, quota=800, clamped=True)
+    assert [sim.step(hog) for _ in range(2)] == [[], []]
+    [isolate] = sim.step(hog)
+    assert isolate.kind == "isolate" and "throttled 200ms per 1000ms for 3 intervals" in isolate.rule
+
+
+def test_a_clamped_instance_not_using_its_quota_is_not_pressing() -> None:
+    sim = Sim()
+    sim.clamp_hog()
+    for _ in range(10):  # throttled in bursts but using a third of its 300m quota
+        assert sim.step(_clamped(throttled=400.0, cpu=100.0)) == []
 
 
 def test_pressing_share_is_relative_to_the_interval() -> None:
-    """With a 5 s interval, 700ms throttled is only 14%: not pressing."""
+    """With a 5 s interval, 300ms throttled is only 6%: not pressing."""
     throttler = Throttler(PolicyConfig())
     now = T0
     for _ in range(2):
@@ -228,7 +244,7 @@ def test_pressing_share_is_relative_to_the_interval() -> None:
         throttler.observe(_node([_inst(), *_calm()], interval_ms=5000), {}, {}, now)
     for _ in range(5):  # 25 s: under the 30 s cool-down, so nothing at all
         now += 5 * SEC
-        assert throttler.observe(_node([_clamped(), *_calm()], interval_ms=5000), {}, {}, now) == []
+        assert throttler.observe(_node([_clamped(throttled=300.0), *_calm()], interval_ms=5000), {}, {}, now) == []
 
 
 def test_interrupted_pressing_starts_over() -> None:
