@@ -27,17 +27,43 @@ class NodeView:
     recent: dict[str, InstanceChanged] = field(default_factory=dict)
     """Lifecycle events newer than the last heartbeat (a just-prewarmed instance, one just gone)."""
     _merged: list[InstanceSummary] | None = field(default=None, repr=False)
+    _counts: dict[tuple[str, str | None, str | None], int] | None = field(default=None, repr=False)
+    """Instances by (state, function, version), by (state, None, None) and by ("", function, None)."""
+    _placeable: dict[tuple[object, ...], tuple[bool, bool]] = field(default_factory=dict, repr=False)
+    """(selector, tolerations) -> (eligible, prefers not): a heartbeat's labels and taints hold till the next."""
 
     def beat(self, heartbeat: NodeHeartbeat) -> None:
         """A new snapshot: events it already covers are dropped."""
         self.heartbeat, self.last_seen_ms = heartbeat, heartbeat.at_ms
         self.recent = {k: e for k, e in self.recent.items() if e.at_ms > heartbeat.at_ms}
-        self._merged = None
+        self._merged = self._counts = None
+        self._placeable = {}
 
     def saw(self, event: InstanceChanged) -> None:
         if event.incarnation == self.heartbeat.incarnation and event.at_ms > self.heartbeat.at_ms:
             self.recent[event.instance] = event
-            self._merged = None
+            self._merged = self._counts = None
+
+    def count(self, state: str, function: str | None = None, version: str | None = None) -> int:
+        """Instances in ``state`` (of ``function@version`` if given); ``state=""``: of ``function``, any state."""
+        if self._counts is None:
+            counts: dict[tuple[str, str | None, str | None], int] = {}
+            for i in self.instances:
+                for key in ((i.state, None, None), (i.state, i.function, i.function_version), ("", i.function, None)):
+                    counts[key] = counts.get(key, 0) + 1
+            self._counts = counts
+        return self._counts.get((state, function, version), 0)
+
+    def placeable(self, selector: Mapping[str, str], tolerations: tuple[Toleration, ...]) -> tuple[bool, bool]:
+        """(eligible, has a PreferNoSchedule taint not tolerated) for a function with these rules."""
+        key = (tuple(sorted(selector.items())), tolerations)
+        found = self._placeable.get(key)
+        if found is None:
+            found = self._placeable[key] = (
+                placement.eligible(self.heartbeat, selector, tolerations),
+                placement.prefers_not(self.heartbeat, tolerations),
+            )
+        return found
 
     @property
     def instances(self) -> list[InstanceSummary]:
@@ -68,16 +94,6 @@ class NodeView:
         return sum(self.in_flight.values())
 
 
-def _count(
-    instances: Iterable[InstanceSummary], state: str, function: str | None = None, version: str | None = None
-) -> int:
-    return sum(
-        1
-        for i in instances
-        if i.state == state and (function is None or (i.function == function and i.function_version == version))
-    )
-
-
 @dataclass(frozen=True)
 class Choice:
     node: str
@@ -100,28 +116,27 @@ def choose_node(
     spreading the function over nodes (fewest of its instances first); then the least loaded.
     ``affinity`` (the node that last got this version) breaks ties: its instance may be warm by now.
     """
-    tols = list(tolerations)
+    tols = tuple(tolerations)
     wanted = {ROLE: "runtime"} if selector is None else selector
-    candidates = [v for v in nodes.values() if placement.eligible(v.heartbeat, wanted, tols)]
+    rules = {v.name: v.placeable(wanted, tols) for v in nodes.values()}
+    candidates = [v for v in nodes.values() if rules[v.name][0]]
     if not candidates:
         return None
 
     def warm_idle(v: NodeView) -> int:
-        ready = _count(v.instances, "ready", function, version)
-        busy = _count(v.instances, "busy", function, version)
-        return ready + busy - v.in_flight.get(function, 0)
+        return v.count("ready", function, version) + v.count("busy", function, version) - v.in_flight.get(function, 0)
 
     def generic_idle(v: NodeView) -> int:
-        return _count(v.instances, "generic") - (v.in_flight_total - v.in_flight.get(function, 0))
+        return v.count("generic") - (v.in_flight_total - v.in_flight.get(function, 0))
 
     def load(v: NodeView) -> float:
         return (max(v.heartbeat.in_flight, v.in_flight_total) + 1) / max(1, v.heartbeat.capacity.max_instances)
 
     def spread(v: NodeView) -> int:
-        return sum(1 for i in v.instances if i.function == function) + v.in_flight.get(function, 0)
+        return v.count("", function) + v.in_flight.get(function, 0)
 
     def avoided(v: NodeView) -> bool:
-        return placement.prefers_not(v.heartbeat, tols)
+        return rules[v.name][1]
 
     warm = [v for v in candidates if warm_idle(v) > 0]
     if warm:
