@@ -278,7 +278,7 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readabl
                 "entrypoint": spec.entrypoint,
                 "reuse": spec.reuse,
             }
-        report["triggers"] = trigger_cli.status_report(common)
+        report["triggers"] = trigger_cli.status_section(common)
     if as_json:
         print_json(report)
         return

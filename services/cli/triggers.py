@@ -125,6 +125,10 @@ def _row(spec: TriggerSpec, statuses: list[TriggerStatus], live_lag: dict[str, i
 
 async def trigger_rows(common: CommonSettings, client: StokerClient, only: str | None = None) -> dict[str, Any]:
     """Every trigger (or ``only``) with its state and lag, as ``stoker trigger list --json`` gives them."""
+    family = TriggerTopics(common.topics)
+    existing = await _existing_topics(common.bootstrap)
+    if family.definitions not in existing or family.status not in existing:
+        return {}  # no trigger was ever made here (the service or the first create makes the topics)
     specs, statuses = await asyncio.gather(_specs(client), _statuses(client))
     out: dict[str, Any] = {}
     for name, spec in sorted(specs.items()):
@@ -148,6 +152,15 @@ def status_report(common: CommonSettings) -> dict[str, Any]:
             return await trigger_rows(common, client)
 
     return asyncio.run(go())
+
+
+def status_section(common: CommonSettings) -> dict[str, Any]:
+    """:func:`status_report` for ``stoker status``, which must not fail because of triggers."""
+    try:
+        return status_report(common)
+    except Exception as exc:  # noqa: BLE001 - the rest of the status is still worth showing
+        err.print(f"[yellow]triggers: {exc}[/yellow]")
+        return {}
 
 
 def print_rows(rows: dict[str, Any], title: str = "triggers") -> None:
@@ -180,6 +193,8 @@ def _write(common: CommonSettings, spec: TriggerSpec) -> None:
 
 def _get(common: CommonSettings, name: str) -> TriggerSpec:
     async def go() -> dict[str, TriggerSpec]:
+        if TriggerTopics(common.topics).definitions not in await _existing_topics(common.bootstrap):
+            return {}
         async with StokerClient(common) as client:
             return await _specs(client)
 
@@ -246,6 +261,7 @@ def create(
         raise _fail(problems) from None
 
     async def check() -> str | None:
+        await ensure_topics(common.bootstrap, TriggerTopics(common.topics).specs())
         async with StokerClient(common) as client:
             specs = await _specs(client)
             if name in specs:
