@@ -1,17 +1,33 @@
-"""Noisy-neighbour benchmark: a CPU hog next to a well-behaved function on one runtime node.
+"""Noisy-neighbour benchmark: each noisy shape next to a well-behaved function on one runtime node.
 
-    python -m loadtest.throttle [--rate 10] [--phase-s 15] [--hog-s 20]
+    python -m loadtest.throttle [--shapes spinner,spinners,grower,forker] [--rate 10]
+                                [--phase-s 10] [--shape-s 20]
 
-Starts a platform with one runtime node and one isolation node. A well-behaved function (a few ms of
-work) is invoked at a steady rate throughout; after a baseline phase a hog spinning the CPU starts
-on the same node. Reports the seconds from the hog's start to its clamp and to its isolation (from
-the throttler's decisions), and the victim's latency percentiles before, during and after.
+Starts a platform with one runtime node and one isolation node (``STOKER_THROTTLE_HOST_PRESSURE=on``:
+its agents share this host, so the throttler reads the host's PSI / run queue as each node's). A
+well-behaved function (``victim``: 3 ms of work) is invoked at a steady rate throughout. For each
+shape in turn, after a baseline phase, a noisy function of its own starts on the same node:
+
+- ``spinner``: one call spinning a core for the whole phase;
+- ``spinners``: many short concurrent spinners (4 calls at a time, 1.5 s each, one after another);
+- ``grower``: calls that grow to 200 MB (past the 128 MB normal bound, under the 256 MB limit) and hold;
+- ``forker``: a call that keeps ~120 short-lived child processes going (its ``pids_limit`` raised to 512).
+
+Reported per shape, in metric intervals (1 s) from when the shape shows (the first metric record
+of ``stoker.node-metric`` in which the noisy function's instances together use 300m or more, or
+hold 128 MB or more, or 64 pids or more): the first clamp (or, for memory, kill) and the
+isolation, from the throttler's decisions on ``stoker.throttle`` (also from the shape's first
+call, which includes its instance's start); the
+victim's p99 before the shape, while it runs before isolation, and from 2 s after the isolation
+to the end of the phase. Targets: clamp <= 2 intervals after the shape shows, isolation <= 5,
+p99 after isolation <= 1.5x the baseline.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -21,7 +37,7 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
-from events import FunctionSpec, ThrottleDecided
+from events import FunctionSpec, NodeMetrics, ThrottleDecided
 from loadtest.platform import own_platform, settings_of
 from loadtest.stats import machine_facts, summary
 from services.cli.broker import KAFKA_VERSION
@@ -29,6 +45,7 @@ from services.common.client import StokerClient, package_code
 from services.common.settings import CommonSettings
 
 console = Console()
+SHAPES = ("spinner", "spinners", "grower", "forker")
 VICTIM = """import time
 
 def main(event):
@@ -37,7 +54,7 @@ def main(event):
         pass
     return 1
 """
-HOG = """import time
+SPIN = """import time
 
 def main(event):
     end = time.time() + event['seconds']
@@ -45,97 +62,206 @@ def main(event):
         pass
     return 0
 """
+GROW = """import time
+
+def main(event):
+    held = []
+    for _ in range(8):  # 25 MB at a time up to 200 MB
+        held.append(bytearray(25 * 2**20))
+        time.sleep(0.1)
+    time.sleep(event['seconds'])
+    return len(held)
+"""
+FORK = """import os, time
+
+def main(event):
+    end = time.time() + event['seconds']
+    children = set()
+    while time.time() < end:
+        while len(children) < 120:
+            pid = os.fork()
+            if pid == 0:
+                time.sleep(0.3)
+                os._exit(0)
+            children.add(pid)
+        pid, _ = os.waitpid(-1, 0)
+        children.discard(pid)
+    for pid in children:
+        os.waitpid(pid, 0)
+    return 0
+"""
+CODE = {"spinner": SPIN, "spinners": SPIN, "grower": GROW, "forker": FORK}
 
 
-async def deploy(client: StokerClient, settings: CommonSettings, name: str, code: str) -> None:
+async def deploy(client: StokerClient, settings: CommonSettings, name: str, code: str, **fields: Any) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         Path(tmp, "handler.py").write_text(code)
         source = package_code(settings, Path(tmp))
     await client.put_function(
-        FunctionSpec(name=name, entrypoint="handler:main", source=source, timeout_s=120, concurrency=1000)
+        FunctionSpec(name=name, entrypoint="handler:main", source=source, timeout_s=120, concurrency=1000, **fields)
     )
 
 
-async def run(settings: CommonSettings, rate: float, phase_s: float, hog_s: float) -> dict[str, Any]:
-    decided: list[tuple[float, ThrottleDecided]] = []
-    latencies: list[tuple[float, float, str]] = []  # (sent at, ms, status)
-    async with StokerClient(settings) as client:
-        tail = client.reader.tail(
-            settings.topics.throttle, (ThrottleDecided,), lambda d: decided.append((time.monotonic(), d))
-        )
-        await tail.start()
-        await deploy(client, settings, "victim", VICTIM)
-        await deploy(client, settings, "hog", HOG)
-        for _ in range(5):
-            await client.invoke("victim", None)
+async def noise(client: StokerClient, shape: str, name: str, seconds: float) -> None:
+    """Run one shape for ``seconds``."""
+    end = time.monotonic() + seconds
+    if shape in ("spinner", "forker"):
+        await client.invoke(name, {"seconds": seconds}, timeout_s=seconds + 60)
+    elif shape == "spinners":
 
-        async def one() -> None:
-            sent = time.monotonic()
-            result = await client.invoke("victim", None, timeout_s=60)
-            latencies.append((sent, (time.monotonic() - sent) * 1000, result.status))
+        async def lane() -> None:
+            while time.monotonic() < end:
+                await client.invoke(name, {"seconds": 1.5}, timeout_s=60)
 
-        started = time.monotonic()
-        hog_task: asyncio.Task[Any] | None = None
-        hog_started = started + phase_s
-        tasks = []
-        total_s = 2 * phase_s + hog_s
-        n = 0
-        while time.monotonic() - started < total_s:
-            if hog_task is None and time.monotonic() >= hog_started:
-                hog_started = time.monotonic()
-                hog_task = asyncio.create_task(client.invoke("hog", {"seconds": hog_s}, timeout_s=hog_s + 60))
-            tasks.append(asyncio.create_task(one()))
-            n += 1
-            await asyncio.sleep(max(0.0, started + n / rate - time.monotonic()))  # open loop
-        await asyncio.gather(*tasks)
-        if hog_task is not None:
-            await hog_task
-    hog = [(t, d) for t, d in decided if d.function == "hog"]
-    clamp = next((t for t, d in hog if d.action == "clamp"), None)
-    isolate = next((t for t, d in hog if d.action == "isolate"), None)
-    isolated_at = isolate or (hog_started + hog_s)
+        await asyncio.gather(*(lane() for _ in range(4)))
+    else:  # grower: each call grows and holds until it is killed (or the phase ends)
+        while (left := end - time.monotonic()) > 0.5:
+            await client.invoke(name, {"seconds": left}, timeout_s=left + 60)
+
+
+async def run_shape(
+    client: StokerClient,
+    settings: CommonSettings,
+    shape: str,
+    decided: list[tuple[float, ThrottleDecided]],
+    metrics: list[tuple[float, NodeMetrics]],
+    rate: float,
+    phase_s: float,
+    shape_s: float,
+) -> dict[str, Any]:
+    name = f"noisy-{shape}"
+    await deploy(client, settings, name, CODE[shape], **({"pids_limit": 512} if shape == "forker" else {}))
+    latencies: list[tuple[float, float, str]] = []
+
+    async def one() -> None:
+        sent = time.monotonic()
+        result = await client.invoke("victim", None, timeout_s=60)
+        latencies.append((sent, (time.monotonic() - sent) * 1000, result.status))
+
+    started = time.monotonic()
+    shape_started = started + phase_s
+    noisy: asyncio.Task[None] | None = None
+    tasks = []
+    n = 0
+    while time.monotonic() - started < phase_s + shape_s:
+        if noisy is None and time.monotonic() >= shape_started:
+            shape_started = time.monotonic()
+            noisy = asyncio.create_task(noise(client, shape, name, shape_s))
+        tasks.append(asyncio.create_task(one()))
+        n += 1
+        await asyncio.sleep(max(0.0, started + n / rate - time.monotonic()))  # open loop
+    await asyncio.gather(*tasks)
+    if noisy is not None:
+        noisy.cancel()
+        await asyncio.gather(noisy, return_exceptions=True)
+    mine = [(t, d) for t, d in decided if d.function == name]
+    first = next((t for t, d in mine if d.action in ("clamp", "kill")), None)
+    isolate = next((t for t, d in mine if d.action == "isolate"), None)
+    shows = next((t for t, m in metrics if t >= shape_started and _shows(m, name)), None)
+
+    def since(t: float | None, start: float | None) -> float | None:
+        return None if t is None or start is None else round(t - start, 2)
+
+    isolated_at = isolate if isolate is not None else shape_started + shape_s
     phases = {
-        "before": [ms for t, ms, _ in latencies if t < hog_started],
-        "during": [ms for t, ms, _ in latencies if hog_started <= t < isolated_at],
-        "after": [ms for t, ms, _ in latencies if t >= isolated_at + 2.0],
+        "before": [ms for t, ms, _ in latencies if t < shape_started],
+        "during": [ms for t, ms, _ in latencies if shape_started <= t < isolated_at],
+        "after": [ms for t, ms, _ in latencies if t >= isolated_at + 2.0] if isolate is not None else [],
     }
     return {
-        "seconds_to_clamp": None if clamp is None else round(clamp - hog_started, 2),
-        "seconds_to_isolation": None if isolate is None else round(isolate - hog_started, 2),
-        "decisions": [d.model_dump(mode="json") for _, d in hog],
+        "shows_after_s": since(shows, shape_started),
+        "intervals_to_clamp": since(first, shows),
+        "intervals_to_isolation": since(isolate, shows),
+        "seconds_from_first_call_to_clamp": since(first, shape_started),
+        "seconds_from_first_call_to_isolation": since(isolate, shape_started),
+        "decisions": [d.model_dump(mode="json") for _, d in mine],
         "victim_ms": {k: summary(v) for k, v in phases.items()},
         "victim_errors": sum(1 for _, _, s in latencies if s != "ok"),
     }
 
 
+def _shows(record: NodeMetrics, function: str) -> bool:
+    ms = [m for m in record.instances if m.function == function]
+    return sum(m.cpu_millis for m in ms) >= 300 or sum(m.memory_mb for m in ms) >= 128 or sum(m.pids for m in ms) >= 64
+
+
+async def run(
+    settings: CommonSettings, shapes: list[str], rate: float, phase_s: float, shape_s: float
+) -> dict[str, Any]:
+    decided: list[tuple[float, ThrottleDecided]] = []
+    metrics: list[tuple[float, NodeMetrics]] = []
+    out: dict[str, Any] = {}
+    async with StokerClient(settings) as client:
+        tail = client.reader.tail(
+            settings.topics.throttle, (ThrottleDecided,), lambda d: decided.append((time.monotonic(), d))
+        )
+        await tail.start()
+        figures = client.reader.tail(
+            settings.topics.node_metric, (NodeMetrics,), lambda m: metrics.append((time.monotonic(), m)), traced=False
+        )
+        await figures.start()
+        await deploy(client, settings, "victim", VICTIM)
+        for _ in range(5):
+            await client.invoke("victim", None)
+        for shape in shapes:
+            console.print(f"shape {shape}")
+            out[shape] = await run_shape(client, settings, shape, decided, metrics, rate, phase_s, shape_s)
+        out["victim_decisions"] = [d.model_dump(mode="json") for _, d in decided if d.function == "victim"]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default=",".join(SHAPES), help="noisy shapes to run, in order")
     parser.add_argument("--rate", type=float, default=10.0, help="victim invocations per second")
-    parser.add_argument("--phase-s", type=float, default=15.0, help="baseline and after phases, seconds")
-    parser.add_argument("--hog-s", type=float, default=20.0, help="how long the hog spins")
+    parser.add_argument("--phase-s", type=float, default=10.0, help="baseline phase before each shape, seconds")
+    parser.add_argument("--shape-s", type=float, default=20.0, help="how long each shape runs")
     parser.add_argument("--out", type=Path, default=Path("loadtest/results"))
     args = parser.parse_args(argv)
+    shapes = [s for s in args.shapes.split(",") if s]
+    if bad := [s for s in shapes if s not in SHAPES]:
+        parser.error(f"unknown shapes {bad}: expected some of {', '.join(SHAPES)}")
+    load_before = os.getloadavg()
     console.print("starting a platform: one runtime node, one isolation node")
-    with own_platform({"STOKER_THROTTLE_COOLDOWN_S": "600"}, "--nodes", "1") as (env, _http):
-        outcome = asyncio.run(run(settings_of(env), args.rate, args.phase_s, args.hog_s))
+    env = {"STOKER_THROTTLE_COOLDOWN_S": "600", "STOKER_THROTTLE_HOST_PRESSURE": "on"}
+    with own_platform(env, "--nodes", "1") as (penv, _http):
+        outcome = asyncio.run(run(settings_of(penv), shapes, args.rate, args.phase_s, args.shape_s))
     report = {
         "scenario": "throttle",
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": machine_facts(KAFKA_VERSION),
+        "machine": machine_facts(KAFKA_VERSION) | {"loadavg_before": load_before, "loadavg_after": os.getloadavg()},
         "inputs": vars(args) | {"out": str(args.out)},
         **outcome,
     }
-    console.print(
-        f"hog clamped after {outcome['seconds_to_clamp']} s, isolated after "
-        f"{outcome['seconds_to_isolation']} s (metric interval 1 s)"
+    table = Table(
+        "shape",
+        "shows after s",
+        "clamp (intervals)",
+        "isolation (intervals)",
+        "victim p99 before ms",
+        "during ms",
+        "after isolation ms",
+        "after / before",
+        title="Each noisy shape next to a well-behaved function (targets: <= 2, <= 5, <= 1.5x)",
     )
-    table = Table("victim phase", "n", "p50 ms", "p99 ms", "max ms", title="well-behaved function next to the hog")
-    for phase, s in outcome["victim_ms"].items():
-        table.add_row(phase, str(s.get("n")), str(s.get("p50")), str(s.get("p99")), str(s.get("max")))
+    for shape in shapes:
+        o = outcome[shape]
+        before, during, after = (o["victim_ms"][k].get("p99") for k in ("before", "during", "after"))
+        table.add_row(
+            shape,
+            str(o["shows_after_s"]),
+            str(o["intervals_to_clamp"]),
+            str(o["intervals_to_isolation"]),
+            str(before),
+            str(during),
+            str(after),
+            f"{after / before:.2f}" if before and after else "-",
+        )
     console.print(table)
-    before, after = outcome["victim_ms"]["before"].get("p99"), outcome["victim_ms"]["after"].get("p99")
-    if before and after:
-        console.print(f"p99 after isolation is {after / before:.2f} x the baseline (target <= 1.2)")
+    console.print(
+        f"load average before {load_before[0]:.2f}, after {report['machine']['loadavg_after'][0]:.2f}; "
+        f"decisions about the victim: {len(outcome['victim_decisions'])}"
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"throttle-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))

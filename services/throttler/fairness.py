@@ -132,7 +132,8 @@ class Verdict:
     hogging: list[str] = field(default_factory=list)
     """What it takes more than its share of (``cpu``, ``memory``, ``pids``), each with its figures."""
     cpu_fair_millis: float = 0.0
-    """Its fair share of the node's CPU: the capacity split evenly among the active functions."""
+    """Its fair share of the node's CPU: split evenly among the active functions, of the node's
+    capacity, or under pressure of the CPU its functions got (what there is to share)."""
     figures: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -168,7 +169,10 @@ def judge_node(metrics: NodeMetrics, node: NodeCapacity, config: FairnessConfig)
     used_cpu = sum(u.cpu_millis for u in usages.values())
     pressure, pressure_reason = _pressure(node, used_cpu, c)
     n_active = max(1, len(active))
-    cpu_fair = node.cpu_millis / n_active
+    # Under pressure the CPU the node's functions got is what there is to share (a shared or
+    # overcommitted host gives less than the node's nominal capacity); otherwise the capacity.
+    cpu_pool = min(node.cpu_millis, used_cpu) if pressure else node.cpu_millis
+    cpu_fair = cpu_pool / n_active
     memory_fair = node.memory_mb / n_active
     pids_fair = node.pids / n_active
     out: dict[str, Verdict] = {}
@@ -184,7 +188,7 @@ def judge_node(metrics: NodeMetrics, node: NodeCapacity, config: FairnessConfig)
                 if pressure:
                     hogging.append(
                         f"cpu {u.cpu_millis:.0f}m (wants {demand:.0f}m) over its fair share {cpu_fair:.0f}m "
-                        f"of {node.cpu_millis:.0f}m with {len(others)} other function(s) active, {pressure_reason}"
+                        f"of {cpu_pool:.0f}m with {len(others)} other function(s) active, {pressure_reason}"
                     )
             if u.memory_mb >= c.min_memory_mb and u.memory_mb > memory_fair * (1 + c.slack):
                 hogging.append(
