@@ -69,6 +69,8 @@ link_or_mark() {  # tool version -> 0 when done (linked from PATH), 1 when it mu
 }
 
 started=$SECONDS
+scratch=""
+trap '[ -z "$scratch" ] || rm -rf "$scratch"' EXIT  # an interrupted build leaves no half-made folder
 
 if ! link_or_mark helm "$HELM_VERSION"; then
     need_go helm
@@ -76,7 +78,8 @@ if ! link_or_mark helm "$HELM_VERSION"; then
     scratch="$(mktemp -d "$tools/build.XXXXXX")"
     GOBIN="$scratch" gobuild install -trimpath \
         -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
-    mv -f "$scratch/helm" "$bin/helm" && rmdir "$scratch"
+    mv -f "$scratch/helm" "$bin/helm"
+    rm -rf "$scratch"; scratch=""
     printf %s "$HELM_VERSION" >"$(stamp helm)"
 fi
 
@@ -109,7 +112,6 @@ if [ "${#kube[@]}" -gt 0 ]; then
         mv -f "$scratch/$tool" "$bin/$tool"
         printf %s "$KUBE_VERSION" >"$(stamp "$tool")"
     done
-    rmdir "$scratch"
 fi
 
 if [ $((SECONDS - started)) -gt 5 ]; then

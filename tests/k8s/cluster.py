@@ -136,7 +136,9 @@ def _kubeconfig(server: str, ca_file: Path, token: str) -> str:
     return orjson.dumps(config).decode()  # JSON is YAML
 
 
-def _wait_healthy(url: str, context: ssl.SSLContext | None, token: str | None, timeout_s: float, process: Process) -> None:
+def _wait_healthy(
+    url: str, context: ssl.SSLContext | None, token: str | None, timeout_s: float, process: Process
+) -> None:
     deadline = time.monotonic() + timeout_s
     last = ""
     while time.monotonic() < deadline:
@@ -187,7 +189,9 @@ def start_cluster(folder: Path, timeout_s: float = 90.0) -> Cluster:
         # controller manager); the admin authenticates with a static token in system:masters.
         key, pub = folder / "sa.key", folder / "sa.pub"
         subprocess.run(["openssl", "genrsa", "-out", str(key), "2048"], check=True, capture_output=True)
-        subprocess.run(["openssl", "rsa", "-in", str(key), "-pubout", "-out", str(pub)], check=True, capture_output=True)
+        subprocess.run(
+            ["openssl", "rsa", "-in", str(key), "-pubout", "-out", str(pub)], check=True, capture_output=True
+        )
         admin_token = secrets.token_hex(16)
         tokens = folder / "tokens.csv"
         tokens.write_text(f'{admin_token},admin,admin-uid,"system:masters"\n')
@@ -200,6 +204,7 @@ def start_cluster(folder: Path, timeout_s: float = 90.0) -> Cluster:
                 f"--etcd-servers=http://127.0.0.1:{etcd_port}",
                 "--bind-address=127.0.0.1",
                 "--advertise-address=127.0.0.1",
+                "--endpoint-reconciler-type=none",  # a loopback address may not back the kubernetes Service
                 f"--secure-port={api_port}",
                 f"--cert-dir={certs}",
                 f"--token-auth-file={tokens}",
@@ -247,4 +252,6 @@ def helm(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]
         "HELM_CONFIG_HOME": str(home / "config"),
         "HELM_DATA_HOME": str(home / "data"),
     }
-    return subprocess.run([tool("helm"), *args], capture_output=True, text=True, timeout=timeout_s, env=env, cwd=REPO_ROOT)
+    return subprocess.run(
+        [tool("helm"), *args], capture_output=True, text=True, timeout=timeout_s, env=env, cwd=REPO_ROOT
+    )
