@@ -61,7 +61,7 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
     running, _ = start_platform(home, "--nodes", "1", "--isolated", "0", "--no-example", "--pool-size", "2")
     try:
         running.stoker(
-            "fn", "create", "tfn", "--code", str(code), "--entrypoint", "handler:main", "--timeout", "10",
+            "fn", "create", "tfn", "--code", str(code), "--entrypoint", "handler:main", "--timeout", "40",
             "--concurrency", "16",
         )
         yield running
@@ -243,7 +243,15 @@ def test_a_trigger_service_killed_mid_batch_loses_no_record(platform: Platform) 
         "trigger", "create", "clicks-in", "--topic", "clicks", "--function", "tfn",
         "--response-topic", "clicks.done", "--error-topic", "clicks.failed", "--concurrency", "8", "--from", "earliest",
     )
-    produce(platform, "clicks", [(f"c{i}".encode(), orjson.dumps({"i": i, "sleep": 0.1}), []) for i in range(total)])
+    # Four records run for 25 s: still running when the killed copy's partitions are given out again
+    # (its session ends after 10 s), so they are sent again, with the same ids, before their results
+    # exist; the dispatcher collapses each into the run it holds.
+    long_ones = {30, 31, 32, 33}
+    produce(
+        platform,
+        "clicks",
+        [(f"c{i}".encode(), orjson.dumps({"i": i, "sleep": 25.0 if i in long_ones else 0.1}), []) for i in range(300)],
+    )
 
     def some_done() -> int:
         n = len(read_all(platform, "clicks.done"))
@@ -293,6 +301,8 @@ def test_a_trigger_service_killed_mid_batch_loses_no_record(platform: Platform) 
     )
     assert set(runs) == set(invocations) and len(runs) == total
     assert all(n == 1 for n in runs.values()), {k: n for k, n in runs.items() if n > 1}  # one run per record
+    resent = {i for i, n in invocations.items() if n > 1}
+    assert resent, "no invocation was sent again: the kill did not catch a record running"
     platform.stoker("trigger", "delete", "clicks-in")
 
 
