@@ -253,6 +253,7 @@ def hybrid_variants() -> dict[str, HybridPolicy]:
         "hybrid, no forecast": HybridPolicy(forecast=None),
         "hybrid, forecast = last": HybridPolicy(forecast="last"),
         "hybrid, forecast = ses": HybridPolicy(forecast="ses"),
+        "hybrid, forecast from 1 idle time beyond 4 h": HybridPolicy(forecast_min_samples=1),
         "hybrid, cold start = 1800 s idle": HybridPolicy(cold_start_cost_s=1800.0),
         "hybrid, cold start = 3600 s idle": HybridPolicy(cold_start_cost_s=3600.0),
     }

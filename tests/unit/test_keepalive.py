@@ -294,3 +294,10 @@ def test_policy_from_config() -> None:
     assert policy_from_config("hybrid", 120.0, time_scale=60.0) == HybridPolicy().scaled(60.0)
     with pytest.raises(ValueError, match="unknown keep-alive policy"):
         policy_from_config("lru", 120.0)
+
+
+def test_the_forecast_may_decide_before_the_histogram_has_enough_idle_times() -> None:
+    hist = _hist_of([7 * HOUR, 7 * HOUR])  # two idle times, both beyond the range
+    assert HybridPolicy().decide(hist).reason.startswith("fallback: too few idle times")
+    early = HybridPolicy(forecast_min_samples=2).decide(hist)
+    assert early.reason.startswith("forecast") and early.prewarm_after_s == pytest.approx(7 * HOUR * 0.85)
