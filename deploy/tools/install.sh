@@ -31,11 +31,16 @@ on_path() {
 stamp() { printf %s "$tools/$1.version"; }
 current() { [ -x "$bin/$1" ] && [ -f "$(stamp "$1")" ] && [ "$(cat "$(stamp "$1")")" = "$2" ]; }
 
+# Go's own installer puts it in /usr/local/go, which a non-login shell may not have on PATH.
+if ! command -v go >/dev/null && [ -x /usr/local/go/bin/go ]; then
+    PATH="$PATH:/usr/local/go/bin"
+fi
+
 need_go() {
     if ! command -v go >/dev/null; then
         cat >&2 <<EOF
 deploy/tools/install.sh: $* not found on PATH, and no Go to build it with.
-Install Go 1.26 or newer (then \`make tools\` builds them, about 15 minutes once), or put
+Install Go 1.26 or newer (then \`make tools\` builds them once, about 20 minutes on 2 cores), or put
 helm $HELM_VERSION, etcd $ETCD_VERSION, kube-apiserver and kubectl $KUBE_VERSION on PATH.
 EOF
         exit 1
