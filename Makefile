@@ -25,7 +25,8 @@ tools:
 	@bash deploy/tools/install.sh $(TOOLS)
 
 manifests: tools ## deploy/k8s/stoker.yaml = `helm template` of the chart (commit both)
-	$(HELM) template stoker deploy/helm/stoker --namespace stoker > deploy/k8s/stoker.yaml
+	$(HELM) template stoker deploy/helm/stoker --namespace stoker > deploy/k8s/stoker.yaml.new
+	mv deploy/k8s/stoker.yaml.new deploy/k8s/stoker.yaml
 	$(HELM) lint --strict deploy/helm/stoker
 
 $(STAMP): pyproject.toml
