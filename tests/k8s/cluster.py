@@ -157,8 +157,11 @@ def _wait_healthy(
     raise ClusterError(f"{process.name} not healthy at {url} within {timeout_s}s ({last}):\n{process.log()}")
 
 
-def start_cluster(folder: Path, timeout_s: float = 90.0) -> Cluster:
-    """etcd, then kube-apiserver on free loopback ports; returns once ``/readyz`` answers 200."""
+def start_cluster(folder: Path, timeout_s: float = 90.0, allow_privileged: bool = True) -> Cluster:
+    """etcd, then kube-apiserver on free loopback ports; returns once ``/readyz`` answers 200.
+
+    ``allow_privileged=False`` is a bare server's default, which refuses privileged containers.
+    """
     for name in ("etcd", "kube-apiserver", "kubectl"):
         tool(name)
     folder.mkdir(parents=True, exist_ok=True)
@@ -216,7 +219,7 @@ def start_cluster(folder: Path, timeout_s: float = 90.0) -> Cluster:
                 # The agents are privileged containers; real clusters allow that (the kubelet's and
                 # kube-apiserver's --allow-privileged, true on every managed offering), the bare
                 # server's default refuses them. deploy/README.md, "What the cluster must allow".
-                "--allow-privileged=true",
+                f"--allow-privileged={str(allow_privileged).lower()}",
                 "--service-cluster-ip-range=10.96.0.0/24",  # a required setting; nothing is routed
                 "--enable-priority-and-fairness=false",
                 "--profiling=false",

@@ -10,9 +10,10 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import pytest
 import yaml
 
-from tests.k8s.cluster import Cluster
+from tests.k8s.cluster import Cluster, start_cluster
 from tests.k8s.conftest import MANIFESTS, NAMESPACE
 
 COMMITTED = MANIFESTS / "stoker.yaml"
@@ -93,3 +94,20 @@ def test_outside_a_privileged_namespace_only_the_agents_are_refused(cluster: Clu
             assert "privileged" in body["message"]
         else:
             assert status == 201, (name, body)
+
+
+def test_a_server_that_refuses_privileged_containers_refuses_the_agents(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Why the cluster must run kube-apiserver with --allow-privileged=true (deploy/README.md):
+    without it both agent DaemonSets are refused, and nothing else is."""
+    bare = start_cluster(tmp_path_factory.mktemp("kube-bare"), allow_privileged=False)
+    try:
+        done = bare.kubectl("apply", "--server-side", "-f", str(MANIFESTS), check=False)
+        refused = [line for line in done.splitlines() if "privileged: Forbidden" in line]
+        assert len(refused) == 2, done
+        assert all("stoker-agent-" in line for line in refused), done
+        assert "disallowed by cluster policy" in done
+        assert done.count("serverside-applied") == len(committed()) - 2, done
+    finally:
+        bare.stop()
