@@ -776,7 +776,8 @@ class NodeAgent:
                 await self._retire(inst, "pool shrunk")
             self._pool_wakeup.clear()
             try:
-                await asyncio.wait_for(self._pool_wakeup.wait(), timeout=1.0)
+                # Every change sets the wakeup; the timer is only a safety net.
+                await asyncio.wait_for(self._pool_wakeup.wait(), timeout=5.0)
             except TimeoutError:
                 pass
 
@@ -934,6 +935,12 @@ class NodeAgent:
         interval = self.settings.metric_interval_s
         while True:
             await asyncio.sleep(interval)
+            if not any(slot.instance.function is not None for slot in self._slots.values()):
+                # Nobody to judge: no reading (a thread and a file read per instance), and the
+                # next reading starts afresh rather than from one taken before the gap.
+                for slot in self._slots.values():
+                    slot.last_cpu_ns = slot.last_throttled_ns = None
+                continue
             try:
                 record = await asyncio.to_thread(self.metrics, interval)
                 # Sampled every interval (CPU is a difference between samples), published only

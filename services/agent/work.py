@@ -38,7 +38,7 @@ from events import FunctionSpec, codec
 from events.base import Record
 from events.dlq import DeadLettered
 from services.common.broker import dead_letter_of
-from services.common.views import FETCH_MAX_WAIT_MS, partitions_of
+from services.common.views import FETCH_MAX_WAIT_MS, FETCH_ROUTINE_TIMER_MS, partitions_of
 
 __all__ = ["COMMIT_INTERVAL_S", "ResultWriter", "WorkConsumer"]
 
@@ -133,6 +133,7 @@ class WorkConsumer:
             enable_auto_commit=False,
             auto_offset_reset="earliest",  # a new node's group reads every command addressed to it
             fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
+            consumer_timeout_ms=FETCH_ROUTINE_TIMER_MS,
             max_poll_records=MAX_BATCH,
         )
         self._positions: dict[TopicPartition, int] = {}

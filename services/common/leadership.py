@@ -47,7 +47,7 @@ from events import codec
 from events.base import Record
 from events.topics import Topics, TopicSpec
 from services.common.admin import ensure_topics
-from services.common.views import FETCH_MAX_WAIT_MS, partitions_of
+from services.common.views import FETCH_MAX_WAIT_MS, FETCH_ROUTINE_TIMER_MS, partitions_of
 
 __all__ = [
     "Ack",
@@ -233,6 +233,7 @@ class Leadership(ConsumerRebalanceListener):  # type: ignore[misc]
             rebalance_timeout_ms=int(self._session_s * 1000) + 4_000,
             max_poll_interval_ms=int(self._session_s * 1000) + 4_000,
             fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
+            consumer_timeout_ms=FETCH_ROUTINE_TIMER_MS,
         )
         await self._consumer.start()
         self._consumer.subscribe([self.lease.name], listener=self)
@@ -646,6 +647,7 @@ class TermReader:
             auto_offset_reset=reset,
             isolation_level="read_committed",
             fetch_max_wait_ms=FETCH_MAX_WAIT_MS,  # a fetch returns as soon as data arrives: only an idle poll waits
+            consumer_timeout_ms=FETCH_ROUTINE_TIMER_MS,
         )
 
     async def start(self) -> None:

@@ -67,6 +67,7 @@ from services.common.broker import dead_letter_of
 
 __all__ = [
     "FETCH_MAX_WAIT_MS",
+    "FETCH_ROUTINE_TIMER_MS",
     "DeadLetterSink",
     "Reader",
     "Table",
@@ -90,6 +91,9 @@ FETCH_MAX_WAIT_MS = 5_000
 """How long the broker holds an empty fetch. A fetch returns as soon as data arrives (and a new
 assignment cancels the one in flight), so this only paces an idle consumer's polls: the idle cost
 is one fetch per this, per consumer."""
+FETCH_ROUTINE_TIMER_MS = 1_000
+"""aiokafka's ``consumer_timeout_ms``: the fetch routine's safety-net timer. It wakes on its own events
+(data consumed, assignment changed); the default, 200 ms, wakes every consumer five times a second."""
 _RECHECK_S = 0.1
 """While someone waits to be caught up: how often positions are looked at again."""
 
@@ -511,7 +515,7 @@ class Reader:
                     fetch_min_bytes=self._fetch_min_bytes,
                     # The fetch routine wakes on its own events (data consumed, assignment changed);
                     # its safety-net timer need not tick five times a second.
-                    consumer_timeout_ms=1000,
+                    consumer_timeout_ms=FETCH_ROUTINE_TIMER_MS,
                 )
                 await probe.start()
                 try:

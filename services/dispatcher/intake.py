@@ -28,7 +28,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
 from events import InvocationRequested, codec
-from services.common.views import FETCH_MAX_WAIT_MS, trace_context
+from services.common.views import FETCH_MAX_WAIT_MS, FETCH_ROUTINE_TIMER_MS, trace_context
 from services.dispatcher import recovery
 from services.dispatcher.core import Dispatcher, DispatcherBroken
 from services.dispatcher.progress import Progress
@@ -79,6 +79,7 @@ class Intake(ConsumerRebalanceListener):  # type: ignore[misc]
             auto_offset_reset="earliest",
             isolation_level="read_committed",  # workflow steps come from a transactional engine
             fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
+            consumer_timeout_ms=FETCH_ROUTINE_TIMER_MS,
             max_poll_records=1000,
             session_timeout_ms=10_000,
             heartbeat_interval_ms=2_000,
