@@ -25,7 +25,7 @@ from services.common.views import Reader
 from services.trigger import handlers, metrics
 from services.trigger.core import Triggers
 from services.trigger.cron import CronScheduler
-from services.trigger.results import ResultBook, is_trigger_result
+from services.trigger.results import REPLY_NAME, ResultBook, is_trigger_result
 from services.trigger.scan import results_since
 from services.trigger.settings import TriggerSettings
 
@@ -95,8 +95,11 @@ async def run(settings: TriggerSettings) -> None:
         on_change=lambda n, s: handlers.on_trigger_spec(triggers, n, s),
         traced=False,
     )
+    # Results come back on one reply topic that every copy reads: a copy that takes a partition
+    # over still hears of invocations its predecessor sent. Reading the platform's result topic
+    # instead would cost this service a fetch and a key test for every invocation of the platform.
     reader.tail(
-        topics.result,
+        topics.reply(REPLY_NAME),
         (InvocationCompleted,),
         lambda r: handlers.on_result(triggers, r),
         accept_key=is_trigger_result,
@@ -125,9 +128,11 @@ async def run(settings: TriggerSettings) -> None:
         await scheduler.lead(writer)
 
     async def start() -> None:
-        await ensure_topics(common.bootstrap, family.specs())
+        await ensure_topics(common.bootstrap, [*family.specs(), topics.reply_spec(REPLY_NAME)])
         if settings.metrics_port >= 0:
-            server, _thread = start_http_server(settings.metrics_port, addr="0.0.0.0", registry=metrics.REGISTRY)
+            server, _thread = start_http_server(
+                settings.metrics_port, addr=settings.metrics_host, registry=metrics.REGISTRY
+            )
             facts["metrics_port"] = server.server_port
         await producer.start()
         await admin.start()

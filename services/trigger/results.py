@@ -13,6 +13,8 @@ from collections import OrderedDict
 from events import InvocationCompleted
 
 PREFIX = b"trg."
+REPLY_NAME = "trigger"
+"""Topic triggers' invocations ask for their results on ``<prefix>reply.trigger``, which every copy reads."""
 
 
 def is_trigger_result(key: bytes | None) -> bool:

@@ -6,7 +6,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from services.common.settings import CommonSettings, env_float, env_int
+from services.common.settings import CommonSettings, env_float, env_int, env_str
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,8 @@ class TriggerSettings:
     metrics_port: int = 0
     """Prometheus ``/metrics`` port (``STOKER_TRIGGER_METRICS_PORT``); 0 picks a free one (written in
     the ready file), -1 serves none."""
+    metrics_host: str = "127.0.0.1"
+    """Address of ``/metrics`` (``STOKER_TRIGGER_METRICS_HOST``): loopback unless a cluster's scraper must reach it."""
     lease_timeout_ms: int = 6000
     """Cron scheduling is one active copy: how long a dead one holds the lease."""
     cron_tick_s: float = 1.0
@@ -41,5 +43,6 @@ class TriggerSettings:
             max_record_bytes=env_int(env, "STOKER_TRIGGER_MAX_RECORD_BYTES", 768 * 1024),
             invocation_deadline_s=env_float(env, "STOKER_TRIGGER_DEADLINE_S", 300.0),
             metrics_port=env_int(env, "STOKER_TRIGGER_METRICS_PORT", 0),
+            metrics_host=env_str(env, "STOKER_TRIGGER_METRICS_HOST", "127.0.0.1"),
             lease_timeout_ms=env_int(env, "STOKER_LEASE_TIMEOUT_MS", 6000),
         )

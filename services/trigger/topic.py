@@ -37,7 +37,7 @@ from events.triggers import TriggerFailed, TriggerSpec, TriggerState, TriggerSta
 from services.common import telemetry
 from services.trigger import delivery, metrics
 from services.trigger.payload import SourceRecord, decode_value, event_of, trace_carrier
-from services.trigger.results import ResultBook
+from services.trigger.results import REPLY_NAME, ResultBook
 from services.trigger.settings import TriggerSettings
 
 log = logging.getLogger("stoker.trigger.topic")
@@ -265,6 +265,7 @@ class TopicTrigger(ConsumerRebalanceListener):  # type: ignore[misc]
                     id=record_invocation_id(spec.name, rec.topic, rec.partition, rec.offset, attempt),
                     function=spec.function,
                     payload=event,
+                    reply_to=self.settings.common.topics.reply(REPLY_NAME),
                     deadline_ms=now_ms() + int(self.settings.invocation_deadline_s * 1000),
                 )
                 ids.append(inv.id)
