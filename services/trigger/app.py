@@ -112,7 +112,7 @@ async def run(settings: TriggerSettings) -> None:
     def on_role(role: str) -> None:
         if not stopping:
             facts["role"] = role
-            mark_ready(common, COMPONENT, **facts)
+            mark_ready(common, settings.instance_name, **facts)
 
     leadership = Leadership(
         common.bootstrap,
@@ -153,7 +153,7 @@ async def run(settings: TriggerSettings) -> None:
         await admin.close()
 
     await serve(
-        COMPONENT,
+        settings.instance_name,  # its pid and ready files: a pod's readiness probe looks for its own name
         common,
         None,
         on_start=[start],

@@ -163,7 +163,8 @@ def test_nodes_show_up_on_the_node_topic_and_requested_taints_land_on_them(
             probe, timeout_s=60, interval_s=0.5, message=f"{name} on {topics.node}\n{nodewatch.log()}"
         )
 
-    record = seen(runtime)
+    # The Node is created, then its status (allocatable) is written: nodewatch may publish between the two.
+    record = seen(runtime, lambda r: r.capacity.cpu_millis == 3500)
     assert record.labels == {"kubernetes.io/hostname": runtime, "stoker.io/role": "runtime"}
     # The server's TaintNodesByCondition admission puts not-ready on every new Node; the node
     # lifecycle controller (not running here) would lift it once the Node is Ready.
