@@ -142,6 +142,8 @@ class NodeAgent:
         self._seq = 0
         self._accepting = True
         self._pool_wakeup = asyncio.Event()
+        self._beat_now = asyncio.Event()
+        """Set when the pool changed: the next heartbeat goes at once rather than at its interval."""
 
     async def start(self) -> None:
         """Find the cgroups, clean up after a crashed predecessor, start the zygote."""
@@ -770,6 +772,7 @@ class NodeAgent:
             if deficit:
                 await asyncio.gather(*(self._start_instance() for _ in range(deficit)))
                 self._wake_all()
+                self._beat_now.set()
                 continue
             generic = [s.instance for s in self._slots.values() if s.instance.state == "generic"]
             for inst in generic[self.pool_target :]:
@@ -959,7 +962,9 @@ class NodeAgent:
                     await self._publish(self.heartbeat(), self.topics.node, self.settings.node)
             except Exception:  # noqa: BLE001 - a missed heartbeat is survivable; a dead loop is not
                 log.exception("heartbeat failed")
-            await asyncio.sleep(self.settings.heartbeat_interval_s)
+            self._beat_now.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._beat_now.wait(), timeout=self.settings.heartbeat_interval_s)
 
     async def shutdown(self) -> None:
         """Finish in-flight work (bounded), stop every instance, and say goodbye."""

@@ -31,10 +31,16 @@ def test_status_shows_broker_services_nodes_instances_and_functions(platform: Pl
     assert set(status["services"]) >= {"gateway", "dispatcher", "poolmgr", "agent-runtime-0", "agent-runtime-1"}
     assert all(s["ready"] for s in status["services"].values())
     assert {"runtime-0", "runtime-1"} <= set(status["nodes"])
-    for node in ("runtime-0", "runtime-1"):
-        assert status["nodes"][node]["up"] is True
-        states = [i["state"] for i in status["nodes"][node]["instances"]]
-        assert states.count("generic") >= 1, states  # the pool is kept filled
+
+    def pools_filled() -> dict[str, Any]:
+        status = platform.status()
+        for node in ("runtime-0", "runtime-1"):
+            assert status["nodes"][node]["up"] is True
+            states = [i["state"] for i in status["nodes"][node]["instances"]]
+            assert states.count("generic") >= 1, states  # the pool is kept filled (seen in the next heartbeat)
+        return status
+
+    status = assert_eventually(pools_filled, timeout_s=10, message="a generic instance on each runtime node")
     assert "hello" in status["functions"]
     human = platform.stoker("status").stdout
     assert "runtime-0" in human and "hello" in human
