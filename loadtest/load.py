@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+from aiokafka.errors import KafkaError
 
 from loadtest.stats import latency_summary, percentile
 from services.common.client import StokerClient
@@ -75,6 +76,8 @@ def kafka_call(client: StokerClient, function: str, payload: Any = None, timeout
             result = await client.invoke(function, payload, timeout_s=timeout_s)
         except TimeoutError:
             return Outcome("client_timeout")
+        except KafkaError as exc:  # e.g. the client's own send buffer full past a rate it cannot offer
+            return Outcome(f"exception:{type(exc).__name__}")
         return Outcome(result.status, result.start, result.timings_ms.model_dump())
 
     return call
