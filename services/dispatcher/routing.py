@@ -49,7 +49,8 @@ class NodeView:
         if self._counts is None:
             counts: dict[tuple[str, str | None, str | None], int] = {}
             for i in self.instances:
-                for key in ((i.state, None, None), (i.state, i.function, i.function_version), ("", i.function, None)):
+                # A generic instance has no function: its two state keys are one (counted once).
+                for key in {(i.state, None, None), (i.state, i.function, i.function_version), ("", i.function, None)}:
                     counts[key] = counts.get(key, 0) + 1
             self._counts = counts
         return self._counts.get((state, function, version), 0)

@@ -511,3 +511,11 @@ def test_heartbeat_keeps_events_newer_than_itself() -> None:
     view.beat(_beat("a", 200, [_generic("i1")]))
     assert sorted(i.instance for i in view.instances) == ["i1", "i2"]
     assert set(view.recent) == {"i2"}
+
+
+def test_a_view_counts_each_instance_once_per_question() -> None:
+    view = _view("runtime-0", [_generic("g1"), _generic("g2"), _ready("r1"), _ready("b1", state="busy")])
+    assert view.count("generic") == 2
+    assert view.count("ready", FN, VER) == 1 and view.count("busy", FN, VER) == 1
+    assert view.count("ready", FN, "other-version") == 0
+    assert view.count("", FN) == 2  # of the function, in any state
