@@ -123,7 +123,7 @@ async def measure(
                         if kind == "prewarmed":
                             await client.send(PrewarmRequested(function=name, count=1), settings.topics.prewarm, name)
                             await wait_until(partial(dict.__contains__, done, name), 30)
-                            await wait_until(loaded(nodes, name), 5)
+                            await wait_until(loaded(nodes, name), 10)  # a few heartbeats (2 s apart)
                         else:
                             await asyncio.sleep(SPEC_SETTLE_S)
                     began = time.perf_counter()
