@@ -214,6 +214,29 @@ class Leadership(ConsumerRebalanceListener):  # type: ignore[misc]
         self._term: asyncio.Task[None] | None = None
         self._stopping = False
 
+    @classmethod
+    def for_service(
+        cls,
+        bootstrap: str,
+        topics: Topics,
+        service: str,
+        *,
+        instance: str,
+        session_timeout_ms: int,
+        on_role: Callable[[str], None] | None = None,
+    ) -> Leadership:
+        """The lease of ``service`` as every Stoker service names it: topic ``lease.<service>``, group
+        ``stoker-<service>-lease`` and one transactional id for all its copies (so each fences the last)."""
+        return cls(
+            bootstrap,
+            lease_spec(topics, service),
+            group_id=f"stoker-{service}-lease",
+            instance=instance,
+            transactional_id=f"stoker-{service}-{topics.prefix}",
+            session_timeout_ms=session_timeout_ms,
+            on_role=on_role,
+        )
+
     @property
     def holding(self) -> bool:
         return self._holding.is_set()

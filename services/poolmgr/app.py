@@ -36,7 +36,7 @@ from events import (
 )
 from events.cluster import NodeObserved
 from services.common.broker import make_broker
-from services.common.leadership import FencedWriter, Leadership, TermReader, lease_spec, run_loops
+from services.common.leadership import FencedWriter, Leadership, TermReader, run_loops
 from services.common.runner import configure_logging, mark_ready, serve
 from services.common.telemetry import setup_tracing
 from services.common.views import Reader, Table, dead_letters_to
@@ -112,12 +112,11 @@ async def run(settings: PoolmgrSettings) -> None:
         if not stopping:
             mark_ready(common, settings.component, **facts, role=role)
 
-    leadership = Leadership(
+    leadership = Leadership.for_service(
         common.bootstrap,
-        lease_spec(topics, "poolmgr"),
-        group_id="stoker-poolmgr-lease",
+        topics,
+        "poolmgr",
         instance=settings.instance_name,
-        transactional_id=f"stoker-poolmgr-{topics.prefix}",
         session_timeout_ms=settings.lease_timeout_ms,
         on_role=on_role,
     )

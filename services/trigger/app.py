@@ -18,7 +18,7 @@ from events import InvocationCompleted, codec
 from events.dlq import DeadLettered
 from events.triggers import TriggerFired, TriggerSpec, TriggerStatus, TriggerTopics
 from services.common.admin import ensure_topics
-from services.common.leadership import FencedWriter, Leadership, lease_spec
+from services.common.leadership import FencedWriter, Leadership
 from services.common.runner import configure_logging, mark_ready, serve
 from services.common.telemetry import setup_tracing
 from services.common.views import Reader
@@ -114,12 +114,11 @@ async def run(settings: TriggerSettings) -> None:
             facts["role"] = role
             mark_ready(common, settings.instance_name, **facts)
 
-    leadership = Leadership(
+    leadership = Leadership.for_service(
         common.bootstrap,
-        lease_spec(topics, "trigger-cron"),
-        group_id="stoker-trigger-cron-lease",
+        topics,
+        "trigger-cron",
         instance=settings.instance_name,
-        transactional_id=f"stoker-trigger-cron-{topics.prefix}",
         session_timeout_ms=settings.lease_timeout_ms,
         on_role=on_role,
     )

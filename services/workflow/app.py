@@ -39,7 +39,6 @@ from services.common.leadership import (
     Leadership,
     Out,
     TermReader,
-    lease_spec,
     run_loops,
 )
 from services.common.runner import configure_logging, mark_ready, serve
@@ -81,12 +80,11 @@ async def run(settings: WorkflowSettings) -> None:
         if not stopping:
             mark_ready(common, settings.component, **facts, role=role)
 
-    leadership = Leadership(
+    leadership = Leadership.for_service(
         common.bootstrap,
-        lease_spec(topics, "workflow"),
-        group_id="stoker-workflow-lease",
+        topics,
+        "workflow",
         instance=settings.instance_name,
-        transactional_id=f"stoker-workflow-{topics.prefix}",
         session_timeout_ms=settings.lease_timeout_ms,
         on_role=on_role,
     )
