@@ -78,6 +78,10 @@ def instance_name(env: Mapping[str, str], service: str) -> str:
     return env.get("STOKER_INSTANCE_NAME") or f"{service}-{socket.gethostname()}-{os.getpid()}"
 
 
+LEASE_TOPIC_WAIT_S = 30.0
+"""How long a new lease topic may take to show in the metadata before the service gives up (and is restarted)."""
+
+
 def lease_spec(topics: Topics, service: str) -> TopicSpec:
     """The lease topic of ``service``: one partition, nothing is ever written to it."""
     return TopicSpec(f"{topics.prefix}lease.{service}", partitions=1, retention_ms=60 * 60 * 1000)
@@ -259,6 +263,13 @@ class Leadership(ConsumerRebalanceListener):  # type: ignore[misc]
             consumer_timeout_ms=FETCH_ROUTINE_TIMER_MS,
         )
         await self._consumer.start()
+        # A topic just created may not be in the metadata this consumer was given yet: subscribed to
+        # then, it would wait for the next metadata refresh (minutes) before joining with a partition.
+        deadline = time.monotonic() + LEASE_TOPIC_WAIT_S
+        while self.lease.name not in await self._consumer.topics():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the lease topic {self.lease.name} is not in the cluster's metadata")
+            await asyncio.sleep(0.1)
         self._consumer.subscribe([self.lease.name], listener=self)
         self._poller = asyncio.create_task(self._poll(), name=f"lease:{self.lease.name}")
 
