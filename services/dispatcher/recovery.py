@@ -17,6 +17,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from events import InvocationCompleted, codec
 from events.dispatch import DispatchState, InvocationQueued, InvocationSent
+from services.common.resultscan import results_since
 
 log = logging.getLogger("stoker.dispatcher.recovery")
 
@@ -96,54 +97,15 @@ async def ended_since(
     bootstrap: str, result_topic: str, since_ms: int, wanted: Callable[[str], bool]
 ) -> tuple[set[str], list[InvocationCompleted]]:
     """Ids of every result written since ``since_ms`` (less the slack), and the results ``wanted`` asks for."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        isolation_level="read_committed",
-        fetch_max_wait_ms=50,
-    )
-    await consumer.start()
     started = time.monotonic()
-    try:
-        parts = consumer.partitions_for_topic(result_topic) or set()
-        if not parts:
-            consumer._client.add_topic(result_topic)  # noqa: SLF001 - aiokafka has no public call for this
-            await consumer._client.force_metadata_update()  # noqa: SLF001
-            parts = consumer.partitions_for_topic(result_topic) or set()
-        tps = [TopicPartition(result_topic, p) for p in sorted(parts)]
-        consumer.assign(tps)
-        ends = await consumer.end_offsets(tps)
-        starts = await consumer.offsets_for_times({tp: max(0, since_ms - CLOCK_SLACK_MS) for tp in tps})
-        ids: set[str] = set()
-        results: list[InvocationCompleted] = []
-        for tp in tps:
-            at = starts.get(tp)
-            if at is None or ends[tp] == 0:
-                continue  # nothing written since then on this partition
-            consumer.seek(tp, at.offset)
-        while True:
-            behind = [tp for tp in tps if starts.get(tp) is not None and await consumer.position(tp) < ends[tp]]
-            if not behind:
-                break
-            batches = await consumer.getmany(*behind, timeout_ms=200)
-            for tp, records in batches.items():
-                for rec in records:
-                    if rec.offset >= ends[tp] or rec.key is None:
-                        continue
-                    ident = rec.key.decode("utf-8", errors="replace")
-                    ids.add(ident)
-                    if wanted(ident):
-                        try:
-                            decoded = codec.decode(rec.value, (InvocationCompleted,))
-                        except codec.DecodeError:
-                            continue  # the live reader dead-letters it
-                        results.append(decoded)  # type: ignore[arg-type]
-        log.info("read %d results of the last %.0f s in %.2f s", len(ids), (time.time() * 1000 - since_ms) / 1000,
-                 time.monotonic() - started)
-        return ids, results
-    finally:
-        await consumer.stop()
+    ids, results = await results_since(bootstrap, result_topic, since_ms - CLOCK_SLACK_MS, wanted)
+    log.info(
+        "read %d results of the last %.0f s in %.2f s",
+        len(ids),
+        (time.time() * 1000 - since_ms) / 1000,
+        time.monotonic() - started,
+    )
+    return ids, results
 
 
 async def _read_to_end(consumer: AIOKafkaConsumer, tp: TopicPartition, limit: int | None) -> list:  # type: ignore[type-arg]

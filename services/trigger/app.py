@@ -19,6 +19,7 @@ from events.dlq import DeadLettered
 from events.triggers import TriggerFired, TriggerSpec, TriggerStatus, TriggerTopics
 from services.common.admin import ensure_topics
 from services.common.leadership import FencedWriter, Leadership
+from services.common.resultscan import results_since
 from services.common.runner import configure_logging, mark_ready, serve
 from services.common.telemetry import setup_tracing
 from services.common.views import Reader
@@ -26,7 +27,6 @@ from services.trigger import handlers, metrics
 from services.trigger.core import Triggers
 from services.trigger.cron import CronScheduler
 from services.trigger.results import REPLY_NAME, ResultBook, is_trigger_result
-from services.trigger.scan import results_since
 from services.trigger.settings import TriggerSettings
 
 log = logging.getLogger("stoker.trigger")
@@ -62,7 +62,8 @@ async def run(settings: TriggerSettings) -> None:
             return False
 
     async def scan(prefix: str, since_ms: int) -> list[InvocationCompleted]:
-        return await results_since(common.bootstrap, topics.result, prefix, since_ms)
+        _ids, found = await results_since(common.bootstrap, topics.result, since_ms, lambda i: i.startswith(prefix))
+        return found
 
     async def publish_status(name: str, status: TriggerStatus | None) -> None:
         key = f"{name}/{settings.instance_name}".encode()
