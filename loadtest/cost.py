@@ -10,7 +10,9 @@ per answered invocation. On a 2-core machine the sum is what caps throughput: at
 invocation, nothing sustains more than ``2000 / c`` invocations per second.
 
 The idle platform's own burn over the same window is subtracted from nothing: at a few % of a core
-it is ~0.2 ms per invocation at 200/s; run ``loadtest idle`` for it.
+it is ~0.2 ms per invocation at 200/s; run ``loadtest idle`` for it. The system measured first on a
+freshly started broker also pays for the broker's JIT compiler warming up: compare the components
+other than the broker, or run each system on its own (``--systems``).
 """
 
 from __future__ import annotations
@@ -29,32 +31,19 @@ from loadtest import harness
 from loadtest.direct import direct_consumer
 from loadtest.floor import noop_code
 from loadtest.harness import console, fmt
-from loadtest.idle import CLK_TCK, Sampler
+from loadtest.idle import Sampler
 from loadtest.load import closed_loop, describe, kafka_call, open_loop, schedule
 from loadtest.warm import create_noop, delete
 from services.common.client import StokerClient
 from services.common.settings import CommonSettings
 
 
-class CostSampler(Sampler):
-    """The platform's components plus this process (the client) and its children (a direct consumer)."""
-
-    def __init__(self, run_dir: Path) -> None:
-        super().__init__(run_dir, {"client": os.getpid()})
-
-    def ticks_per_component(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for pid, usage in self.usage.items():
-            name = self.owner[pid]
-            out[name] = out.get(name, 0) + usage.ticks
-        return out
-
-
 async def step(settings: CommonSettings, function: str, run_dir: Path, rate: float, seconds: float) -> dict[str, Any]:
     async with StokerClient(settings) as client:
         call = kafka_call(client, function, timeout_s=30.0)
-        await closed_loop(call, 200, 16)  # instances, connections and JIT warmed before the window
-        sampler = CostSampler(run_dir)
+        await closed_loop(call, 200, 16)  # instances and connections ready before the window
+        # The platform's components, this process (the client) and its children (a direct consumer).
+        sampler = Sampler(run_dir, {"client": os.getpid()})
         sampler.sample()
         started = time.monotonic()
         samples, _ = await open_loop(call, schedule(rate, seconds))
@@ -62,7 +51,8 @@ async def step(settings: CommonSettings, function: str, run_dir: Path, rate: flo
         took = time.monotonic() - started
     answered = describe(samples, took)
     n = max(1, sum(1 for s in samples if s.ok))
-    per = {name: round(1000.0 * ticks / CLK_TCK / n, 3) for name, ticks in sampler.ticks_per_component().items()}
+    # % of one core over ``took`` seconds -> CPU milliseconds per answered invocation.
+    per = {name: round(entry["pct"] * took * 10 / n, 3) for name, entry in sampler.per_component(took).items()}
     return {
         "rate": rate,
         "seconds": round(took, 2),

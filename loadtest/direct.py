@@ -39,8 +39,6 @@ from events.topics import INVOCATION_PARTITIONS
 from services.common.admin import ensure_topics
 from services.common.settings import CommonSettings
 
-PARTITIONS = INVOCATION_PARTITIONS
-"""As many partitions as ``stoker up`` gives the invocation and result topics."""
 COMMIT_EVERY_S = 1.0
 """Confirmed offsets are committed at most this often (at-least-once: a crash re-runs at most this much)."""
 
@@ -158,8 +156,9 @@ def direct_consumer(
         ensure_topics(
             settings.bootstrap,
             [
-                TopicSpec(topics.invocation, partitions=PARTITIONS, retention_ms=hour),
-                TopicSpec(topics.result, partitions=PARTITIONS, retention_ms=hour),
+                # As many partitions as ``stoker up`` gives the platform's: both sides decode the same.
+                TopicSpec(topics.invocation, partitions=INVOCATION_PARTITIONS, retention_ms=hour),
+                TopicSpec(topics.result, partitions=INVOCATION_PARTITIONS, retention_ms=hour),
             ],
         )
     )

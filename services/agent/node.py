@@ -334,14 +334,10 @@ class NodeAgent:
             "max_output_bytes": spec.max_output_bytes,
         }
         attributes = {telemetry.INVOCATION_ID: inv.id, telemetry.FUNCTION: inv.function, "stoker.instance": inst.id}
-        if queued:
-            reply = await self._run_queued(slot, spec, msg, timeout_s, attributes, outcome)
-            if reply is None:
-                return
-        else:
-            reply = await self._run_now(slot, spec, msg, timeout_s, attributes, outcome)
-            if reply is None:
-                return
+        send = self._run_queued if queued else self._run_now
+        reply = await send(slot, spec, msg, timeout_s, attributes, outcome)
+        if reply is None:
+            return
         inst.uses += 1
         inst.last_used_at = time.monotonic()
         outcome.logs = reply.get("logs")

@@ -28,7 +28,7 @@ from services.common.artifacts import LocalArtifactStore
 from services.common.broker import make_broker
 from services.common.runner import configure_logging, serve
 from services.common.telemetry import setup_tracing
-from services.common.views import Reader, dead_letters_to
+from services.common.views import FETCH_ROUTINE_TIMER_MS, Reader, dead_letters_to
 
 log = logging.getLogger("stoker.builder")
 tracer = trace.get_tracer("stoker.builder")
@@ -134,7 +134,7 @@ async def run(settings: BuilderSettings) -> None:
         auto_offset_reset="earliest",
         ack_policy=AckPolicy.NACK_ON_ERROR,
         max_poll_interval_ms=30 * 60 * 1000,
-        consumer_timeout_ms=1000,  # the fetch routine's safety-net timer (5 wakes a second by default)
+        consumer_timeout_ms=FETCH_ROUTINE_TIMER_MS,
     )
     async def on_code_committed(event: CodeCommitted) -> None:
         await functions.wait_caught_up(timeout_s=2.0)

@@ -26,7 +26,7 @@ from services.common.broker import make_broker
 from services.common.runner import configure_logging, serve
 from services.common.settings import CommonSettings, env_float, env_int
 from services.common.telemetry import setup_tracing
-from services.common.views import Reader, Table, dead_letters_to
+from services.common.views import FETCH_ROUTINE_TIMER_MS, Reader, Table, dead_letters_to
 from services.throttler.fairness import NodeCapacity, NodePressure, read_host_pressure
 from services.throttler.policy import Action, PolicyConfig, Throttler
 from services.throttler.ranges import RangeConfig
@@ -139,7 +139,7 @@ async def run(common: CommonSettings, config: PolicyConfig, host_pressure: bool 
         group_id="stoker-throttler",
         auto_offset_reset="latest",
         ack_policy=AckPolicy.ACK,
-        consumer_timeout_ms=1000,  # the fetch routine's safety-net timer (5 wakes a second by default)
+        consumer_timeout_ms=FETCH_ROUTINE_TIMER_MS,
     )
     async def on_metrics(metrics: NodeMetrics) -> None:
         if now_ms() - metrics.at_ms > 10_000:
