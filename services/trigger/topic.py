@@ -35,6 +35,7 @@ from opentelemetry.trace import SpanKind
 from events import ErrorInfo, InvocationCompleted, InvocationRequested, codec, now_ms
 from events.triggers import TriggerFailed, TriggerSpec, TriggerState, TriggerStatus, record_invocation_id
 from services.common import telemetry
+from services.common.views import FETCH_MAX_WAIT_MS, FETCH_ROUTINE_TIMER_MS
 from services.trigger import delivery, metrics
 from services.trigger.payload import SourceRecord, decode_value, event_of, trace_carrier
 from services.trigger.results import REPLY_NAME, ResultBook
@@ -127,7 +128,8 @@ class TopicTrigger(ConsumerRebalanceListener):  # type: ignore[misc]
             enable_auto_commit=False,
             auto_offset_reset=self.spec.start,
             isolation_level="read_committed",
-            fetch_max_wait_ms=500,
+            fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
+            consumer_timeout_ms=FETCH_ROUTINE_TIMER_MS,
             max_poll_records=500,
             session_timeout_ms=10_000,
             heartbeat_interval_ms=2_000,
