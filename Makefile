@@ -4,14 +4,30 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup nft tools manifests up down status test test-unit test-k8s lint bench clean
+.PHONY: setup nft console-assets browser tools manifests up down status test test-unit test-k8s lint bench clean
 TOOLS  := .stoker/tools
 # helm's own state kept with the tools, so that a user's helm plugins and settings change no render
 HELM   := HELM_CACHE_HOME=$(TOOLS)/helm-home/cache HELM_CONFIG_HOME=$(TOOLS)/helm-home/config \
           HELM_DATA_HOME=$(TOOLS)/helm-home/data $(TOOLS)/bin/helm
 
-setup: $(STAMP) nft ## create the venv, install Stoker, fetch the Kafka jars (idempotent)
+setup: $(STAMP) nft console-assets ## create the venv, install Stoker, fetch the Kafka jars (idempotent)
 	@$(BIN)/stoker setup
+
+# The web console's browser libraries (Chart.js, Cytoscape.js), pinned by package-lock.json and served
+# from node_modules as published: no bundle, nothing built is committed.
+CONSOLE_WEB := services/console/web
+console-assets: $(CONSOLE_WEB)/node_modules/.package-lock.json
+$(CONSOLE_WEB)/node_modules/.package-lock.json: $(CONSOLE_WEB)/package.json $(CONSOLE_WEB)/package-lock.json
+	@command -v npm >/dev/null || { echo "need npm (Node.js) for the web console's libraries"; exit 1; }
+	@cd $(CONSOLE_WEB) && npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+# Debian's chromium and chromium-driver: the console's tests drive a real headless browser.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { test "$$(id -u)" -eq 0 \
+		&& { apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 \
+		     || { apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null; }; } \
+		|| { echo "need chromium and chromium-driver (apt-get install chromium chromium-driver) for the console tests"; exit 1; }; }
 
 # `nft` (Debian's nftables) for --network egress: a root agent confines egress instances with it.
 nft:
@@ -47,7 +63,7 @@ down: ## stop a detached platform
 status:
 	$(BIN)/stoker status
 
-test: setup tools ## run the whole suite against a broker and a Kubernetes API server the tests start and stop
+test: setup tools browser ## run the whole suite against a broker and a Kubernetes API server the tests start and stop
 	$(BIN)/pytest -q tests
 
 test-unit: setup

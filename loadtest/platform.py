@@ -27,13 +27,14 @@ def free_port() -> int:
 def own_platform(extra_env: dict[str, str] | None = None, *up_args: str) -> Iterator[tuple[dict[str, str], str]]:
     """Start a platform of its own; yields (environment for `stoker`, gateway URL)."""
     with tempfile.TemporaryDirectory(prefix="stoker-bench-") as tmp:
-        kafka, controller, http = free_port(), free_port(), free_port()
+        kafka, controller, http, console = free_port(), free_port(), free_port(), free_port()
         env = {
             **os.environ,
             "STOKER_HOME": str(Path(tmp) / "home"),
             "STOKER_BOOTSTRAP": f"127.0.0.1:{kafka}",
             "STOKER_CONTROLLER_PORT": str(controller),
             "STOKER_HTTP_PORT": str(http),
+            "STOKER_CONSOLE_PORT": str(console),
             "STOKER_KAFKA_LIBS": os.environ.get("STOKER_KAFKA_LIBS", str(LIBS)),
             **(extra_env or {}),
         }

@@ -21,11 +21,9 @@ from events import (
     BuildFinished,
     BuildStarted,
     CodeCommitted,
-    ConfigureNode,
     FunctionSpec,
     InvocationCompleted,
     PlacementOverride,
-    PrewarmRequested,
     Record,
     RepoConfigured,
     RunFinished,
@@ -42,6 +40,7 @@ from services.agent.settings import parse_taints
 from services.cli import platform
 from services.cli import triggers as trigger_cli
 from services.cli.broker import BrokerError, broker_is_reachable
+from services.common import operations
 from services.common.admin import ensure_topics
 from services.common.artifacts import ArtifactError, LocalArtifactStore
 from services.common.client import StokerClient, deadline_in, package_code
@@ -116,6 +115,9 @@ def up(
     isolated: Annotated[int, typer.Option(help="Isolation nodes for throttled functions.", min=0, max=8)] = 1,
     pool_size: Annotated[int, typer.Option(help="Generic instances per node.", min=0, max=64)] = 2,
     http_port: Annotated[Optional[int], typer.Option(help="Gateway port (default $STOKER_HTTP_PORT or 8080).")] = None,
+    console_port: Annotated[
+        Optional[int], typer.Option(help="Web console port (default $STOKER_CONSOLE_PORT or 8081).")
+    ] = None,
     example: Annotated[bool, typer.Option(help="Deploy and invoke examples/hello once up.")] = True,
     dispatchers: Annotated[
         int, typer.Option(help="Dispatcher processes (dispatcher-0 … when more than one).", min=1, max=8)
@@ -133,6 +135,7 @@ def up(
         common=common,
         embedded_broker=bootstrap is None,
         http_port=port,
+        console_port=console_port or int(os.environ.get("STOKER_CONSOLE_PORT") or 8081),
         nodes=nodes,
         isolated=isolated,
         pool_size=pool_size,
@@ -155,6 +158,7 @@ def up(
         f'HTTP API: [bold]http://127.0.0.1:{port}[/bold]  (try: curl -d \'{{"name": "you"}}\' '
         f"http://127.0.0.1:{port}/fn/hello)"
     )
+    console.print(f"Web console: [bold]http://127.0.0.1:{port}/console[/bold]")
     if detach:
         console.print("Running in the background; `stoker status` to look, `stoker down` to stop.")
         return
@@ -400,6 +404,14 @@ def _with_client(common: CommonSettings, work: Callable[[StokerClient], Awaitabl
     return asyncio.run(go())
 
 
+def _operate(common: CommonSettings, action: Callable[[StokerClient], Awaitable[None]]) -> None:
+    """One management action (shared with the console); a refusal is the command's error."""
+    try:
+        _with_client(common, action)
+    except operations.Refused as exc:
+        raise fail(str(exc)) from None
+
+
 def _current(common: CommonSettings, name: str) -> FunctionSpec | None:
     return _with_client(common, lambda c: c.functions()).get(name)
 
@@ -633,11 +645,7 @@ def fn_prewarm(
     """Load the function's active version into at least COUNT instances ahead of demand."""
     common = settings()
     _require_broker(common)
-    if _current(common, name) is None:
-        raise fail(f"no function named {name!r}")
-    _publish(
-        common, PrewarmRequested(function=name, count=count, reason="stoker fn prewarm"), common.topics.prewarm, name
-    )
+    _operate(common, lambda c: operations.prewarm(c, name, count, reason="stoker fn prewarm"))
     console.print(f"asked for {count} prewarmed instance(s) of [bold]{name}[/bold]")
 
 
@@ -893,15 +901,7 @@ app.add_typer(node_app, name="node")
 def _node_command(name: str, **changes: Any) -> None:
     common = settings()
     _require_broker(common)
-
-    async def go() -> None:
-        async with StokerClient(common) as client:
-            record = (await client.nodes()).get(name)
-            if record is None or record.type != "node.heartbeat":
-                raise fail(f"no running node named {name!r}")
-            await client.send(ConfigureNode(incarnation=record.incarnation, **changes), common.topics.work(name), name)
-
-    asyncio.run(go())
+    _operate(common, lambda c: operations.configure_node(c, name, **changes))
 
 
 def _taint(text: str) -> Taint:
@@ -996,19 +996,10 @@ def fn_isolate(
     """Run a function only on isolation nodes for a while (or --release it)."""
     common = settings()
     _require_broker(common)
-    if _current(common, name) is None:
-        raise fail(f"no function named {name!r}")
-
-    async def go() -> None:
-        async with StokerClient(common) as client:
-            if release:
-                await client.tombstone(common.topics.placement, name)
-            else:
-                until = int(time.time() * 1000 + seconds * 1000)
-                override = PlacementOverride(function=name, until_ms=until, reason="stoker fn isolate", by="user")
-                await client.send(override, common.topics.placement, name)
-
-    asyncio.run(go())
+    if release:
+        _operate(common, lambda c: operations.release_isolation(c, name))
+    else:
+        _operate(common, lambda c: operations.isolate(c, name, seconds, reason="stoker fn isolate"))
     console.print(f"{name} released" if release else f"{name} isolated for {seconds:g}s")
 
 

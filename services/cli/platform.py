@@ -67,6 +67,8 @@ class PlatformConfig:
     common: CommonSettings
     embedded_broker: bool = True
     http_port: int = 8080
+    console_port: int = 8081
+    """The web console's port (the gateway's ``/console`` redirects there)."""
     nodes: int = 2
     """Runtime nodes (tainted ``stoker.io/dedicated=runtime:NoSchedule``)."""
     isolated: int = 1
@@ -121,7 +123,18 @@ class PlatformConfig:
         comps.append(Component("trigger", "services.trigger", on_management))
         comps += [self.agent(n, n.rsplit("-", 1)[0]) for n in self.node_names]
         comps.append(
-            Component("gateway", "services.gateway", {"STOKER_HTTP_PORT": str(self.http_port), **on_management})
+            Component("console", "services.console", {"STOKER_CONSOLE_PORT": str(self.console_port), **on_management})
+        )
+        comps.append(
+            Component(
+                "gateway",
+                "services.gateway",
+                {
+                    "STOKER_HTTP_PORT": str(self.http_port),
+                    "STOKER_CONSOLE_URL": f"http://127.0.0.1:{self.console_port}/console",
+                    **on_management,
+                },
+            )
         )
         return comps
 

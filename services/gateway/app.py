@@ -282,6 +282,12 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         WEBHOOK_DELIVERIES.labels(host, "accepted").inc()
         return _json(202, {"status": "accepted", "delivery": push.delivery_id, "repo": push.repo, "ref": push.ref})
 
+    @app.get("/console")
+    async def console() -> Response:
+        # The console is a service of its own, so that its reading of every topic never shares a
+        # process with the invocation path.
+        return Response(status_code=307, headers={"Location": settings.console_url})
+
     @app.get("/healthz")
     async def healthz() -> Response:
         return _json(200, {"status": "ok", "gateway": settings.gateway_id})

@@ -20,6 +20,8 @@ class GatewaySettings:
     sync_queue_s: float = 30.0
     """Extra time a synchronous call may wait for capacity on top of the function's timeout."""
     gateway_id: str = "gateway-8080"
+    console_url: str = "http://127.0.0.1:8081/console"
+    """Where ``/console`` sends a browser: the console service."""
     webhook_secret: str = ""
     """Shared secret of git webhooks (``STOKER_WEBHOOK_SECRET``); per-repository ones override it."""
 
@@ -35,5 +37,6 @@ class GatewaySettings:
             publish_timeout_s=env_float(env, "STOKER_PUBLISH_TIMEOUT_S", 10.0),
             sync_queue_s=env_float(env, "STOKER_SYNC_QUEUE_S", 30.0),
             gateway_id=env_str(env, "STOKER_GATEWAY_ID", f"gateway-{port}"),
+            console_url=env_str(env, "STOKER_CONSOLE_URL", "http://127.0.0.1:8081/console"),
             webhook_secret=env_str(env, "STOKER_WEBHOOK_SECRET", ""),
         )

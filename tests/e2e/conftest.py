@@ -65,13 +65,14 @@ def processes_under(home: Path) -> list[int]:
 
 
 def start_platform(home: Path, *extra: str, env_extra: dict[str, str] | None = None) -> tuple[Platform, str]:
-    kafka_port, controller_port, http_port = free_ports(3)
+    kafka_port, controller_port, http_port, console_port = free_ports(4)
     env = {
         **os.environ,
         "STOKER_HOME": str(home),
         "STOKER_BOOTSTRAP": f"127.0.0.1:{kafka_port}",
         "STOKER_CONTROLLER_PORT": str(controller_port),
         "STOKER_HTTP_PORT": str(http_port),
+        "STOKER_CONSOLE_PORT": str(console_port),
         "STOKER_KAFKA_LIBS": str(shared_libs_dir()),
         **(env_extra or {}),
     }
