@@ -286,7 +286,15 @@ def create_app(settings: ConsoleSettings) -> FastAPI:
 
     @app.get("/healthz")
     async def healthz() -> Response:
-        return _json(200, {"status": "ok", "watching": console.watching, "assets_missing": missing_assets()})
+        return _json(
+            200,
+            {
+                "status": "ok",
+                "watching": console.watching,
+                "pages_open": console.pages_open,
+                "assets_missing": missing_assets(),
+            },
+        )
 
     return app
 

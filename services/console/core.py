@@ -80,12 +80,17 @@ class Console:
     def watching(self) -> bool:
         return self.client is not None
 
+    @property
+    def pages_open(self) -> int:
+        return len(self._subscribers)
+
     async def ensure_watching(self) -> None:
         """Start reading the topics if not yet (the first page request does this)."""
         self._last_used = time.monotonic()
         if self.client is not None:
             return
         async with self._start_lock:
+            self._last_used = time.monotonic()
             if self.client is not None:
                 return
             client = StokerClient(self.settings.common)
@@ -269,10 +274,19 @@ class Console:
                 self._push("cluster", self.cluster())
             if ticks % int(2 * TICK_S / PUSH_RESULTS_S) == 0 and self._subscribers:
                 self._push("functions", self.functions())
-            idle = time.monotonic() - self._last_used
-            if not self._subscribers and idle > self.settings.idle_after_s:
-                log.info("console: no page open for %.0f s, stops reading", idle)
-                asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self.stop()))
+            if not self._subscribers and time.monotonic() - self._last_used > self.settings.idle_after_s:
+                async with self._start_lock:  # a page opening meanwhile keeps the console reading
+                    if self._subscribers or time.monotonic() - self._last_used <= self.settings.idle_after_s:
+                        continue
+                    log.info("console: no page open for %.0f s, stops reading", self.settings.idle_after_s)
+                    for task in self._tasks:
+                        if task is not asyncio.current_task():
+                            task.cancel()
+                    self._tasks = []
+                    client, self.client = self.client, None
+                    self.broker_up = None
+                    if client is not None:
+                        await client.__aexit__(None, None, None)
                 return
 
     async def _watch_broker(self) -> None:

@@ -390,4 +390,6 @@ def waterfall(spans: list[dict[str, Any]], trace_id: str) -> dict[str, Any]:
         for link in s.get("links", []):
             if link["trace_id"] != trace_id and link["trace_id"] not in linked:
                 linked.append(link["trace_id"])
-    return {"trace_id": trace_id, "spans": rows, "linked": linked}
+    # The root (the first caller's span) ends last, so it is written last: until it is there, more may come.
+    complete = any(not s.get("parent_id") for s in mine)
+    return {"trace_id": trace_id, "spans": rows, "linked": linked, "complete": complete}

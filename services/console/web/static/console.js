@@ -73,6 +73,10 @@ function connect() {
       for (const fn of handlers[name] || []) fn(data);
     });
   }
+  // A browser holds at most six connections to one host: a page left behind (or kept in the
+  // back-forward cache) must give its stream back, and take a new one if it is shown again.
+  window.addEventListener("pagehide", () => source.close(), { once: true });
+  window.addEventListener("pageshow", (e) => { if (e.persisted) location.reload(); }, { once: true });
   source.onopen = () => { badge.dataset.console = "up"; };
   source.onerror = () => {
     // EventSource reconnects by itself; say so meanwhile.
@@ -116,7 +120,7 @@ function renderCluster(view) {
       el("tr", {}, el("th", {}, "function"), el("th", {}, "until"), el("th", {}, "by"), el("th", {}, "reason"), el("th", {}, "")),
       view.isolations.map((i) => el("tr", { "data-isolated": i.function },
         el("td", {}, i.function), el("td", {}, clock(i.until_ms)), el("td", {}, i.by), el("td", {}, i.reason),
-        el("td", {}, el("button", { onclick: () => action(`/functions/${i.function}/release`) }, "Release")))))
+        el("td", {}, el("button", { onclick: () => action(`/functions/${i.function}/release`), "data-action": "release" }, "Release")))))
       : el("p", { class: "muted" }, "none"));
   const decisions = el("section", { id: "decisions" }, el("h2", {}, "Throttle decisions"),
     view.decisions.length ? el("table", {},
@@ -138,6 +142,7 @@ function lineChart(canvas, series) {
       { label: "per s", data: series.map((p) => p.per_s), yAxisID: "rate", borderWidth: 1.5, pointRadius: 0 },
       { label: "p99 ms", data: series.map((p) => p.p99_ms), yAxisID: "ms", borderWidth: 1.5, pointRadius: 0 },
       { label: "cold", data: series.map((p) => p.cold), yAxisID: "rate", borderWidth: 1, pointRadius: 0, borderDash: [4, 3] },
+      { label: "errors", data: series.map((p) => p.errors), yAxisID: "rate", borderWidth: 1, pointRadius: 0, borderDash: [2, 2] },
     ],
   };
   if (charts[canvas.id]) {
@@ -261,13 +266,23 @@ function waterfallChart(canvas, trace) {
   });
 }
 
+function spanTable(trace) {
+  return el("details", {}, el("summary", {}, `${trace.spans.length} spans`),
+    el("table", { class: "spans" },
+      el("tr", {}, ["span", "service", "at", "took", "figures"].map((h) => el("th", {}, h))),
+      trace.spans.map((s) => el("tr", { "data-span": s.name, "data-service": s.service || "" },
+        el("td", {}, `${"· ".repeat(s.depth)}${s.name}`), el("td", {}, s.service || ""), el("td", {}, `+${s.start_ms} ms`),
+        el("td", {}, ms(s.duration_ms)),
+        el("td", { class: "muted" }, Object.entries(s.attributes).map(([k, v]) => `${k.replace("stoker.", "")}=${v}`).join(" "))))));
+}
+
 async function invocationPage() {
   app.replaceChildren(el("h1", {}, `Invocation ${ARG}`), el("p", { class: "muted", id: "waiting" }, "waiting for its result and trace…"));
   let found = null;
   for (let attempt = 0; attempt < 20; attempt++) {
     try {
       found = await api(`/invocations/${ARG}`);
-      if (found.result && found.traced) break;
+      if (found.result && found.traced && found.traces.every((t) => t.complete)) break;
     } catch (_) { /* not seen yet */ }
     await new Promise((r) => setTimeout(r, 500));
   }
@@ -285,12 +300,13 @@ async function invocationPage() {
   const canvases = [];
   found.traces.forEach((t, i) => {
     const canvas = el("canvas", { id: `waterfall-${i}`, width: 900, height: 100, "data-spans": t.spans.length });
-    parts.push(el("h2", {}, `Trace ${t.trace_id}`), canvas);
+    parts.push(el("h2", {}, `Trace ${t.trace_id}`), canvas, spanTable(t));
     canvases.push([canvas, t]);
   });
   found.linked.forEach((t, i) => {
     const canvas = el("canvas", { id: `linked-${i}`, width: 900, height: 100, "data-spans": t.spans.length });
-    parts.push(el("h2", {}, `Linked trace ${t.trace_id} (the build and prewarm of the code it ran)`), canvas);
+    parts.push(el("h2", {}, "Linked trace ", el("a", { href: `/console/invocations/${t.trace_id}` }, t.trace_id),
+      " (the build and prewarm of the code it ran)"), canvas, spanTable(t));
     canvases.push([canvas, t]);
   });
   app.replaceChildren(...parts);
