@@ -138,6 +138,20 @@ def test_push_builds_prewarms_and_the_first_call_is_prewarmed(git_platform: tupl
 
     assert_eventually(linked, timeout_s=15, message="the invocation's trace links to the build trace")
 
+    # The console shows the same: the function's git source and build (with its log), and the
+    # invocation's linked build trace.
+    console = f"http://127.0.0.1:{platform.env['STOKER_CONSOLE_PORT']}/console/api"
+    shown = {f["name"]: f for f in httpx.get(f"{console}/functions", timeout=30).json()}["hello-git"]
+    assert shown["source"]["kind"] == "git" and shown["source"]["git_commit"] == new
+    build = next(b for b in shown["builds"] if b["commit"] == new)
+    assert build["status"] == "ok" and build["has_log"]
+    build_log = httpx.get(f"{console}/functions/hello-git/builds/{build['build']}/log", timeout=30)
+    assert build_log.status_code == 200 and "tinydep" in build_log.text
+    page = httpx.get(f"{console}/invocations/{inv_id}", timeout=30).json()
+    assert page["result"]["start"] == "prewarmed"
+    linked_spans = {s["name"] for t in page["linked"] for s in t["spans"]}
+    assert {"stoker build", "stoker specialize"} <= linked_spans, linked_spans
+
 
 def test_bad_pushes_keep_the_previous_version_serving(git_platform: tuple[Platform, Repo]) -> None:
     platform, repo = git_platform

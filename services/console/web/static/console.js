@@ -167,7 +167,7 @@ function renderFunctions(list) {
     const id = `chart-${f.name}`;
     let canvas = document.getElementById(id);
     if (!canvas) canvas = el("canvas", { id, width: 480, height: 140 });
-    const source = f.source.kind === "git" ? `git ${f.source.repo || ""} ${(f.source.commit || "").slice(0, 10)}` : `${f.source.kind} ${(f.source.digest || "").slice(0, 12)}`;
+    const source = f.source.kind === "git" ? `git ${f.source.git_url || ""} ${f.source.git_branch || ""} ${f.source.git_path || ""} @ ${(f.source.git_commit || "").slice(0, 10)}` : `${f.source.kind} ${(f.source.digest || "").slice(0, 12)}`;
     const starts = Object.entries(f.start_share || {}).map(([k, v]) => `${k} ${pct(v)}`).join(" · ") || "–";
     const builds = (f.builds || []).map((b) => el("li", { class: b.status },
       `${b.build} ${b.status} ${b.duration_ms ? ms(b.duration_ms) : ""} ${b.reason || ""} `,
