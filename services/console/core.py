@@ -226,6 +226,7 @@ class Console:
             "traces": traces,
             "linked": [state.waterfall(spans, t) for tr in traces for t in tr["linked"]],
             "traced": bool(trace_ids),
+            "run": ident if self.runs.view(ident) is not None else None,
         }
 
     def workflows(self) -> list[dict[str, Any]]:

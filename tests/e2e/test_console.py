@@ -234,6 +234,11 @@ def test_a_workflow_run_shows_its_dag_with_step_states(
     assert "Hello, Bo!" in each and "Hello, Cy!" in each  # a mapped step's output: its items' outputs
     screenshot(browser, "run")
     assert not errors_in(browser)
+    # The run's own invocation (its id is the run's) leads to the run.
+    run_id = browser.current_url.rsplit("/", 1)[-1]
+    open_page(browser, f"{console_url}/console/invocations/{run_id}")
+    WebDriverWait(browser, 15).until(lambda d: attribute_of(d, "#run-link", "href"))
+    assert attribute_of(browser, "#run-link", "href") == f"/console/runs/{run_id}"
 
 
 def test_invoke_and_prewarm_from_the_functions_page(cluster: Platform, console_url: str, browser: WebDriver) -> None:

@@ -294,7 +294,8 @@ async function invocationPage() {
       el("div", { class: "meta" }, `${r.function}@${r.function_version || "?"} · ${r.status} · start ${r.start || "–"} · node ${r.node || "–"} · instance ${r.instance || "–"}`, el("br"),
         `queue ${ms(r.timings_ms.queue)} · start ${ms(r.timings_ms.start)} · exec ${ms(r.timings_ms.exec)} · total ${ms(r.timings_ms.total)}`),
       el("pre", {}, JSON.stringify(r.status === "ok" ? r.output : r.error, null, 2)),
-      r.logs ? el("pre", { class: "logs" }, r.logs) : null));
+      r.logs ? el("pre", { class: "logs" }, r.logs) : null,
+      found.run ? el("p", {}, el("a", { href: `/console/runs/${found.run}`, id: "run-link" }, "this workflow run's steps")) : null));
   }
   if (!found.traced) parts.push(el("p", { class: "muted" }, "no trace recorded for it (traces are sampled above STOKER_TRACES_PER_S)"));
   const canvases = [];
