@@ -18,18 +18,10 @@ from rich.console import Console
 from rich.table import Column, Table
 
 from events import (
-    BuildFinished,
-    BuildStarted,
-    CodeCommitted,
     FunctionSpec,
-    InvocationCompleted,
     PlacementOverride,
     Record,
     RepoConfigured,
-    RunFinished,
-    RunStarted,
-    StepFinished,
-    StepStarted,
     Taint,
     Toleration,
     WorkflowSpec,
@@ -42,7 +34,7 @@ from services.cli import triggers as trigger_cli
 from services.cli.broker import BrokerError, broker_is_reachable
 from services.common import operations
 from services.common.admin import ensure_topics
-from services.common.artifacts import ArtifactError, LocalArtifactStore
+from services.common.artifacts import ArtifactError
 from services.common.client import StokerClient, deadline_in, package_code
 from services.common.names import NameTaken
 from services.common.settings import CommonSettings
@@ -490,19 +482,10 @@ def fn_create(
         )
     except (ArtifactError, ValueError) as exc:
         raise fail(str(exc)) from None
-    _put(common, spec)
+    _operate(common, lambda c: operations.create_function(c, spec))
     if source.kind == "archive":
         console.print(f"created [bold]{name}[/bold] version {spec.code_version} ({source.size} bytes)")
         return
-    # The first build: the head of the branch, for this function only.
-    first = CodeCommitted(
-        repo=git or "",
-        ref=f"refs/heads/{branch}",
-        delivery_id=f"cli:{uuid.uuid4().hex}",
-        source="cli",
-        only_functions=[name],
-    )
-    _publish(common, first, common.topics.code_commit, first.repo)
     console.print(
         f"created [bold]{name}[/bold] bound to {git} {branch}:{path or '/'}; building the branch head "
         f"(`stoker fn builds {name}`)"
@@ -529,10 +512,7 @@ def fn_update(
     """Change a function: new code and/or settings (a new revision)."""
     common = settings()
     _require_broker(common)
-    spec = _current(common, name)
-    if spec is None:
-        raise fail(f"no function named {name!r}")
-    changes: dict[str, Any] = {"revision": spec.revision + 1, "updated_ms": int(time.time() * 1000)}
+    changes: dict[str, Any] = {}
     try:
         if code is not None:
             changes["source"] = package_code(common, code)
@@ -552,10 +532,12 @@ def fn_update(
         if env:
             changes["env"] = _parse_env(env)
         changes.update(_placement_options(node_selector, toleration))
-        new = FunctionSpec.model_validate({**spec.model_dump(), **changes})
     except (ArtifactError, ValueError) as exc:
         raise fail(str(exc)) from None
-    _put(common, new)
+    try:
+        new = _with_client(common, lambda c: operations.update_function(c, name, changes))
+    except (operations.Refused, NameTaken) as exc:
+        raise fail(str(exc)) from None
     console.print(f"updated [bold]{name}[/bold] to revision {new.revision}, version {new.code_version}")
 
 
@@ -599,10 +581,7 @@ def fn_delete(name: str) -> None:
     """Delete a function (a tombstone on the function topic)."""
     common = settings()
     _require_broker(common)
-    if _current(common, name) is None:
-        raise fail(f"no function named {name!r}")
-
-    _with_client(common, lambda c: c.delete_function(name))
+    _operate(common, lambda c: operations.delete_function(c, name))
     console.print(f"deleted [bold]{name}[/bold]")
 
 
@@ -650,22 +629,7 @@ def fn_prewarm(
 
 
 def _builds(common: CommonSettings, name: str) -> list[dict[str, Any]]:
-    rows: dict[str, dict[str, Any]] = {}
-    history: list[Any] = _with_client(common, lambda c: c.history(common.topics.build, key=name))
-    for record in history:
-        row = rows.setdefault(record.build_id, {"build": record.build_id})
-        if isinstance(record, BuildStarted):
-            row.update(started=record.at_ms, commit=record.commit, ref=record.ref, status="building")
-        elif isinstance(record, BuildFinished):
-            row.update(
-                status=record.status,
-                commit=record.commit or row.get("commit"),
-                digest=record.digest,
-                duration_ms=round(record.duration_ms, 1),
-                reason=record.reason,
-                log_uri=record.log_uri,
-            )
-    return sorted(rows.values(), key=lambda r: r.get("started", 0))
+    return _with_client(common, lambda c: operations.builds(c, name))
 
 
 @fn_app.command("builds")
@@ -697,9 +661,8 @@ def fn_logs(
     common = settings()
     _require_broker(common)
     if build is None:
-        history = _with_client(common, lambda c: c.history(common.topics.result))
-        results = [r for r in history if isinstance(r, InvocationCompleted) and r.function == name]
-        for result in results[-last:]:
+        results = _with_client(common, lambda c: operations.recent_results(c, name, last))
+        for result in results:
             when = time.strftime("%H:%M:%S", time.localtime(result.completed_ms / 1000))
             console.print(
                 f"[dim]{when}[/dim] [cyan]{result.id}[/cyan] {result.status} "
@@ -711,13 +674,11 @@ def fn_logs(
         if not results:
             console.print(f"no invocations of {name!r} on record")
         return
-    found = [b for b in _builds(common, name) if b["build"] == build]
-    if not found or not found[0].get("log_uri"):
-        raise fail(f"no finished build {build!r} of {name!r}")
     try:
-        sys.stdout.write(LocalArtifactStore(common.artifacts_dir).get(found[0]["log_uri"]).decode(errors="replace"))
-    except ArtifactError as exc:
+        log = _with_client(common, lambda c: operations.build_log(c, name, build))
+    except operations.Refused as exc:
         raise fail(str(exc)) from None
+    sys.stdout.write(log.decode(errors="replace"))
 
 
 wf_app = typer.Typer(help="Workflows: compose functions into one invocable unit.", no_args_is_help=True)
@@ -731,33 +692,17 @@ def wf_create(
     update: Annotated[bool, typer.Option(help="Replace an existing workflow.")] = False,
 ) -> None:
     """Create (or with --update, replace) a workflow from YAML; every problem is reported with its line."""
-    from services.workflow.dsl import WorkflowInvalid, load
-
     common = settings()
     _require_broker(common)
-
-    async def go() -> None:
-        async with StokerClient(common) as client:
-            functions = await client.functions()
-            current = (await client.table(common.topics.workflow, WorkflowSpec)).get(name)
-            if current is not None and not update:
-                raise fail(f"workflow {name!r} exists; use --update to replace it")
-            if name in functions:
-                raise fail(f"{name!r} is a function; a workflow needs a name of its own")
-            try:
-                spec = load(name, file.read_text(), lambda fn: fn in functions)
-            except WorkflowInvalid as exc:
-                for line, reason in exc.errors:
-                    err.print(f"{file}:{line}: {reason}" if line else f"{file}: {reason}", highlight=False)
-                raise fail(f"workflow {name!r} is not valid ({len(exc.errors)} problem(s))") from None
-            if current is not None:
-                spec = spec.model_copy(update={"revision": current.revision + 1})  # type: ignore[attr-defined]
-            try:
-                await client.put_workflow(spec)
-            except NameTaken as exc:
-                raise fail(str(exc)) from None
-
-    asyncio.run(go())
+    text = file.read_text()
+    try:
+        _with_client(common, lambda c: operations.put_workflow(c, name, text, replace=update))
+    except operations.WorkflowRefused as exc:
+        for line, reason in exc.errors:
+            err.print(f"{file}:{line}: {reason}" if line else f"{file}: {reason}", highlight=False)
+        raise fail(str(exc)) from None
+    except operations.Refused as exc:
+        raise fail(str(exc).replace("replace it instead", "use --update to replace it")) from None
     console.print(f"{'updated' if update else 'created'} workflow [bold]{name}[/bold]")
 
 
@@ -811,29 +756,16 @@ def wf_run(
     fn_invoke(name, data, timeout)
 
 
-def _run_events(common: CommonSettings) -> list[Any]:
-    return _with_client(common, lambda c: c.history(common.topics.workflow_run))
-
-
 @wf_app.command("runs")
 def wf_runs(name: str, last: Annotated[int, typer.Option(help="Runs to show.")] = 20) -> None:
     """A workflow's recent runs: status and duration."""
-    from services.workflow.plan import replay
-
     common = settings()
     _require_broker(common)
-    by_run: dict[str, list[Any]] = {}
-    for event in _run_events(common):
-        by_run.setdefault(event.run, []).append(event)
     table = Table("run", "started", "status", "took", "failed step", title=f"runs of {name}")
-    shown = [
-        events for events in by_run.values() if isinstance(events[0], RunStarted) and events[0].workflow.name == name
-    ][-last:]
-    for events in shown:
-        state = replay(events)
-        took = f"{state.finished_ms - state.started_ms} ms" if state.finished else "-"
-        started = time.strftime("%H:%M:%S", time.localtime(state.started_ms / 1000))
-        table.add_row(state.run, started, state.status or "running", took, state.failed_step or "")
+    for run in _with_client(common, lambda c: operations.runs_of(c, name, last)):
+        took = f"{run['took_ms']} ms" if run["took_ms"] is not None else "-"
+        started = time.strftime("%H:%M:%S", time.localtime(run["started_ms"] / 1000))
+        table.add_row(run["run"], started, run["status"], took, run["failed_step"] or "")
     console.print(table)
 
 
@@ -842,36 +774,11 @@ def wf_run_status(run_id: str, as_json: Annotated[bool, typer.Option("--json")] 
     """Every step of one run: status, timing, start kind and output."""
     common = settings()
     _require_broker(common)
-    events = [e for e in _run_events(common) if e.run == run_id]
-    if not events or not isinstance(events[0], RunStarted):
-        raise fail(f"no workflow run {run_id!r}")
-    rows: list[dict[str, Any]] = []
-    status: dict[str, Any] = {"run": run_id, "workflow": events[0].workflow.name, "steps": rows}
-    started: dict[tuple[str, int | None, int], int] = {}
-    for event in events:
-        if isinstance(event, StepStarted):
-            started[(event.step, event.item, event.attempt)] = event.at_ms
-        elif isinstance(event, StepFinished):
-            began = started.get((event.step, event.item, event.attempt))
-            rows.append(
-                {
-                    "step": event.step,
-                    "item": event.item,
-                    "attempt": event.attempt,
-                    "status": event.status,
-                    "took_ms": event.at_ms - began if began else None,
-                    "start": event.start,
-                    "output": event.output,
-                    "error": event.error.model_dump() if event.error else None,
-                }
-            )
-        elif isinstance(event, RunFinished):
-            status.update(
-                status=event.status,
-                output=event.output,
-                error=event.error.model_dump() if event.error else None,
-                took_ms=event.at_ms - events[0].at_ms,
-            )
+    try:
+        status = _with_client(common, lambda c: operations.run_status(c, run_id))
+    except operations.Refused as exc:
+        raise fail(str(exc)) from None
+    rows = status["steps"]
     if as_json:
         print_json(status)
         return

@@ -68,8 +68,10 @@ def package_directory(root: Path) -> tuple[bytes, str]:
     return blob, digest_of(entries)
 
 
-def unpack_verified(blob: bytes, digest: str, dest: Path) -> None:
-    """Unpack an artifact into ``dest`` (atomically) after checking its digest."""
+def entries_of(blob: bytes) -> list[tuple[str, bytes]]:
+    """The (path, content) pairs of a zip artifact; :class:`ArtifactError` if it is not one or escapes its folder."""
+    if len(blob) > MAX_ARTIFACT_BYTES:
+        raise ArtifactError(f"artifact of {len(blob)} bytes is over the {MAX_ARTIFACT_BYTES} limit")
     try:
         with zipfile.ZipFile(io.BytesIO(blob)) as zf:
             entries = []
@@ -80,8 +82,22 @@ def unpack_verified(blob: bytes, digest: str, dest: Path) -> None:
                 if rel.startswith("/") or ".." in Path(rel).parts:
                     raise ArtifactError(f"artifact entry {rel!r} escapes its folder")
                 entries.append((rel, zf.read(info)))
-    except zipfile.BadZipFile as exc:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError) as exc:
         raise ArtifactError(f"artifact is not a zip: {exc}") from exc
+    return entries
+
+
+def digest_of_archive(blob: bytes) -> str:
+    """The digest of an uploaded zip's files (as :func:`package_directory` gives for the same files)."""
+    entries = entries_of(blob)
+    if not entries:
+        raise ArtifactError("the archive holds no files")
+    return digest_of(entries)
+
+
+def unpack_verified(blob: bytes, digest: str, dest: Path) -> None:
+    """Unpack an artifact into ``dest`` (atomically) after checking its digest."""
+    entries = entries_of(blob)
     actual = digest_of(entries)
     if actual != digest:
         raise ArtifactError(f"digest mismatch: expected {digest}, got {actual}")

@@ -32,11 +32,13 @@ from events.codec import DecodeError, encode_value, loads
 from services.common import telemetry
 from services.common.admin import ensure_topics
 from services.common.broker import make_broker
+from services.common.client import StokerClient
 from services.common.repos import same_repo
 from services.common.runner import clear_ready, configure_logging, mark_ready
 from services.common.telemetry import setup_tracing
 from services.common.views import Reader, dead_letters_to
 from services.gateway import webhooks
+from services.gateway.management import ApiError, management_router
 from services.gateway.results import ResultBook
 from services.gateway.settings import GatewaySettings
 
@@ -100,6 +102,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     reader.tail(reply_topic, (InvocationCompleted,), book.resolve)
     repos = reader.table(topics.repo, (RepoConfigured,))
     workflows = reader.table(topics.workflow, (WorkflowSpec,))
+    # The management API's writes and reads (services.common.operations, as the CLI's); its producer
+    # is made on the server's loop.
+    clients: list[StokerClient] = []
     deliveries: set[str] = set()
     delivery_lock = asyncio.Lock()
     # Delivery ids already published, read back from the topic itself: a redelivery after a
@@ -111,11 +116,14 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         await ensure_topics(common.bootstrap, [topics.reply_spec(settings.gateway_id)])
         await reader.start()
         await broker.start()
+        clients.append(await StokerClient(common).__aenter__())
         mark_ready(common, "gateway", url=f"http://{settings.host}:{settings.port}")
         try:
             yield
         finally:
             clear_ready(common, "gateway")
+            for client in clients:
+                await client.__aexit__(None, None, None)
             await broker.stop()
             await reader.stop()
             provider.shutdown()
@@ -124,6 +132,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     @app.exception_handler(HttpError)
     async def http_error(_: Request, exc: HttpError) -> Response:
+        return _json(exc.status, {"error": exc.message, **exc.extra})
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> Response:
         return _json(exc.status, {"error": exc.message, **exc.extra})
 
     @app.middleware("http")
@@ -136,7 +148,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         LATENCY.labels(path).observe(time.perf_counter() - started)
         return response
 
-    async def read_payload(request: Request) -> Any:
+    async def read_body(request: Request) -> bytes:
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > settings.max_body_bytes:
             raise HttpError(413, f"body of {declared} bytes is over the limit of {settings.max_body_bytes}")
@@ -146,7 +158,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             if size > settings.max_body_bytes:
                 raise HttpError(413, f"body is over the limit of {settings.max_body_bytes} bytes")
             chunks.append(chunk)
-        body = b"".join(chunks)
+        return b"".join(chunks)
+
+    async def read_payload(request: Request) -> Any:
+        body = await read_body(request)
         if not body.strip():
             return None
         try:
@@ -281,6 +296,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             deliveries.add(push.delivery_id)
         WEBHOOK_DELIVERIES.labels(host, "accepted").inc()
         return _json(202, {"status": "accepted", "delivery": push.delivery_id, "repo": push.repo, "ref": push.ref})
+
+    app.include_router(management_router(lambda: clients[0], read_body))
 
     @app.get("/console")
     async def console() -> Response:
