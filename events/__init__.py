@@ -101,3 +101,7 @@ from events.workflow import (  # noqa: E402
 )
 
 __all__ += ["RunEvent", "RunFinished", "RunStarted", "StepFinished", "StepSpec", "StepStarted", "WorkflowSpec"]
+
+from events.auth import TokenIssued, TokenRevoked  # noqa: E402
+
+__all__ += ["TokenIssued", "TokenRevoked"]

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 import orjson
 from pydantic import ValidationError
 
+from events.auth import TokenIssued, TokenRevoked
 from events.base import Record
 from events.cluster import NodeObserved, NodeTaintsRequested
 from events.code import ArtifactReady, BuildFailed, BuildFinished, BuildStarted, CodeCommitted
@@ -31,6 +32,8 @@ from events.workflow import RunFinished, RunStarted, StepFinished, StepStarted, 
 MODELS: dict[str, type[Record]] = {
     model.model_fields["type"].default: model
     for model in (
+        TokenIssued,
+        TokenRevoked,
         FunctionSpec,
         InvocationRequested,
         InvocationCompleted,

@@ -85,6 +85,8 @@ class FunctionSpec(Record):
     normal_memory_mb: float | None = Field(default=None, gt=0)
     """Overrides the platform-wide normal memory range for this function."""
     prewarm_on_commit: int = Field(default=1, ge=0, le=64)
+    public: bool = False
+    """Anyone who reaches the gateway may invoke it, without a token."""
     """Instances that must hold a new commit's code before it becomes the active version."""
     updated_ms: int = Field(default_factory=now_ms)
 

@@ -38,6 +38,8 @@ class InvocationRequested(Record):
     """Epoch ms after which the request is not worth running: not yet started, it ends as
     ``timeout``; still waiting for capacity, ``rejected``; on a node that died, ``lost``."""
     requested_ms: int = Field(default_factory=now_ms)
+    principal: str | None = None
+    """Who asked, as the gateway verified it (the token id); ``None`` from a Kafka client or a public call."""
 
     def expired(self, at_ms: int) -> bool:
         """Whether the deadline has passed at ``at_ms``."""
@@ -87,4 +89,6 @@ class InvocationCompleted(Record):
     attempt: int = 1
     logs: str | None = None
     """The tail of what the function printed during this invocation, size-capped."""
+    principal: str | None = None
+    """Who asked for it (the invocation's ``principal``)."""
     completed_ms: int = Field(default_factory=now_ms)

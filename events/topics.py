@@ -143,6 +143,11 @@ class Topics:
         return f"{self.prefix}name"
 
     @property
+    def token(self) -> str:
+        """Compacted API tokens (``token.issued`` / ``token.revoked``, only their hashes), key = token id."""
+        return f"{self.prefix}token"
+
+    @property
     def dlq(self) -> str:
         """Dead letters: records a consumer could not decode or process, with the reason."""
         return f"{self.prefix}dlq"
@@ -177,6 +182,7 @@ class Topics:
             TopicSpec(self.node_taint, compacted=True),
             TopicSpec(self.workflow_run, partitions=invocation_partitions, retention_ms=7 * 24 * _HOUR_MS),
             TopicSpec(self.repo, compacted=True),
+            TopicSpec(self.token, compacted=True),
             TopicSpec(self.dlq, retention_ms=7 * 24 * _HOUR_MS),
         ]
 

@@ -51,6 +51,12 @@ class Target:
     platform_env: dict[str, str] = field(default_factory=dict)
     """The ``STOKER_*`` settings this scenario started its platform with (empty for a running one)."""
 
+    @property
+    def auth_headers(self) -> dict[str, str]:
+        """The admin token ``stoker up`` left in the platform's state folder, as a request header."""
+        path = self.settings.home / "admin-token"
+        return {"Authorization": f"Bearer {path.read_text().strip()}"} if path.is_file() else {}
+
     def stoker(self, *args: str) -> str:
         """Run ``stoker ARGS`` against this platform; returns its output, raises on failure."""
         proc = subprocess.run([STOKER, *args], env=self.env, capture_output=True, text=True, timeout=120)

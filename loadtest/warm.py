@@ -39,7 +39,9 @@ async def http_runs(where: Target, function: str, sequential: int, concurrent: i
     """Sequential then concurrent ``POST /fn/NAME``; every caller has its own connection."""
     out: dict[str, Any] = {}
     limits = httpx.Limits(max_connections=concurrency + 1, max_keepalive_connections=concurrency + 1)
-    async with httpx.AsyncClient(base_url=where.http, timeout=30, limits=limits) as http:
+    async with httpx.AsyncClient(
+        base_url=where.http, timeout=30, limits=limits, headers=where.auth_headers
+    ) as http:
         call = http_call(http, function)
         await closed_loop(call, WARMUP, 1)
         await closed_loop(call, concurrency * 4, concurrency)

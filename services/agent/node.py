@@ -1034,6 +1034,7 @@ class _Outcome:
             function_version=self.cmd.spec.code_version,
             attempt=self.cmd.attempt,
             logs=self.logs,
+            principal=inv.principal,
             timings_ms=Timings(
                 queue=round(self.queue_ms, 3),
                 start=round(self.start_ms, 3),

@@ -30,6 +30,7 @@ from events.codec import DecodeError, loads
 from events.function import CodeSource
 from services.agent.settings import parse_taints
 from services.cli import platform
+from services.cli import tokens as token_cli
 from services.cli import triggers as trigger_cli
 from services.cli.broker import BrokerError, broker_is_reachable
 from services.common import operations
@@ -47,6 +48,7 @@ app = typer.Typer(
 fn_app = typer.Typer(help="Create, change, inspect and invoke functions.", no_args_is_help=True)
 app.add_typer(fn_app, name="fn")
 app.add_typer(trigger_cli.app, name="trigger")
+app.add_typer(token_cli.app, name="token")
 console = Console()
 err = Console(stderr=True)
 
@@ -144,11 +146,17 @@ def up(
         f"[green]Stoker is up[/green] in {time.monotonic() - started:.1f}s "
         f"(state in {common.home}, Kafka at {common.bootstrap})"
     )
+    token, made = asyncio.run(token_cli.ensure_admin_token(common))
+    where = token_cli.admin_token_path(common)
+    console.print(
+        f"admin token ({'new; ' if made else ''}kept in {where}, mode 0600): [bold]{token}[/bold]", soft_wrap=True
+    )
     if example and EXAMPLE.is_dir():
         _run_example(common)
     console.print(
-        f'HTTP API: [bold]http://127.0.0.1:{port}[/bold]  (try: curl -d \'{{"name": "you"}}\' '
-        f"http://127.0.0.1:{port}/fn/hello)"
+        f'HTTP API: [bold]http://127.0.0.1:{port}[/bold]  (try: curl -H "Authorization: Bearer $(cat {where})" '
+        f'-d \'{{"name": "you"}}\' http://127.0.0.1:{port}/fn/hello)',
+        soft_wrap=True,
     )
     console.print(f"Web console: [bold]http://127.0.0.1:{port}/console[/bold]")
     if detach:
@@ -450,6 +458,7 @@ def fn_create(
         str, typer.Option(help="none (its own loopback only) or egress (the outside, never the platform).")
     ] = "none",
     env: Annotated[Optional[list[str]], typer.Option(help="KEY=VALUE for the function's environment.")] = None,
+    public: Annotated[bool, typer.Option(help="Anyone may invoke it over HTTP, without a token.")] = False,
 ) -> None:
     """Create a function from a directory of code (--code) or bound to a git branch (--git)."""
     common = settings()
@@ -479,6 +488,7 @@ def fn_create(
             cpu_millis=cpu,
             pids_limit=pids,
             network=network,  # type: ignore[arg-type]
+            public=public,
         )
     except (ArtifactError, ValueError) as exc:
         raise fail(str(exc)) from None
@@ -508,6 +518,7 @@ def fn_update(
     node_selector: Annotated[Optional[list[str]], typer.Option(help="key=value (replaces the selector).")] = None,
     toleration: Annotated[Optional[list[str]], typer.Option(help="key[=value][:Effect] (replaces them).")] = None,
     env: Annotated[Optional[list[str]], typer.Option()] = None,
+    public: Annotated[Optional[bool], typer.Option("--public/--private", help="Invocable without a token?")] = None,
 ) -> None:
     """Change a function: new code and/or settings (a new revision)."""
     common = settings()
@@ -526,6 +537,7 @@ def fn_update(
             ("cpu_millis", cpu),
             ("pids_limit", pids),
             ("network", network),
+            ("public", public),
         ):
             if value is not None:
                 changes[key] = value

@@ -48,7 +48,9 @@ def build_tree(spans: list[dict[str, Any]], trace_id: str) -> Tree:
         at = (s["start_ns"] - t0) / 1e6
         attrs = s.get("attributes", {})
         extra = " ".join(
-            f"{k.split('.')[-1]}={attrs[k]}" for k in ("stoker.node", "stoker.start", "stoker.instance") if k in attrs
+            f"{k.split('.')[-1]}={attrs[k]}"
+            for k in ("stoker.node", "stoker.start", "stoker.instance", "stoker.principal")
+            if k in attrs
         )
         status = "" if s.get("status") in ("UNSET", "OK") else f" [red]{s.get('status')}[/red]"
         links = "".join(f" [magenta]-> linked trace {link['trace_id']}[/magenta]" for link in s.get("links", []))

@@ -26,9 +26,12 @@ from events import (
     RunStarted,
     StepFinished,
     StepStarted,
+    TokenIssued,
+    TokenRevoked,
     WorkflowSpec,
     now_ms,
 )
+from services.common import auth
 from services.common.artifacts import ArtifactError, LocalArtifactStore
 from services.common.client import StokerClient
 from services.common.names import NameTaken
@@ -263,3 +266,57 @@ async def runs_of(client: StokerClient, workflow: str, last: int) -> list[dict[s
                 }
             )
     return shown[-last:]
+
+
+# ----- tokens -------------------------------------------------------------------------------------
+
+
+async def tokens(client: StokerClient) -> dict[str, TokenIssued | TokenRevoked]:
+    rows: dict[str, Any] = await client.table(client.topics.token, TokenIssued, TokenRevoked)
+    return rows
+
+
+async def create_token(
+    client: StokerClient,
+    scopes: list[str],
+    *,
+    name: str = "",
+    expires_in_s: float | None = None,
+    rate_per_s: float | None = None,
+    by: str = "",
+) -> tuple[str, TokenIssued]:
+    """A new token: the token string (shown once, never stored) and its record (only its hash)."""
+    try:
+        auth.check_scopes(scopes)
+    except ValueError as exc:
+        raise Refused(str(exc), status=400) from exc
+    if rate_per_s is not None and rate_per_s < 0:
+        raise Refused("rate_per_s is 0 (no limit) or more", status=400)
+    token, ident, digest = auth.new_token()
+    expires = now_ms() + int(expires_in_s * 1000) if expires_in_s is not None else None
+    record = TokenIssued(
+        id=ident, name=name, scopes=scopes, digest=digest, rate_per_s=rate_per_s, expires_ms=expires, by=by
+    )
+    await client.send(record, client.topics.token, ident)
+    return token, record
+
+
+async def revoke_token(client: StokerClient, ident: str, *, by: str = "") -> None:
+    current = (await tokens(client)).get(ident)
+    if current is None:
+        raise Refused(f"no token {ident!r}")
+    if isinstance(current, TokenRevoked):
+        return
+    await client.send(TokenRevoked(id=ident, name=current.name, by=by), client.topics.token, ident)
+
+
+def token_row(record: TokenIssued | TokenRevoked) -> dict[str, Any]:
+    """A token as listed: never its hash."""
+    if isinstance(record, TokenRevoked):
+        return {"id": record.id, "name": record.name, "state": "revoked", "revoked_ms": record.at_ms}
+    state = "expired" if record.expires_ms is not None and record.expires_ms <= now_ms() else "active"
+    return {
+        **record.model_dump(mode="json", include={"id", "name", "scopes", "rate_per_s", "expires_ms", "by"}),
+        "created_ms": record.created_ms,
+        "state": state,
+    }

@@ -30,6 +30,7 @@ from opentelemetry.util.types import Attributes
 from services.common.settings import CommonSettings
 
 INVOCATION_ID = "stoker.invocation.id"
+PRINCIPAL = "stoker.principal"
 FUNCTION = "stoker.function"
 NODE = "stoker.node"
 START_KIND = "stoker.start"

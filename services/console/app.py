@@ -13,15 +13,16 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from aiokafka.errors import KafkaError
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, HTMLResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response, StreamingResponse
 
 from events.code import BuildFinished
 from events.codec import DecodeError, encode_value, loads
 from services.cli.broker import broker_is_reachable
-from services.common import operations
+from services.common import auth, operations
 from services.common.artifacts import ArtifactError, LocalArtifactStore
 from services.common.runner import clear_ready, configure_logging, mark_ready
 from services.common.telemetry import setup_tracing
@@ -42,6 +43,10 @@ PAGES = {
     "invocations": "Invocations",
     "workflows": "Workflows",
 }
+TITLES = {**PAGES, "login": "Log in", "invocation": "Invocation", "run": "Workflow run"}
+COOKIE = "stoker_console"
+OPEN_PREFIXES = ("/console/login", "/console/api/login", "/console/static/", "/console/vendor/", "/healthz")
+"""What a browser may fetch before it logged in: the login page and what it is drawn with."""
 ACTION_TIMEOUT_S = 10.0
 MAX_BODY_BYTES = 1024 * 1024
 
@@ -66,7 +71,7 @@ def page(kind: str, arg: str = "") -> HTMLResponse:
         f'<a href="/console{"" if k == "cluster" else "/" + k}" class="{"on" if k == kind else ""}">{t}</a>'
         for k, t in PAGES.items()
     )
-    title = PAGES.get(kind, kind.capitalize())
+    title = TITLES.get(kind, kind.capitalize())
     return HTMLResponse(
         f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Stoker · {html.escape(title)}</title>
@@ -109,6 +114,38 @@ def create_app(settings: ConsoleSettings) -> FastAPI:
     async def http_error(_: Request, exc: HttpError) -> Response:
         return _json(exc.status, {"error": exc.message})
 
+    @app.middleware("http")
+    async def authenticate(request: Request, call_next: Any) -> Response:
+        """Every page and API call needs a token with the read scope: the login's cookie, or a Bearer header."""
+        path = request.url.path
+        if path.startswith(OPEN_PREFIXES):
+            return await call_next(request)
+        is_page = not path.startswith("/console/api/")
+        if request.query_params.keys() & {"token", "access_token"}:
+            return _json(401, {"error": "tokens go in the Authorization header or the login's cookie, never the URL"})
+        header = request.headers.get("authorization")
+        try:
+            token = auth.bearer(header) if header is not None else request.cookies.get(COOKIE)
+            if not token:
+                raise auth.AuthError(401, "log in with a token first")
+            principal = await asyncio.wait_for(console.principal(token), ACTION_TIMEOUT_S)
+            if not principal.can_read():
+                raise auth.AuthError(403, f"token {principal.id} has no read scope, which the console needs")
+        except auth.AuthError as exc:
+            if is_page and exc.status == 401:
+                return RedirectResponse(f"/console/login?next={quote(path)}", status_code=303)
+            return _json(exc.status, {"error": exc.message})
+        except (KafkaError, OSError, TimeoutError) as exc:
+            return _json(503, {"error": f"the broker cannot be read: {exc!r}"})
+        request.state.principal = principal
+        return await call_next(request)
+
+    def allowed(request: Request, ok: bool, what: str) -> None:
+        principal: auth.Principal = request.state.principal
+        if not ok:
+            raise HttpError(403, f"token {principal.id} may not {what}")
+        log.info("audit: %s console %s", principal.label(), what)
+
     async def watching() -> Console:
         try:
             await asyncio.wait_for(console.ensure_watching(), ACTION_TIMEOUT_S * 3)
@@ -138,6 +175,37 @@ def create_app(settings: ConsoleSettings) -> FastAPI:
             raise HttpError(400, f"the body is not valid JSON: {exc.reason}") from exc
 
     # ----- pages ----------------------------------------------------------------------------------
+
+    @app.get("/console/login")
+    async def login_page() -> HTMLResponse:
+        return page("login")
+
+    @app.post("/console/api/login")
+    async def login(request: Request) -> Response:
+        body = await body_of(request)
+        token = body.get("token") if isinstance(body, dict) else None
+        if not isinstance(token, str) or not token.strip():
+            raise HttpError(400, 'send {"token": "stk_..."}')
+        try:
+            principal = await asyncio.wait_for((await watching()).principal(token.strip()), ACTION_TIMEOUT_S)
+        except auth.AuthError as exc:
+            raise HttpError(401, exc.message) from exc
+        if not principal.can_read():
+            raise HttpError(403, f"token {principal.id} has no read scope, which the console needs")
+        answer = _json(200, {"id": principal.id, "name": principal.name, "scopes": list(principal.scopes)})
+        answer.set_cookie(COOKIE, token.strip(), httponly=True, samesite="strict", path="/console")
+        return answer
+
+    @app.post("/console/api/logout")
+    async def logout() -> Response:
+        answer = _json(200, {"logged_out": True})
+        answer.delete_cookie(COOKIE, path="/console")
+        return answer
+
+    @app.get("/console/api/me")
+    async def me(request: Request) -> Response:
+        principal: auth.Principal = request.state.principal
+        return _json(200, {"id": principal.id, "name": principal.name, "scopes": list(principal.scopes)})
 
     @app.get("/console")
     async def cluster_page() -> HTMLResponse:
@@ -249,6 +317,7 @@ def create_app(settings: ConsoleSettings) -> FastAPI:
 
     @app.post("/console/api/functions/{name}/invoke")
     async def invoke(name: str, request: Request) -> Response:
+        allowed(request, request.state.principal.can_invoke(name), f"invoke {name!r}")
         payload = await body_of(request)
         client = (await watching()).client
         assert client is not None
@@ -268,19 +337,22 @@ def create_app(settings: ConsoleSettings) -> FastAPI:
         count = body.get("count", 1) if isinstance(body, dict) else None
         if not isinstance(count, int) or not 1 <= count <= 64:
             raise HttpError(400, "count is a whole number from 1 to 64")
+        allowed(request, request.state.principal.can_deploy(name), f"prewarm {name!r}")
         await act(lambda c: operations.prewarm(c, name, count, reason="console"))
         return _json(202, {"function": name, "prewarm": count})
 
     @app.post("/console/api/functions/{name}/release")
-    async def release(name: str) -> Response:
+    async def release(name: str, request: Request) -> Response:
+        allowed(request, request.state.principal.admin, f"release {name!r} (admin)")
         await act(lambda c: operations.release_isolation(c, name))
         return _json(202, {"function": name, "released": True})
 
     @app.post("/console/api/nodes/{name}/{action}")
-    async def node_action(name: str, action: str) -> Response:
+    async def node_action(name: str, action: str, request: Request) -> Response:
         changes = {"cordon": {"unschedulable": True}, "uncordon": {"unschedulable": False}}.get(action)
         if changes is None:
             raise HttpError(404, f"no node action {action!r} (cordon, uncordon)")
+        allowed(request, request.state.principal.admin, f"{action} {name} (admin)")
         await act(lambda c: operations.configure_node(c, name, **changes))
         return _json(202, {"node": name, "action": action})
 

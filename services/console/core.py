@@ -25,6 +25,8 @@ from events import (
     NodeStopped,
     PlacementOverride,
     ThrottleDecided,
+    TokenIssued,
+    TokenRevoked,
     now_ms,
 )
 from events.base import Record
@@ -32,6 +34,7 @@ from events.cluster import NodeObserved
 from events.code import BuildFinished, BuildStarted
 from events.workflow import RunFinished, RunStarted, StepFinished, StepStarted, WorkflowSpec
 from services.cli.tracefile import load_spans, trace_ids_for
+from services.common import auth
 from services.common.client import StokerClient
 from services.common.resultscan import results_since
 from services.common.views import Table
@@ -117,6 +120,7 @@ class Console:
             ),
             "placement": reader.table(topics.placement, (PlacementOverride,), on_change=changed, traced=False),
             "workflows": reader.table(topics.workflow, (WorkflowSpec,), traced=False),
+            "tokens": reader.table(topics.token, (TokenIssued, TokenRevoked), traced=False),
         }
         reader.tail(topics.node_metric, (NodeMetrics,), self._on_metrics, traced=False)
         reader.tail(topics.throttle, (ThrottleDecided,), self._on_decision, replay=True, traced=False)
@@ -171,6 +175,18 @@ class Console:
             self._changed_runs.add(event.run)
 
     # ----- views --------------------------------------------------------------------------------
+
+    async def principal(self, token: str) -> auth.Principal:
+        """Who ``token`` is, from the platform's token table; :class:`auth.AuthError` if nobody (yet)."""
+        await self.ensure_watching()
+        view = self._tables["tokens"]
+        try:
+            return auth.verify(token, view.get, self._clock())
+        except auth.AuthError as exc:
+            if exc.message != "unknown token":
+                raise
+            await view.wait_caught_up(timeout_s=1.0)  # made a moment ago
+            return auth.verify(token, view.get, self._clock())
 
     def rows(self, table: str) -> dict[str, Any]:
         view = self._tables.get(table)

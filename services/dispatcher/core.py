@@ -226,6 +226,7 @@ class Dispatcher:
             status=status,
             error=error,  # type: ignore[arg-type]
             timings_ms=Timings(total=float(max(0, now_ms() - inv.requested_ms))),
+            principal=inv.principal,
             **extra,
         )
         writes = [await self._send(result, self.topics.result, inv.id, None)]

@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -25,18 +27,20 @@ from events import (
     InvocationCompleted,
     InvocationRequested,
     RepoConfigured,
+    TokenIssued,
+    TokenRevoked,
     WorkflowSpec,
     now_ms,
 )
 from events.codec import DecodeError, encode_value, loads
-from services.common import telemetry
+from services.common import auth, telemetry
 from services.common.admin import ensure_topics
 from services.common.broker import make_broker
 from services.common.client import StokerClient
 from services.common.repos import same_repo
 from services.common.runner import clear_ready, configure_logging, mark_ready
 from services.common.telemetry import setup_tracing
-from services.common.views import Reader, dead_letters_to
+from services.common.views import Reader, Table, dead_letters_to
 from services.gateway import webhooks
 from services.gateway.management import ApiError, management_router
 from services.gateway.results import ResultBook
@@ -54,6 +58,15 @@ LATENCY = Histogram(
 
 WEBHOOK_REJECTIONS = Counter("stoker_webhook_rejections_total", "Refused webhook deliveries", ["reason"])
 WEBHOOK_DELIVERIES = Counter("stoker_webhook_deliveries_total", "Webhook deliveries", ["host", "outcome"])
+
+OPEN_PATHS = frozenset({"/healthz", "/webhooks/git", "/console"})
+"""Routes without a token: liveness, git webhooks (their own HMAC secrets), the redirect to the console
+(which has its own login)."""
+INVOKE_PREFIXES = ("/fn/", "/async/fn/")
+QUERY_TOKENS = frozenset({"token", "access_token", "api_key", "apikey", "key"})
+MAX_CALLERS = 100_000
+PRINCIPAL_HEADER = "stoker-principal"
+"""The record header of an invocation that names the token it came with."""
 
 STATUS_HTTP = {"ok": 200, "error": 500, "timeout": 504, "lost": 502}
 
@@ -102,6 +115,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     reader.tail(reply_topic, (InvocationCompleted,), book.resolve)
     repos = reader.table(topics.repo, (RepoConfigured,))
     workflows = reader.table(topics.workflow, (WorkflowSpec,))
+    tokens: Table[TokenIssued | TokenRevoked] = reader.table(topics.token, (TokenIssued, TokenRevoked))
+    limits = auth.RateLimits(settings.token_rate_per_s)
+    failures = auth.RateLimits(settings.auth_failures_per_s)
+    callers: OrderedDict[str, str] = OrderedDict()
+    """Invocation id -> the token that made it, so its caller may poll a pending result."""
     # The management API's writes and reads (services.common.operations, as the CLI's); its producer
     # is made on the server's loop.
     clients: list[StokerClient] = []
@@ -138,9 +156,49 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     async def api_error(_: Request, exc: ApiError) -> Response:
         return _json(exc.status, {"error": exc.message, **exc.extra})
 
+    async def authenticate(request: Request) -> auth.Principal | None:
+        """Who asks (``None``: a public function's anonymous caller), or :class:`auth.AuthError`."""
+        if request.query_params.keys() & QUERY_TOKENS:
+            raise auth.AuthError(401, "tokens go in the Authorization header, never in the URL")
+        header = request.headers.get("authorization")
+        path = request.url.path
+        if header is None and path.startswith(INVOKE_PREFIXES) and request.method == "POST":
+            spec = functions.get(path.rsplit("/", 1)[-1])
+            if spec is not None and spec.public:
+                return None
+        token = auth.bearer(header)
+        try:
+            return auth.verify(token, tokens.get, now_ms())
+        except auth.AuthError as exc:
+            if exc.message != "unknown token":
+                raise
+        # A guess, or a token made a moment ago: guesses from one address are slowed down (429), and the
+        # token table is looked at again once it caught up.
+        failures.take(request.client.host if request.client else "?")
+        await tokens.wait_caught_up(timeout_s=1.0)
+        return auth.verify(token, tokens.get, now_ms())
+
     @app.middleware("http")
     async def count(request: Request, call_next: Any) -> Response:
         started = time.perf_counter()
+        if request.url.path not in OPEN_PATHS:
+            try:
+                principal = await authenticate(request)
+                if principal is not None:
+                    limits.take(principal.id, principal.rate_per_s)
+                    if (
+                        request.method in ("GET", "HEAD")
+                        and not principal.can_read()
+                        and not (request.url.path.startswith("/invocations/"))
+                    ):
+                        raise auth.AuthError(403, "reading needs the read scope")
+            except auth.AuthError as exc:
+                REQUESTS.labels("auth", str(exc.status)).inc()
+                headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
+                if exc.retry_after_s is not None:
+                    headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
+                return _json(exc.status, {"error": exc.message}, headers)
+            request.state.principal = principal
         response: Response = await call_next(request)
         route = request.scope.get("route")
         path = getattr(route, "path", "unmatched")
@@ -180,7 +238,13 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     async def publish(inv: InvocationRequested) -> None:
         try:
             await asyncio.wait_for(
-                broker.publish(inv, topics.invocation, key=inv.function.encode()), settings.publish_timeout_s
+                broker.publish(
+                    inv,
+                    topics.invocation,
+                    key=inv.function.encode(),
+                    headers={PRINCIPAL_HEADER: inv.principal} if inv.principal else None,
+                ),
+                settings.publish_timeout_s,
             )
         except Exception as exc:  # noqa: BLE001 - whatever failed, the record is not known to be written
             log.warning("could not publish invocation %s: %r", inv.id, exc)
@@ -197,14 +261,30 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         return (await known_function(name)).timeout_s
 
     async def accept(request: Request, name: str, sync: bool) -> tuple[InvocationRequested, float]:
+        principal: auth.Principal | None = request.state.principal
+        spec = functions.get(name)
+        public = spec is not None and spec.public
+        if principal is not None and not principal.can_invoke(name) and not public:
+            raise HttpError(403, f"token {principal.id} may not invoke {name!r}")
         payload = await read_payload(request)
         budget = await time_budget(name)
         deadline = now_ms() + int((budget + settings.sync_queue_s) * 1000) if sync else None
-        inv = InvocationRequested(function=name, payload=payload, reply_to=reply_topic, deadline_ms=deadline)
+        inv = InvocationRequested(
+            function=name,
+            payload=payload,
+            reply_to=reply_topic,
+            deadline_ms=deadline,
+            principal=principal.id if principal else None,
+        )
+        if principal is not None:
+            callers[inv.id] = principal.id
+            while len(callers) > MAX_CALLERS:
+                callers.popitem(last=False)
         # FastAPI opens the server span of the request; it gets the ids that `stoker trace` looks up.
         span = trace.get_current_span()
         span.set_attribute(telemetry.INVOCATION_ID, inv.id)
         span.set_attribute(telemetry.FUNCTION, name)
+        span.set_attribute(telemetry.PRINCIPAL, principal.label() if principal else "public")
         return inv, budget
 
     @app.post("/fn/{name}")
@@ -231,10 +311,17 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         return _json(202, {"id": inv.id, "status": "accepted"}, {"Location": f"/invocations/{inv.id}"})
 
     @app.get("/invocations/{invocation_id}")
-    async def get_invocation(invocation_id: str) -> Response:
+    async def get_invocation(invocation_id: str, request: Request) -> Response:
+        principal: auth.Principal | None = request.state.principal
+        assert principal is not None  # reading a result always needs a token
+        mine = callers.get(invocation_id) == principal.id
         result = book.get(invocation_id)
+        if result is not None and not (mine or principal.can_read() or principal.can_invoke(result.function)):
+            raise HttpError(403, f"token {principal.id} may not read results of {result.function!r}")
         if result is not None:
             return _json(200, result.model_dump(mode="json"))
+        if book.is_pending(invocation_id) and not (mine or principal.can_read()):
+            raise HttpError(403, f"token {principal.id} did not make invocation {invocation_id!r}")
         if book.is_pending(invocation_id):
             return _json(202, {"id": invocation_id, "status": "pending"})
         raise HttpError(404, f"no invocation {invocation_id!r} is known to this gateway")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal, TypeVar
 
@@ -20,11 +21,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from events import FunctionSpec, InvocationCompleted, NodeHeartbeat, Taint, Toleration, WorkflowSpec, now_ms
 from events.codec import encode_value
 from events.function import CodeSource
-from services.common import operations
+from services.common import auth, operations
 from services.common.artifacts import ArtifactError, LocalArtifactStore, digest_of_archive
 from services.common.client import StokerClient
 from services.common.resultscan import results_since
 
+log = logging.getLogger("stoker.gateway")
 T = TypeVar("T")
 OPERATION_TIMEOUT_S = 30.0
 RESULT_LOOKBACK_MS = 60 * 60 * 1000
@@ -73,6 +75,7 @@ class FunctionSettings(BaseModel):
     node_selector: dict[str, str] | None = None
     tolerations: list[Toleration] | None = None
     prewarm_on_commit: int | None = None
+    public: bool | None = Field(default=None, description="Anyone may invoke it, without a token.")
 
 
 class FunctionCreate(FunctionSettings):
@@ -82,6 +85,14 @@ class FunctionCreate(FunctionSettings):
     entrypoint: str | None = Field(description="module:function, e.g. handler:main.")
     git: GitSource | None = None
     archive: str | None = Field(default=None, description="The function's files as a zip, base64-encoded.")
+
+
+class TokenCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    scopes: list[str] = Field(description="invoke:GLOB, deploy:GLOB, read or admin.")
+    name: str = ""
+    expires_in_s: float | None = Field(default=None, gt=0)
+    rate_per_s: float | None = Field(default=None, ge=0, description="0: no limit; unset: the gateway's default.")
 
 
 class Prewarm(BaseModel):
@@ -112,6 +123,18 @@ def management_router(
 ) -> APIRouter:
     """The routes, over the gateway's connected client and its size-limited body reader."""
     api = APIRouter(prefix="/api/v1", tags=["management"])
+
+    def need(request: Request, verb: Literal["deploy", "admin"], name: str = "") -> auth.Principal:
+        """The caller, if its token may do ``verb`` (on ``name``); 403 if not. Reads were checked before."""
+        principal: auth.Principal | None = getattr(request.state, "principal", None)
+        if principal is None:
+            raise ApiError(401, "this needs a token: send Authorization: Bearer <token>")
+        allowed = principal.admin if verb == "admin" else principal.can_deploy(name)
+        if not allowed:
+            what = "the admin scope" if verb == "admin" else f"deploy scope on {name!r}"
+            raise ApiError(403, f"token {principal.id} has no {what}")
+        log.info("audit: %s %s %s", principal.label(), request.method, request.url.path)
+        return principal
 
     async def run(action: Callable[[StokerClient], Awaitable[T]]) -> T:
         try:
@@ -149,7 +172,8 @@ def management_router(
         return _json(200, spec.model_dump(mode="json"))
 
     @api.post("/functions", status_code=201, summary="Create a function from an archive or a git source")
-    async def create_function(body: FunctionCreate) -> Response:
+    async def create_function(body: FunctionCreate, request: Request) -> Response:
+        need(request, "deploy", body.name)
         if (body.git is None) == (body.archive is None):
             raise ApiError(400, "give exactly one of git or archive")
         if body.archive is not None:
@@ -172,7 +196,8 @@ def management_router(
         return _json(201, spec.model_dump(mode="json"))
 
     @api.patch("/functions/{name}", summary="Change a function's settings (a new revision)")
-    async def update_function(name: str, body: FunctionSettings) -> Response:
+    async def update_function(name: str, body: FunctionSettings, request: Request) -> Response:
+        need(request, "deploy", name)
         changes = body.model_dump(exclude_unset=True)
         if not changes:
             raise ApiError(400, "nothing to change")
@@ -187,6 +212,7 @@ def management_router(
         },
     )
     async def put_archive(name: str, request: Request) -> Response:
+        need(request, "deploy", name)
         if request.headers.get("content-type", "").split(";")[0].strip() != "application/zip":
             raise ApiError(415, "send the archive as Content-Type: application/zip")
         source = archive_source(await read_body(request))
@@ -194,22 +220,26 @@ def management_router(
         return _json(200, spec.model_dump(mode="json"))
 
     @api.delete("/functions/{name}", status_code=204, summary="Delete a function")
-    async def delete_function(name: str) -> Response:
+    async def delete_function(name: str, request: Request) -> Response:
+        need(request, "deploy", name)
         await run(lambda c: operations.delete_function(c, name))
         return Response(status_code=204)
 
     @api.post("/functions/{name}/prewarm", status_code=202, summary="Load the active version ahead of demand")
-    async def prewarm(name: str, body: Prewarm) -> Response:
+    async def prewarm(name: str, body: Prewarm, request: Request) -> Response:
+        need(request, "deploy", name)
         await run(lambda c: operations.prewarm(c, name, body.count, reason="api"))
         return _json(202, {"function": name, "count": body.count})
 
     @api.put("/functions/{name}/isolation", status_code=202, summary="Run a function only on isolation nodes")
-    async def isolate(name: str, body: Isolation) -> Response:
+    async def isolate(name: str, body: Isolation, request: Request) -> Response:
+        need(request, "admin")
         await run(lambda c: operations.isolate(c, name, body.seconds, reason="api"))
         return _json(202, {"function": name, "isolated_for_s": body.seconds})
 
     @api.delete("/functions/{name}/isolation", status_code=204, summary="End a function's isolation")
-    async def release(name: str) -> Response:
+    async def release(name: str, request: Request) -> Response:
+        need(request, "admin")
         await run(lambda c: operations.release_isolation(c, name))
         return Response(status_code=204)
 
@@ -255,18 +285,21 @@ def management_router(
 
     @api.post("/workflows/{name}", status_code=201, summary="Create a workflow from YAML", openapi_extra=yaml_body)
     async def create_workflow(name: str, request: Request) -> Response:
+        need(request, "deploy", name)
         text = await definition(request)
         spec = await run(lambda c: operations.put_workflow(c, name, text, replace=False))
         return _json(201, spec.model_dump(mode="json"))
 
     @api.put("/workflows/{name}", summary="Replace a workflow's definition", openapi_extra=yaml_body)
     async def replace_workflow(name: str, request: Request) -> Response:
+        need(request, "deploy", name)
         text = await definition(request)
         spec = await run(lambda c: operations.put_workflow(c, name, text, replace=True))
         return _json(200, spec.model_dump(mode="json"))
 
     @api.delete("/workflows/{name}", status_code=204, summary="Delete a workflow")
-    async def delete_workflow(name: str) -> Response:
+    async def delete_workflow(name: str, request: Request) -> Response:
+        need(request, "deploy", name)
         await run(lambda c: operations.delete_workflow(c, name))
         return Response(status_code=204)
 
@@ -293,18 +326,21 @@ def management_router(
         return _json(200, shown)
 
     @api.post("/nodes/{name}/labels", status_code=202, summary="Set or remove labels")
-    async def labels(name: str, body: Labels) -> Response:
+    async def labels(name: str, body: Labels, request: Request) -> Response:
+        need(request, "admin")
         changes: dict[str, str | None] = {**body.set, **{key: None for key in body.remove}}
         await run(lambda c: operations.configure_node(c, name, labels=changes))
         return _json(202, {"node": name})
 
     @api.post("/nodes/{name}/taints", status_code=202, summary="Add or remove taints")
-    async def taints(name: str, body: Taints) -> Response:
+    async def taints(name: str, body: Taints, request: Request) -> Response:
+        need(request, "admin")
         await run(lambda c: operations.configure_node(c, name, add_taints=body.add, remove_taints=body.remove))
         return _json(202, {"node": name})
 
     @api.post("/nodes/{name}/{action}", status_code=202, summary="cordon, uncordon or drain a node")
-    async def node_action(name: str, action: Literal["cordon", "uncordon", "drain"]) -> Response:
+    async def node_action(name: str, action: Literal["cordon", "uncordon", "drain"], request: Request) -> Response:
+        need(request, "admin")
         changes = {"cordon": {"unschedulable": True}, "uncordon": {"unschedulable": False}, "drain": {"drain": True}}
         await run(lambda c: operations.configure_node(c, name, **changes[action]))
         return _json(202, {"node": name, "action": action})
@@ -323,5 +359,34 @@ def management_router(
         if not found:
             raise ApiError(404, f"no result of {invocation_id!r} in the last hour")
         return _json(200, found[-1].model_dump(mode="json"))
+
+    # ----- tokens ---------------------------------------------------------------------------------
+
+    @api.get("/tokens", summary="Tokens (never their secrets or hashes)")
+    async def list_tokens(request: Request) -> Response:
+        need(request, "admin")
+        rows = await run(operations.tokens)
+        return _json(200, [operations.token_row(rows[k]) for k in sorted(rows)])
+
+    @api.post("/tokens", status_code=201, summary="A new token; its secret is in this answer only")
+    async def create_token(body: TokenCreate, request: Request) -> Response:
+        principal = need(request, "admin")
+        token, record = await run(
+            lambda c: operations.create_token(
+                c,
+                body.scopes,
+                name=body.name,
+                expires_in_s=body.expires_in_s,
+                rate_per_s=body.rate_per_s,
+                by=principal.id,
+            )
+        )
+        return _json(201, {"token": token, **operations.token_row(record)})
+
+    @api.delete("/tokens/{ident}", status_code=204, summary="Revoke a token")
+    async def revoke_token(ident: str, request: Request) -> Response:
+        principal = need(request, "admin")
+        await run(lambda c: operations.revoke_token(c, ident, by=principal.id))
+        return Response(status_code=204)
 
     return api

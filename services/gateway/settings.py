@@ -22,6 +22,10 @@ class GatewaySettings:
     gateway_id: str = "gateway-8080"
     console_url: str = "http://127.0.0.1:8081/console"
     """Where ``/console`` sends a browser: the console service."""
+    token_rate_per_s: float = 100.0
+    """Requests a second a token may make unless its own record says otherwise (``STOKER_TOKEN_RATE_PER_S``)."""
+    auth_failures_per_s: float = 5.0
+    """Failed token checks a second one client address may make before it is answered 429."""
     webhook_secret: str = ""
     """Shared secret of git webhooks (``STOKER_WEBHOOK_SECRET``); per-repository ones override it."""
 
@@ -38,5 +42,7 @@ class GatewaySettings:
             sync_queue_s=env_float(env, "STOKER_SYNC_QUEUE_S", 30.0),
             gateway_id=env_str(env, "STOKER_GATEWAY_ID", f"gateway-{port}"),
             console_url=env_str(env, "STOKER_CONSOLE_URL", "http://127.0.0.1:8081/console"),
+            token_rate_per_s=env_float(env, "STOKER_TOKEN_RATE_PER_S", 100.0),
+            auth_failures_per_s=env_float(env, "STOKER_AUTH_FAILURES_PER_S", 5.0),
             webhook_secret=env_str(env, "STOKER_WEBHOOK_SECRET", ""),
         )

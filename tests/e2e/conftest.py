@@ -43,8 +43,16 @@ class Platform:
         run = self.home / "run"
         return {p.stem: int(p.read_text()) for p in run.glob("*.pid")} if run.is_dir() else {}
 
-    def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.http, timeout=60)
+    @property
+    def admin_token(self) -> str:
+        """The first admin token, as `stoker up` left it in the state folder."""
+        return (self.home / "admin-token").read_text().strip()
+
+    def client(self, token: str | None = None) -> httpx.Client:
+        """An HTTP client of the gateway with ``token`` (the admin token unless given; "" for none)."""
+        token = self.admin_token if token is None else token
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.Client(base_url=self.http, timeout=60, headers=headers)
 
 
 def processes_under(home: Path) -> list[int]:

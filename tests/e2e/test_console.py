@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+from httpx import Client
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -61,8 +62,18 @@ def console_url(cluster: Platform) -> str:
     return f"http://127.0.0.1:{cluster.env['STOKER_CONSOLE_PORT']}"
 
 
+def log_in(browser: WebDriver, console_url: str, token: str, succeeds: bool = True) -> None:
+    """Through the login page, as a user does: the console keeps the token in an HttpOnly cookie."""
+    browser.get(f"{console_url}/console/login")
+    WebDriverWait(browser, 20).until(lambda d: d.find_elements(By.ID, "token"))
+    browser.find_element(By.ID, "token").send_keys(token)
+    browser.find_element(By.ID, "login").click()
+    if succeeds:
+        WebDriverWait(browser, 20).until(lambda d: "/console/login" not in d.current_url)
+
+
 @pytest.fixture(scope="module")
-def browser() -> Iterator[WebDriver]:
+def browser(cluster: Platform, console_url: str) -> Iterator[WebDriver]:
     for path in (CHROMIUM, CHROMEDRIVER):
         assert shutil.which(path), f"{path} is missing: `make browser` installs Debian's chromium and chromium-driver"
     options = webdriver.ChromeOptions()
@@ -72,6 +83,7 @@ def browser() -> Iterator[WebDriver]:
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     try:
+        log_in(driver, console_url, cluster.admin_token)
         yield driver
     finally:
         driver.quit()
@@ -287,8 +299,44 @@ def test_an_isolation_shows_with_its_reason_and_the_page_releases_it(
     assert not errors_in(browser)
 
 
-def test_bad_requests_get_a_clear_4xx(console_url: str) -> None:
+def test_without_a_token_the_console_asks_for_one(cluster: Platform, console_url: str) -> None:
+    page = httpx.get(f"{console_url}/console/functions", follow_redirects=False)
+    assert page.status_code == 303 and page.headers["location"] == "/console/login?next=/console/functions"
+    api = httpx.get(f"{console_url}/console/api/cluster")
+    assert api.status_code == 401 and "token" in api.json()["error"]
+    assert httpx.get(f"{console_url}/console/api/cluster", headers={"Authorization": "Basic abc"}).status_code == 401
+    wrong = httpx.get(
+        f"{console_url}/console/api/cluster", headers={"Authorization": "Bearer stk_000000000000_" + "a" * 43}
+    )
+    assert wrong.status_code == 401 and wrong.json()["error"] == "unknown token"
+    in_url = httpx.get(f"{console_url}/console/api/cluster", params={"token": cluster.admin_token})
+    assert in_url.status_code == 401 and "never the URL" in in_url.json()["error"]
+    bad = httpx.post(f"{console_url}/console/api/login", json={"token": "stk_nope"})
+    assert bad.status_code == 401
+
+
+def test_a_read_only_token_looks_but_may_not_act(cluster: Platform, console_url: str, browser: WebDriver) -> None:
+    reader = cluster.stoker("token", "create", "--scope", "read", "--name", "viewer").stdout.strip()
+    click(browser, "#me button")  # log out
+    WebDriverWait(browser, 10).until(lambda d: "/console/login" in d.current_url)
+    log_in(browser, console_url, "stk_000000000000_" + "b" * 43, succeeds=False)
+    # A wrong token stays on the login page and says why.
+    WebDriverWait(browser, 10).until(lambda d: "unknown token" in d.find_element(By.ID, "login-message").text)
+    log_in(browser, console_url, reader)
+    open_page(browser, console_url + "/console")
+    assert "viewer" in browser.find_element(By.ID, "me").text
+    click(browser, 'article[data-node="runtime-0"] button[data-action="cordon"]')
+    WebDriverWait(browser, 10).until(lambda d: texts(d, ".notice", "role"))
+    assert "may not cordon" in texts(browser, ".notice", "role")["status"]
+    assert cluster.status()["nodes"]["runtime-0"]["unschedulable"] is False
+    click(browser, "#me button")
+    WebDriverWait(browser, 10).until(lambda d: "/console/login" in d.current_url)
+    log_in(browser, console_url, cluster.admin_token)
+
+
+def test_bad_requests_get_a_clear_4xx(cluster: Platform, console_url: str) -> None:
     api = f"{console_url}/console/api"
+    httpx = Client(headers={"Authorization": f"Bearer {cluster.admin_token}"}, timeout=30)
     answer = httpx.post(f"{api}/functions/hello/invoke", content=b"{not json")
     assert answer.status_code == 400 and "not valid JSON" in answer.json()["error"]
     answer = httpx.post(f"{api}/functions/nobody/invoke", json={})
@@ -304,6 +352,7 @@ def test_bad_requests_get_a_clear_4xx(console_url: str) -> None:
     assert httpx.get(f"{api}/invocations/no-such-id").status_code == 404
     assert httpx.get(f"{api}/runs/no-such-run").status_code == 404
     assert httpx.get(f"{console_url}/console/static/..%2Fapp.py").status_code == 404
+    httpx.close()
 
 
 def test_a_console_nobody_watches_stops_reading(console_url: str, browser: WebDriver) -> None:

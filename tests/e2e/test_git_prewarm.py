@@ -98,7 +98,7 @@ def test_push_builds_prewarms_and_the_first_call_is_prewarmed(git_platform: tupl
     )
     first_head = repo.commit({"fns/hello/README": "v1 docs"})  # not pushed yet: the build uses the remote head
     assert_eventually(lambda: active_version(platform, "hello-git"), timeout_s=60, message="first build active")
-    with httpx.Client(base_url=platform.http, timeout=30) as http:
+    with platform.client() as http:
         first = http.post("/fn/hello-git", json={})
         assert first.status_code == 200 and first.json()["v"] == 1 and first.json()["dep"] == 42
 
@@ -141,13 +141,14 @@ def test_push_builds_prewarms_and_the_first_call_is_prewarmed(git_platform: tupl
     # The console shows the same: the function's git source and build (with its log), and the
     # invocation's linked build trace.
     console = f"http://127.0.0.1:{platform.env['STOKER_CONSOLE_PORT']}/console/api"
-    shown = {f["name"]: f for f in httpx.get(f"{console}/functions", timeout=30).json()}["hello-git"]
+    admin = {"Authorization": f"Bearer {platform.admin_token}"}
+    shown = {f["name"]: f for f in httpx.get(f"{console}/functions", timeout=30, headers=admin).json()}["hello-git"]
     assert shown["source"]["kind"] == "git" and shown["source"]["git_commit"] == new
     build = next(b for b in shown["builds"] if b["commit"] == new)
     assert build["status"] == "ok" and build["has_log"]
-    build_log = httpx.get(f"{console}/functions/hello-git/builds/{build['build']}/log", timeout=30)
+    build_log = httpx.get(f"{console}/functions/hello-git/builds/{build['build']}/log", timeout=30, headers=admin)
     assert build_log.status_code == 200 and "tinydep" in build_log.text
-    page = httpx.get(f"{console}/invocations/{inv_id}", timeout=30).json()
+    page = httpx.get(f"{console}/invocations/{inv_id}", timeout=30, headers=admin).json()
     assert page["result"]["start"] == "prewarmed"
     linked_spans = {s["name"] for t in page["linked"] for s in t["spans"]}
     assert {"stoker build", "stoker specialize"} <= linked_spans, linked_spans
@@ -183,7 +184,7 @@ def test_bad_pushes_keep_the_previous_version_serving(git_platform: tuple[Platfo
     assert "SyntaxError" in out
     assert active_version(platform, "hello-git") == before
     assert len(builds(platform, "hello-git")) == count + 1  # the unbound push built nothing
-    with httpx.Client(base_url=platform.http, timeout=30) as http:
+    with platform.client() as http:
         assert http.post("/fn/hello-git", json={}).json()["v"] == 2
 
     ping = httpx.post(

@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer
@@ -95,8 +94,9 @@ def flows(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Platform, 
     for name, text in (("pipeline", PIPELINE), ("broken", BROKEN), ("failing", FAILING), ("slow", SLOW)):
         (files / f"{name}.yaml").write_text(text)
     try:
-        platform.stoker("fn", "create", "probe", "--code", str(FNS / "probe"), "--entrypoint", "handler:main",
-                        "--timeout", "10")
+        platform.stoker(
+            "fn", "create", "probe", "--code", str(FNS / "probe"), "--entrypoint", "handler:main", "--timeout", "10"
+        )
         yield platform, files
     finally:
         platform.stoker("down", check=False)
@@ -121,7 +121,7 @@ def test_a_workflow_runs_like_a_function(flows: tuple[Platform, Path]) -> None:
     via_cli = orjson.loads(platform.stoker("wf", "run", "pipeline", "--data", orjson.dumps(data).decode()).stdout)
     assert via_cli["status"] == "ok"
     assert via_cli["output"] == {"who": "cli", "items": ["a", "b", "c", "d"], "loud": "skipped"}
-    with httpx.Client(base_url=platform.http, timeout=60) as http:
+    with platform.client() as http:
         sync = http.post("/fn/pipeline", json={**data, "loud": True})
         assert sync.status_code == 200, sync.text
         assert sync.json()["loud"] == "ok"
@@ -143,8 +143,9 @@ def test_a_workflow_runs_like_a_function(flows: tuple[Platform, Path]) -> None:
     assert status["status"] == "ok" and {("first", None), ("join", None), ("maybe", None)} <= set(steps)
     assert [steps[("fan", i)]["status"] for i in range(4)] == ["ok"] * 4
     assert steps[("maybe", None)]["status"] == "skipped"
-    assert all(s["start"] in ("warm", "prewarmed", "pool", "zygote", "spawn") for s in status["steps"]
-               if s["status"] == "ok")
+    assert all(
+        s["start"] in ("warm", "prewarmed", "pool", "zygote", "spawn") for s in status["steps"] if s["status"] == "ok"
+    )
     runs = platform.stoker("wf", "runs", "pipeline").stdout
     assert run_id in runs and "ok" in runs
 
@@ -178,9 +179,13 @@ def test_an_engine_killed_mid_run_finishes_every_run_exactly_once(flows: tuple[P
     runs = [InvocationRequested(function="slow", payload={}) for _ in range(3)]
 
     async def go() -> dict[str, list[Any]]:
-        consumer = AIOKafkaConsumer(settings.topics.result, bootstrap_servers=settings.bootstrap,
-                                    auto_offset_reset="earliest", enable_auto_commit=False,
-                                    isolation_level="read_committed")
+        consumer = AIOKafkaConsumer(
+            settings.topics.result,
+            bootstrap_servers=settings.bootstrap,
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+            isolation_level="read_committed",
+        )
         await consumer.start()
         found: dict[str, list[Any]] = {}
         try:

@@ -29,6 +29,7 @@ from events import (
     decode,
     encode,
 )
+from events.auth import TokenIssued, TokenRevoked
 from events.cluster import NodeObserved, NodeTaintsRequested
 from events.code import ArtifactReady, BuildFailed, BuildFinished, BuildStarted, CodeCommitted
 from events.codec import MODELS, SUPPORTED_VERSIONS, from_object
@@ -263,6 +264,11 @@ def _samples() -> dict[str, object]:
             created_ms=1, updated_ms=2, active_since_ms=3,
         ),
         "trigger.fired": TriggerFired(trigger="tick", slot_ms=60_000, invocation="cron.tick.60000", at_ms=14),
+        "token.issued": TokenIssued(
+            id="ab12cd34ef56", name="ci", scopes=["invoke:orders-*", "read"], digest="0" * 64, rate_per_s=5.0,
+            expires_ms=99, by="stoker up", created_ms=16,
+        ),
+        "token.revoked": TokenRevoked(id="ab12cd34ef56", name="ci", by="admin", at_ms=17),
         "trigger.status": TriggerStatus(
             trigger="orders-in", instance="trigger", state="running", lag={"0": 2}, at_ms=15
         ),
@@ -662,7 +668,8 @@ def test_topic_names_use_the_prefix() -> None:
 def test_topic_catalogue() -> None:
     t = Topics("p.")
     specs = {s.name: s for s in t.catalogue(invocation_partitions=5)}
-    assert len(specs) == 20
+    assert len(specs) == 21
+    assert specs["p.token"].compacted
     assert specs["p.dispatch"].compacted and specs["p.dispatch"].partitions == 5  # co-partitioned with invocations
     assert specs["p.workflow-invocation"].partitions == 5 and specs["p.name"].compacted
     assert specs["p.workflow"].compacted and not specs["p.workflow-run"].compacted

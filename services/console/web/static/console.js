@@ -278,11 +278,18 @@ function spanTable(trace) {
 
 async function invocationPage() {
   app.replaceChildren(el("h1", {}, `Invocation ${ARG}`), el("p", { class: "muted", id: "waiting" }, "waiting for its result and trace…"));
+  // Services write their spans in batches about a second apart: the trace is shown once it has its root
+  // and has not grown for three looks in a row.
   let found = null;
-  for (let attempt = 0; attempt < 20; attempt++) {
+  let seen = -1;
+  let steady = 0;
+  for (let attempt = 0; attempt < 30; attempt++) {
     try {
       found = await api(`/invocations/${ARG}`);
-      if (found.result && found.traced && found.traces.every((t) => t.complete)) break;
+      const spans = found.traces.reduce((n, t) => n + t.spans.length, 0);
+      steady = spans === seen ? steady + 1 : 0;
+      seen = spans;
+      if (found.result && found.traced && found.traces.every((t) => t.complete) && steady >= 2) break;
     } catch (_) { /* not seen yet */ }
     await new Promise((r) => setTimeout(r, 500));
   }
@@ -379,8 +386,38 @@ async function runPage() {
 
 // ----- start ----------------------------------------------------------------------------------
 
+function loginPage() {
+  const input = el("input", { id: "token", type: "password", placeholder: "stk_…", autocomplete: "off", size: 70 });
+  const message = el("p", { id: "login-message", class: "muted" }, "A token with the read scope shows the console; deploy and admin scopes allow its actions.");
+  const go = async () => {
+    try {
+      await api("/login", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ token: input.value }) });
+      const next = new URLSearchParams(location.search).get("next");
+      location.href = next && next.startsWith("/console") ? next : "/console";
+    } catch (error) {
+      message.textContent = error.message;
+      message.className = "notice-inline error";
+    }
+  };
+  input.addEventListener("keydown", (e) => { if (e.key === "Enter") go(); });
+  app.replaceChildren(el("h1", {}, "Log in"), el("p", {}, "Paste a Stoker token (`stoker token create --scope read`, or the admin token `stoker up` printed)."),
+    input, " ", el("button", { id: "login", onclick: go }, "Log in"), message);
+  document.getElementById("broker").textContent = "";
+}
+
+async function whoami() {
+  try {
+    const me = await api("/me");
+    const header = document.querySelector("header");
+    header.append(el("span", { id: "me", class: "me" }, `${me.name || me.id} · ${me.scopes.join(", ")} `,
+      el("button", { onclick: async () => { await api("/logout", { method: "POST" }); location.href = "/console/login"; } }, "Log out")));
+  } catch (_) { /* the page itself says what failed */ }
+}
+
 window.addEventListener("DOMContentLoaded", async () => {
+  if (PAGE === "login") { loginPage(); document.body.dataset.loaded = "yes"; return; }
   connect();
+  whoami();
   try {
     if (PAGE === "cluster") { renderCluster(await api("/cluster")); on("cluster", renderCluster); }
     else if (PAGE === "functions") { renderFunctions(await api("/functions")); on("functions", renderFunctions); }
