@@ -247,9 +247,17 @@ def hybrid_variants() -> dict[str, HybridPolicy]:
     return {
         "hybrid": HybridPolicy(),
         "hybrid, paper's parameters (4 h fallback, p5-p99 only, no forecast)": HybridPolicy(
-            fallback_keep_alive_s=4 * 3600.0, floor_no_prewarm=False, forecast=None, cold_start_cost_s=None
+            fallback_keep_alive_s=4 * 3600.0,
+            floor_no_prewarm=False,
+            forecast=None,
+            cold_start_cost_s=None,
+            tail_pct=99.0,
+            tail_margin=None,
         ),
-        "hybrid, p5-p99 window only": HybridPolicy(cold_start_cost_s=None),
+        "hybrid, p5-p99 window only": HybridPolicy(cold_start_cost_s=None, tail_pct=99.0, tail_margin=None),
+        "hybrid, p99 tail, 10% margins (the last version)": HybridPolicy(
+            tail_pct=99.0, tail_margin=None, alternative_tail_pcts=(95.0,), cold_start_cost_s=2700.0
+        ),
         "hybrid, no forecast": HybridPolicy(forecast=None),
         "hybrid, forecast = last": HybridPolicy(forecast="last"),
         "hybrid, forecast = ses": HybridPolicy(forecast="ses"),
@@ -332,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
                 "head_pct": hybrid.head_pct,
                 "tail_pct": hybrid.tail_pct,
                 "margin": hybrid.margin,
+                "tail_margin": hybrid.tail_margin,
                 "fallback_keep_alive_s": hybrid.fallback_keep_alive_s,
                 "min_samples": hybrid.min_samples,
                 "min_cv": hybrid.min_cv,

@@ -138,10 +138,10 @@ def test_hybrid_periodic_function_is_prewarmed_shortly_before_the_period() -> No
     hist = _periodic(30 * MIN, 20)  # 19 idle times of exactly 30 minutes
     d = HybridPolicy().decide(hist)
     assert d.reason.startswith("histogram")
-    # Head and tail both in the 30-minute bin: pre-warm at 30 min - 10%, unload at 31 min + 10%.
+    # Head and tail both in the 30-minute bin: pre-warm at 30 min - 10%, unload at 31 min + 5%.
     assert d.prewarm_after_s == pytest.approx(27 * MIN)
-    assert d.unload_after_s == pytest.approx(31 * MIN * 1.1)
-    assert d.keep_alive_s == pytest.approx(31 * MIN * 1.1 - 27 * MIN)  # about 7 minutes, not 4 hours
+    assert d.unload_after_s == pytest.approx(31 * MIN * 1.05)
+    assert d.keep_alive_s == pytest.approx(31 * MIN * 1.05 - 27 * MIN)  # about 5.5 minutes, not 4 hours
     assert not d.wants_loaded(1 * MIN)  # unloaded right after the invocation
     assert d.wants_loaded(30 * MIN)  # loaded when the next one comes
 
@@ -150,7 +150,7 @@ def test_hybrid_periodic_function_with_execution_time_learns_the_idle_time() -> 
     hist = _periodic(30 * MIN, 20, duration_s=90.0)  # idle 28.5 minutes each time
     d = HybridPolicy().decide(hist)
     assert d.prewarm_after_s == pytest.approx(28 * MIN * 0.9)
-    assert d.unload_after_s == pytest.approx(29 * MIN * 1.1)
+    assert d.unload_after_s == pytest.approx(29 * MIN * 1.05)
     assert d.wants_loaded(28.5 * MIN)
 
 
@@ -164,7 +164,7 @@ def _bursty() -> IdleHistogram:
 
 
 def test_paper_window_keeps_a_bursty_function_loaded_through_its_quiet_periods() -> None:
-    d = HybridPolicy(cold_start_cost_s=None).decide(_bursty())
+    d = HybridPolicy(cold_start_cost_s=None, tail_pct=99.0, tail_margin=None).decide(_bursty())
     assert d.reason.startswith("histogram")
     assert d.prewarm_after_s == 0.0  # the head is in the first bin: never unload after an invocation
     assert d.wants_loaded(1.0)
@@ -176,10 +176,10 @@ def test_a_window_costing_more_idle_per_cold_start_avoided_than_a_cold_start_is_
     # Two idle hours per quiet period to avoid one cold start: above the 45 minutes one is worth.
     d = HybridPolicy().decide(_bursty())
     assert (d.prewarm_after_s, d.keep_alive_s) == (0.0, 600.0)
-    assert d.reason.startswith("fallback: the standard keep-alive costs least (p5 0s, p99 7200s")
+    assert d.reason.startswith("fallback: the standard keep-alive costs least (p5 0s, p100 7200s")
     # Worth it when a cold start is priced above those two hours.
     dear = HybridPolicy(cold_start_cost_s=3 * HOUR).decide(_bursty())
-    assert dear.keep_alive_s == pytest.approx(120 * MIN * 1.1) and "p5-p99" in dear.reason
+    assert dear.keep_alive_s == pytest.approx(120 * MIN * 1.05) and "p5-p100" in dear.reason
 
 
 def test_cost_of_a_window_counts_idle_seconds_and_priced_cold_starts() -> None:
@@ -202,7 +202,7 @@ def test_hybrid_frequent_function_keeps_at_least_the_standard_keep_alive() -> No
     d = HybridPolicy().decide(hist)
     assert d.prewarm_after_s == 0.0 and d.reason.startswith("histogram")
     assert d.keep_alive_s == 600.0  # every idle time in the first bin; the window is not shorter
-    paper = HybridPolicy(floor_no_prewarm=False, cold_start_cost_s=None).decide(hist)
+    paper = HybridPolicy(floor_no_prewarm=False, cold_start_cost_s=None, tail_pct=99.0, tail_margin=None).decide(hist)
     assert paper.keep_alive_s == pytest.approx(MIN * 1.1)
 
 
@@ -301,3 +301,13 @@ def test_the_forecast_may_decide_before_the_histogram_has_enough_idle_times() ->
     assert HybridPolicy().decide(hist).reason.startswith("fallback: too few idle times")
     early = HybridPolicy(forecast_min_samples=2).decide(hist)
     assert early.reason.startswith("forecast") and early.prewarm_after_s == pytest.approx(7 * HOUR * 0.85)
+
+
+def test_the_unload_margin_is_its_own_and_defaults_to_the_head_margin() -> None:
+    hist = _periodic(30 * MIN, 20)
+    own = HybridPolicy(margin=0.10, tail_margin=0.20).decide(hist)
+    assert own.prewarm_after_s == pytest.approx(27 * MIN) and own.unload_after_s == pytest.approx(31 * MIN * 1.2)
+    shared = HybridPolicy(margin=0.10, tail_margin=None).decide(hist)
+    assert shared.unload_after_s == pytest.approx(31 * MIN * 1.1)
+    with pytest.raises(ValueError):
+        HybridPolicy(tail_margin=1.0)
