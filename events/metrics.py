@@ -28,6 +28,31 @@ class InstanceMetrics(BaseModel):
     cpu_quota_millis: int | None = None
     """The quota in force (``None``: no cgroup or unlimited)."""
     clamped: bool = False
+    cpu_wait_ms: float | None = None
+    """Time at least one of the instance's tasks was runnable but waited for a CPU during the
+    interval (cgroup v2 ``cpu.pressure`` ``some`` total); ``None`` where the kernel does not say
+    (cgroup v1, or v2 without PSI). Like every field added later, defaulted: older readers ignore it."""
+    nr_throttled: int | None = None
+    """CPU quota periods in which the instance was held back during the interval (``cpu.stat``
+    ``nr_throttled``); ``None`` from an older agent."""
+
+
+class NodeCpuPressure(BaseModel):
+    """How much runnable work waited for a CPU on the node (a later, defaulted field of ``node.metrics``)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    source: Literal["psi", "run queue"]
+    """``psi``: the kernel's pressure stall information (``/proc/pressure/cpu``, cgroup v2 hosts
+    and v1 ones booted with PSI); ``run queue``: only ``/proc/stat`` and ``/proc/loadavg``."""
+    cpu_some_avg10: float | None = None
+    """PSI ``some`` avg10: share (0..100) of the last 10 s in which at least one task waited for a CPU."""
+    procs_running: int | None = None
+    """Tasks running or runnable when sampled (``/proc/stat``), the sampler itself not counted."""
+    load1: float | None = None
+    """One-minute load average (``/proc/loadavg``)."""
+    cores: int = 1
+    """CPUs of the host, to read ``procs_running`` and ``load1`` against."""
 
 
 class NodeMetrics(Record):
@@ -40,6 +65,8 @@ class NodeMetrics(Record):
     instances: list[InstanceMetrics] = Field(default_factory=list)
     cpu_millis: float = 0.0
     memory_mb: float = 0.0
+    pressure: NodeCpuPressure | None = None
+    """The node's CPU pressure when the interval was sampled; ``None``: not known (an older agent)."""
     at_ms: int = Field(default_factory=now_ms)
 
 

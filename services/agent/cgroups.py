@@ -140,6 +140,74 @@ class CgroupStats:
     nr_throttled: int
     oom_kills: int
     """OOM kills in the group; on old v1 kernels without ``oom_kill`` it is ``memory.failcnt``."""
+    cpu_wait_ns: int | None = None
+    """v2 ``cpu.pressure`` ``some`` total: time a task of the group waited for a CPU; ``None`` on
+    v1 and on v2 kernels without PSI."""
+
+
+@dataclass(frozen=True)
+class HostPressure:
+    """The host's CPU pressure: PSI where the kernel has it, the run queue and load always."""
+
+    cpu_some_avg10: float | None
+    """``some avg10`` of ``/proc/pressure/cpu`` (0..100), ``None`` without PSI."""
+    procs_running: int | None
+    """``procs_running`` of ``/proc/stat`` less the reader itself."""
+    load1: float | None
+    cores: int
+
+
+def parse_psi(text: str, line: str = "some") -> dict[str, float]:
+    """The ``some`` (or ``full``) line of a PSI file as ``{"avg10": .., "avg60": .., "avg300": .., "total": ..}``."""
+    for row in text.splitlines():
+        if row.startswith(line + " "):
+            out: dict[str, float] = {}
+            for part in row.split()[1:]:
+                key, _, value = part.partition("=")
+                try:
+                    out[key] = float(value)
+                except ValueError:
+                    continue
+            return out
+    return {}
+
+
+def parse_procs_running(text: str) -> int | None:
+    """``procs_running`` of ``/proc/stat``, or None."""
+    for row in text.splitlines():
+        if row.startswith("procs_running "):
+            return int(row.split()[1])
+    return None
+
+
+def parse_load1(text: str) -> float | None:
+    """The one-minute load average of ``/proc/loadavg``, or None."""
+    first = text.split(maxsplit=1)
+    return float(first[0]) if first else None
+
+
+def read_host_pressure(proc: Path = Path("/proc"), cores: int | None = None) -> HostPressure:
+    """This host's CPU pressure. ``/proc/pressure/cpu`` exists on kernels with PSI whatever the
+    cgroup version (an open fails with EOPNOTSUPP when booted with ``psi=0``); the run queue and
+    load are there everywhere."""
+    psi: float | None = None
+    try:
+        psi = parse_psi(_read_text(proc / "pressure" / "cpu")).get("avg10")
+    except (OSError, CgroupError):
+        pass
+    running: int | None = None
+    try:
+        raw = parse_procs_running(_read_text(proc / "stat"))
+        # The reading thread is itself running when it reads: count the others.
+        running = None if raw is None else max(0, raw - 1)
+    except (OSError, CgroupError):
+        pass
+    load: float | None = None
+    try:
+        load = parse_load1(_read_text(proc / "loadavg"))
+    except (OSError, ValueError, CgroupError):
+        pass
+    return HostPressure(psi, running, load, cores or os.cpu_count() or 1)
 
 
 # --------------------------------------------------------------------------- small file helpers
@@ -522,6 +590,12 @@ class V2InstanceCgroup(InstanceCgroup):
         cpu = _read_keyed(self.path / "cpu.stat", missing_ok=False)  # cpu.stat is core on v2: always there
         events = _read_keyed(self.path / "memory.events")
         peak = self.path / "memory.peak"
+        wait: int | None = None
+        try:
+            total = parse_psi(_read_text(self.path / "cpu.pressure")).get("total")
+            wait = None if total is None else int(total) * 1000  # usec
+        except (OSError, CgroupError):
+            pass  # a kernel without PSI has no cpu.pressure
         return CgroupStats(
             cpu_usage_ns=cpu.get("usage_usec", 0) * 1000,
             memory_bytes=_read_int(self.path / "memory.current", 0),
@@ -530,6 +604,7 @@ class V2InstanceCgroup(InstanceCgroup):
             cpu_throttled_ns=cpu.get("throttled_usec", 0) * 1000,
             nr_throttled=cpu.get("nr_throttled", 0),
             oom_kills=events.get("oom_kill", 0),
+            cpu_wait_ns=wait,
         )
 
     def kill_all(self, timeout_s: float = 5.0) -> None:

@@ -47,8 +47,9 @@ from events import (
     now_ms,
 )
 from events.instance import InstanceState
+from events.metrics import NodeCpuPressure
 from services.agent import pool
-from services.agent.cgroups import CgroupError
+from services.agent.cgroups import CgroupError, HostPressure, read_host_pressure
 from services.agent.instances import Instance, InstanceDied, InstanceTimeout, NotStarted
 from services.agent.launcher import Launcher
 from services.agent.sandbox import SandboxError
@@ -88,6 +89,8 @@ class _Slot:
     """A CPU quota the throttler imposed, below the function's own."""
     last_cpu_ns: int | None = None
     last_throttled_ns: int | None = None
+    last_wait_ns: int | None = None
+    last_nr_throttled: int | None = None
     runner: object | None = None
     """The invocation the instance is running (its ``_Outcome``): only it decides what happens to
     the instance afterwards, unless an invocation queued behind it has begun (then that one does)."""
@@ -904,7 +907,12 @@ class NodeAgent:
             throttled = (
                 0.0 if slot.last_throttled_ns is None else (stats.cpu_throttled_ns - slot.last_throttled_ns) / 1e6
             )
+            wait: float | None = None
+            if stats.cpu_wait_ns is not None and slot.last_wait_ns is not None:
+                wait = round(max(0.0, (stats.cpu_wait_ns - slot.last_wait_ns) / 1e6), 2)
+            periods = None if slot.last_nr_throttled is None else max(0, stats.nr_throttled - slot.last_nr_throttled)
             slot.last_cpu_ns, slot.last_throttled_ns = stats.cpu_usage_ns, stats.cpu_throttled_ns
+            slot.last_wait_ns, slot.last_nr_throttled = stats.cpu_wait_ns, stats.nr_throttled
             quota = slot.clamped_millis or (slot.spec.cpu_millis if slot.spec is not None else None)
             figures.append(
                 InstanceMetrics(
@@ -918,6 +926,8 @@ class NodeAgent:
                     throttled_ms=round(max(0.0, throttled), 2),
                     cpu_quota_millis=quota,
                     clamped=slot.clamped_millis is not None,
+                    cpu_wait_ms=wait,
+                    nr_throttled=periods,
                 )
             )
         return NodeMetrics(
@@ -927,6 +937,7 @@ class NodeAgent:
             instances=figures,
             cpu_millis=round(sum(f.cpu_millis for f in figures), 1),
             memory_mb=round(sum(f.memory_mb for f in figures), 2),
+            pressure=node_pressure(read_host_pressure()),
         )
 
     async def send_metrics(self) -> None:
@@ -938,7 +949,7 @@ class NodeAgent:
                 # Nobody to judge: no reading (a thread and a file read per instance), and the
                 # next reading starts afresh rather than from one taken before the gap.
                 for slot in self._slots.values():
-                    slot.last_cpu_ns = slot.last_throttled_ns = None
+                    slot.last_cpu_ns = slot.last_throttled_ns = slot.last_wait_ns = slot.last_nr_throttled = None
                 continue
             try:
                 record = await asyncio.to_thread(self.metrics, interval)
@@ -1042,3 +1053,18 @@ class _Outcome:
                 total=round(max(0.0, time.time() * 1000 - inv.requested_ms), 3),
             ),
         )
+
+
+def node_pressure(host: HostPressure) -> NodeCpuPressure:
+    """The host's pressure as the node metrics carry it: PSI where the kernel has it, else the run queue.
+
+    The agent's instances run on its host, so the host's pressure is the node's (a host that
+    runs several nodes reports the same figures for each).
+    """
+    return NodeCpuPressure(
+        source="psi" if host.cpu_some_avg10 is not None else "run queue",
+        cpu_some_avg10=host.cpu_some_avg10,
+        procs_running=host.procs_running,
+        load1=host.load1,
+        cores=host.cores,
+    )

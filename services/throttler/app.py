@@ -27,7 +27,7 @@ from services.common.runner import configure_logging, serve
 from services.common.settings import CommonSettings, env_float, env_int
 from services.common.telemetry import setup_tracing
 from services.common.views import FETCH_ROUTINE_TIMER_MS, Reader, Table, dead_letters_to
-from services.throttler.fairness import NodeCapacity, NodePressure, read_host_pressure
+from services.throttler.fairness import NodeCapacity, NodePressure, pressure_of, read_host_pressure
 from services.throttler.policy import Action, PolicyConfig, Throttler
 from services.throttler.ranges import RangeConfig
 
@@ -52,8 +52,9 @@ def config_from_env(env: Any) -> PolicyConfig:
 def host_pressure_from_env(env: Any) -> bool:
     """``STOKER_THROTTLE_HOST_PRESSURE=on``: every node's pressure is this host's (``/proc``).
 
-    Only true of an embedded platform, whose agents all run on the throttler's host; elsewhere
-    the node metrics carry no pressure figure yet and the throttler reads the nodes' saturation.
+    Only for a node whose metrics carry no pressure of their own (an older agent) on an
+    embedded platform, whose agents all run on the throttler's host;
+    elsewhere such a node is judged by its saturation.
     """
     value = str(env.get("STOKER_THROTTLE_HOST_PRESSURE", "off")).strip().lower()
     if value not in ("on", "off"):
@@ -145,7 +146,11 @@ async def run(common: CommonSettings, config: PolicyConfig, host_pressure: bool 
         if now_ms() - metrics.at_ms > 10_000:
             return  # a backlog after a restart says nothing about now
         beat = nodes.rows.get(metrics.node)
-        pressure: NodePressure | None = read_host_pressure() if host_pressure else None
+        # The agent's own reading first: it ran on the node; this host's only for an embedded
+        # platform whose (older) agents sent none.
+        pressure: NodePressure | None = pressure_of(metrics)
+        if pressure is None and host_pressure:
+            pressure = read_host_pressure()
         capacity = (
             NodeCapacity(float(beat.capacity.cpu_millis), float(beat.capacity.memory_mb), pressure=pressure)
             if isinstance(beat, NodeHeartbeat)

@@ -30,6 +30,7 @@ __all__ = [
     "judge_node",
     "parse_procs_running",
     "parse_psi_some_avg10",
+    "pressure_of",
     "read_host_pressure",
     "usage_by_function",
 ]
@@ -96,6 +97,11 @@ class FunctionUsage:
     """Instances busy when the interval was sampled."""
     unclamped: tuple[str, ...] = ()
     """Instances whose CPU quota the throttler has not clamped."""
+    wait_ms: float | None = None
+    """Time its instances' tasks waited for a CPU (cgroup v2 PSI of each instance, summed);
+    ``None`` when no instance's figure is known (cgroup v1)."""
+    throttled_periods: int = 0
+    """Quota periods in which its instances were held back (``nr_throttled``), summed."""
 
 
 def usage_by_function(instances: Iterable[InstanceMetrics]) -> dict[str, FunctionUsage]:
@@ -114,9 +120,24 @@ def usage_by_function(instances: Iterable[InstanceMetrics]) -> dict[str, Functio
             round(sum(m.throttled_ms for m in ms), 1),
             sum(1 for m in ms if m.state == "busy"),
             tuple(m.instance for m in ms if not m.clamped),
+            _sum_known(m.cpu_wait_ms for m in ms),
+            sum(m.nr_throttled or 0 for m in ms),
         )
         for name, ms in by.items()
     }
+
+
+def _sum_known(values: Iterable[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return round(sum(known), 1) if known else None
+
+
+def pressure_of(metrics: NodeMetrics) -> NodePressure | None:
+    """The pressure the node's agent sampled with its metrics, or ``None`` (an agent that sends none)."""
+    p = metrics.pressure
+    if p is None:
+        return None
+    return NodePressure(p.cpu_some_avg10, p.procs_running, max(1, p.cores), p.source)
 
 
 @dataclass(frozen=True)
@@ -217,9 +238,22 @@ def judge_node(metrics: NodeMetrics, node: NodeCapacity, config: FairnessConfig)
                 "node_cpu_millis": round(used_cpu, 1),
                 "node_capacity_millis": node.cpu_millis,
                 "active_functions": float(len(active)),
+                **_wait_figures(u, [usages[f] for f in others]),
                 **_pressure_figures(node.pressure),
             },
         )
+    return out
+
+
+def _wait_figures(own: FunctionUsage, others: list[FunctionUsage]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    if own.wait_ms is not None:
+        out["fn_cpu_wait_ms"] = own.wait_ms
+    waits = [o.wait_ms for o in others if o.wait_ms is not None]
+    if waits:
+        out["others_cpu_wait_ms"] = round(sum(waits), 1)
+    if own.throttled_periods:
+        out["fn_throttled_periods"] = float(own.throttled_periods)
     return out
 
 

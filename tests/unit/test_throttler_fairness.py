@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from events import InstanceMetrics, NodeMetrics
+from events.metrics import NodeCpuPressure
 from services.throttler.fairness import (
     FairnessConfig,
     NodeCapacity,
@@ -16,6 +17,7 @@ from services.throttler.fairness import (
     judge_node,
     parse_procs_running,
     parse_psi_some_avg10,
+    pressure_of,
     read_host_pressure,
     usage_by_function,
 )
@@ -246,3 +248,102 @@ def test_proc_files_are_parsed(tmp_path: Path) -> None:
     assert read_host_pressure(tmp_path, cores=2) == NodePressure(12.5, 7, 2, "psi")
     (tmp_path / "pressure" / "cpu").unlink()  # a v1 host without PSI: the run queue
     assert read_host_pressure(tmp_path, cores=2) == NodePressure(None, 7, 2, "run queue")
+
+
+# --- pressure carried by the node metrics themselves (the agent's reading) --------------------------
+
+
+class CarriedReplay(Replay):
+    """Like :class:`Replay`, but each interval's pressure comes with the record, as the agent sends it,
+    and the throttler reads it with :func:`pressure_of` (as its service does)."""
+
+    def __init__(self, pressures: list[NodeCpuPressure]) -> None:
+        super().__init__(NodeCapacity(2000.0, 4096.0))
+        self.pressures = pressures
+
+    def step(self, *instances: InstanceMetrics) -> list[Action]:
+        self.interval += 1
+        self.now += SEC
+        record = NodeMetrics(
+            node="runtime-0",
+            incarnation="inc",
+            interval_ms=1000,
+            instances=list(instances),
+            pressure=self.pressures[min(self.interval, len(self.pressures)) - 1],
+        )
+        node = NodeCapacity(2000.0, 4096.0, pressure=pressure_of(record))
+        actions = self.throttler.observe(record, {}, {}, self.now, node)
+        for a in actions:
+            self.log.append((self.interval, a))
+            if a.kind == "clamp" and a.instance is not None and a.cpu_millis is not None:
+                self.quota[a.instance] = a.cpu_millis
+        return actions
+
+
+V1_WAITING = NodeCpuPressure(source="run queue", procs_running=5, load1=3.4, cores=2)
+"""A cgroup v1 node (no PSI): five runnable tasks on two cores."""
+V1_CALM = NodeCpuPressure(source="run queue", procs_running=2, load1=1.9, cores=2)
+"""The same node busy, each core with its one task and nobody waiting."""
+
+
+def test_pressure_of_reads_what_the_agent_sent_and_nothing_from_an_older_agent() -> None:
+    record = NodeMetrics(node="n", incarnation="i", interval_ms=1000, pressure=V1_WAITING)
+    assert pressure_of(record) == NodePressure(None, 5, 2, "run queue")
+    psi = NodeCpuPressure(source="psi", cpu_some_avg10=12.5, procs_running=1, cores=2)
+    assert pressure_of(NodeMetrics(node="n", incarnation="i", interval_ms=1000, pressure=psi)) == NodePressure(
+        12.5, 1, 2, "psi"
+    )
+    assert pressure_of(NodeMetrics(node="n", incarnation="i", interval_ms=1000)) is None
+
+
+def test_on_a_v1_node_a_spinner_next_to_a_waiting_victim_is_clamped_then_isolated_on_the_run_queue() -> None:
+    r = CarriedReplay([V1_WAITING])
+    victim = InstanceMetrics(
+        instance="victim-1", function="victim", state="busy", cpu_millis=30.0, memory_mb=35.0, nr_throttled=0
+    )
+    for _ in range(8):
+        cpu, throttled, quota = r.held("spin-1", 1000.0)
+        r.step(_m("spin-1", "spin", cpu, throttled=throttled, quota=quota), victim)
+    clamp, isolate = r.first("clamp", "spin"), r.first("isolate", "spin")
+    assert clamp is not None and clamp <= 2 and isolate is not None and isolate <= 5
+    [iso] = [a for _, a in r.log if a.kind == "isolate"]
+    assert iso.figures["runnable"] == 5.0 and iso.figures["cores"] == 2.0
+    assert _kinds(r, "victim") == []
+
+
+def test_on_a_v1_node_a_steady_busy_function_alone_with_nobody_waiting_is_never_touched() -> None:
+    r = CarriedReplay([V1_CALM])
+    for t in range(60):
+        r.step(*(_m(f"batch-{k}", "batch", 950.0 + (t % 3) * 5) for k in range(2)))
+    assert r.log == []
+
+
+def test_busy_next_to_a_victim_with_nobody_waiting_is_not_hurting_it() -> None:
+    """Two cores, a 950m function and a victim: the run queue shows each task has its core."""
+    r = CarriedReplay([V1_CALM])
+    for _ in range(30):
+        r.step(_m("batch-1", "batch", 950.0), _victim())
+    assert r.log == []
+
+
+def test_a_one_interval_burst_with_a_long_run_queue_is_not_punished() -> None:
+    r = CarriedReplay([V1_WAITING, V1_CALM])  # the queue is long only in the burst's interval
+    r.step(*(_m(f"spin-{k}", "spin", 280.0) for k in range(6)), _m("big", "spin", 1000.0), _victim())
+    for _ in range(20):
+        r.step(_m("spin-0", "spin", 5.0, state="ready"), _victim())
+    assert r.log == []
+
+
+def test_the_instances_wait_times_are_in_the_decisions_figures() -> None:
+    r = Replay()
+    waiting = InstanceMetrics(instance="victim-1", function="victim", state="busy", cpu_millis=30.0, cpu_wait_ms=400.0)
+    for _ in range(3):
+        r.step(
+            InstanceMetrics(
+                instance="spin-1", function="spin", state="busy", cpu_millis=280.0, cpu_wait_ms=50.0, nr_throttled=0
+            ),
+            *(_m(f"spin-{k}", "spin", 280.0) for k in range(2, 7)),
+            waiting,
+        )
+    clamp = next(a for _, a in r.log if a.kind == "clamp")
+    assert clamp.figures["others_cpu_wait_ms"] == 400.0 and clamp.figures["fn_cpu_wait_ms"] == 50.0
