@@ -24,20 +24,18 @@ from events import (
     RepoConfigured,
     Taint,
     Toleration,
-    WorkflowSpec,
 )
 from events.codec import DecodeError, loads
-from events.function import CodeSource
 from services.agent.settings import parse_taints
 from services.cli import platform
 from services.cli import tokens as token_cli
 from services.cli import triggers as trigger_cli
+from services.cli.backend import Backend, Direct, backend_for, package
 from services.cli.broker import BrokerError, broker_is_reachable
 from services.common import operations
 from services.common.admin import ensure_topics
 from services.common.artifacts import ArtifactError
-from services.common.client import StokerClient, deadline_in, package_code
-from services.common.names import NameTaken
+from services.common.client import StokerClient, package_code
 from services.common.settings import CommonSettings
 
 app = typer.Typer(
@@ -45,6 +43,24 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+
+
+@app.callback()
+def _global(
+    direct: Annotated[
+        bool,
+        typer.Option(
+            "--direct",
+            help="Manage over Kafka instead of the gateway's API (the platform operator's path; needs broker access).",
+        ),
+    ] = False,
+) -> None:
+    """Management commands use the gateway's API ($STOKER_API_URL) with $STOKER_TOKEN or the admin token that
+    `stoker up` keeps in the state folder; --direct (or STOKER_DIRECT=1) writes the topics instead."""
+    if direct:
+        os.environ["STOKER_DIRECT"] = "1"
+
+
 fn_app = typer.Typer(help="Create, change, inspect and invoke functions.", no_args_is_help=True)
 app.add_typer(fn_app, name="fn")
 app.add_typer(trigger_cli.app, name="trigger")
@@ -404,27 +420,31 @@ def _with_client(common: CommonSettings, work: Callable[[StokerClient], Awaitabl
     return asyncio.run(go())
 
 
-def _operate(common: CommonSettings, action: Callable[[StokerClient], Awaitable[None]]) -> None:
-    """One management action (shared with the console); a refusal is the command's error."""
+def _manage(common: CommonSettings, work: Callable[[Backend], Awaitable[T]]) -> T:
+    """One management command, through the gateway's API with a token (or Kafka with --direct); a refusal
+    is the command's error."""
+    backend = backend_for(common)
+    if isinstance(backend, Direct):
+        _require_broker(common)
+
+    async def go() -> T:
+        async with backend as b:
+            return await work(b)
+
     try:
-        _with_client(common, action)
+        return asyncio.run(go())
+    except operations.WorkflowRefused:
+        raise
     except operations.Refused as exc:
         raise fail(str(exc)) from None
 
 
 def _current(common: CommonSettings, name: str) -> FunctionSpec | None:
-    return _with_client(common, lambda c: c.functions()).get(name)
+    return _manage(common, lambda b: b.functions()).get(name)
 
 
 def _publish(common: CommonSettings, record: Record, topic: str, key: str) -> None:
     _with_client(common, lambda c: c.send(record, topic, key))
-
-
-def _put(common: CommonSettings, spec: FunctionSpec) -> None:
-    try:
-        _with_client(common, lambda c: c.put_function(spec))
-    except NameTaken as exc:
-        raise fail(str(exc)) from None
 
 
 @fn_app.command("create")
@@ -462,39 +482,36 @@ def fn_create(
 ) -> None:
     """Create a function from a directory of code (--code) or bound to a git branch (--git)."""
     common = settings()
-    _require_broker(common)
     if (code is None) == (git is None):
         raise fail("give exactly one of --code DIR or --git URL")
     if _current(common, name) is not None:
         raise fail(f"function {name!r} exists; use `stoker fn update`")
+    fields: dict[str, Any] = {
+        "name": name,
+        "entrypoint": entrypoint,
+        "runtime": runtime,
+        "memory_mb": memory,
+        "timeout_s": timeout,
+        "concurrency": concurrency,
+        "env": _parse_env(env),
+        "prewarm_on_commit": prewarm_on_commit,
+        **_placement_options(node_selector, toleration),
+        "reuse": reuse,
+        "cpu_millis": cpu,
+        "pids_limit": pids,
+        "network": network,
+        "public": public,
+    }
+    if idle_s is not None:
+        fields["idle_s"] = idle_s
     try:
-        if code is not None:
-            source = package_code(common, code)
-        else:
-            source = CodeSource(kind="git", git_url=git, git_branch=branch, git_path=path.strip("/") or None)
-        spec = FunctionSpec(
-            name=name,
-            entrypoint=entrypoint,
-            source=source,
-            runtime=runtime,  # type: ignore[arg-type]
-            memory_mb=memory,
-            timeout_s=timeout,
-            concurrency=concurrency,
-            idle_s=idle_s,
-            env=_parse_env(env),
-            prewarm_on_commit=prewarm_on_commit,
-            **_placement_options(node_selector, toleration),
-            reuse=reuse,  # type: ignore[arg-type]
-            cpu_millis=cpu,
-            pids_limit=pids,
-            network=network,  # type: ignore[arg-type]
-            public=public,
-        )
-    except (ArtifactError, ValueError) as exc:
+        archive = package(code) if code is not None else None
+    except ArtifactError as exc:
         raise fail(str(exc)) from None
-    _operate(common, lambda c: operations.create_function(c, spec))
-    if source.kind == "archive":
-        console.print(f"created [bold]{name}[/bold] version {spec.code_version} ({source.size} bytes)")
+    repo = {"url": git, "branch": branch, "path": path} if git is not None else None
+    spec = _manage(common, lambda b: b.create_function(fields, archive, repo))
+    if spec.source.kind == "archive":
+        console.print(f"created [bold]{name}[/bold] version {spec.code_version} ({spec.source.size} bytes)")
         return
     console.print(
         f"created [bold]{name}[/bold] bound to {git} {branch}:{path or '/'}; building the branch head "
@@ -522,11 +539,9 @@ def fn_update(
 ) -> None:
     """Change a function: new code and/or settings (a new revision)."""
     common = settings()
-    _require_broker(common)
     changes: dict[str, Any] = {}
     try:
-        if code is not None:
-            changes["source"] = package_code(common, code)
+        archive = package(code) if code is not None else None
         for key, value in (
             ("entrypoint", entrypoint),
             ("memory_mb", memory),
@@ -546,10 +561,7 @@ def fn_update(
         changes.update(_placement_options(node_selector, toleration))
     except (ArtifactError, ValueError) as exc:
         raise fail(str(exc)) from None
-    try:
-        new = _with_client(common, lambda c: operations.update_function(c, name, changes))
-    except (operations.Refused, NameTaken) as exc:
-        raise fail(str(exc)) from None
+    new = _manage(common, lambda b: b.update_function(name, changes, archive))
     console.print(f"updated [bold]{name}[/bold] to revision {new.revision}, version {new.code_version}")
 
 
@@ -557,7 +569,6 @@ def fn_update(
 def fn_get(name: str) -> None:
     """Print a function's spec as JSON."""
     common = settings()
-    _require_broker(common)
     spec = _current(common, name)
     if spec is None:
         raise fail(f"no function named {name!r}")
@@ -568,9 +579,7 @@ def fn_get(name: str) -> None:
 def fn_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """List functions."""
     common = settings()
-    _require_broker(common)
-
-    specs = _with_client(common, lambda c: c.functions())
+    specs = _manage(common, lambda b: b.functions())
     if as_json:
         print_json([s.model_dump(mode="json") for s in sorted(specs.values(), key=lambda s: s.name)])
         return
@@ -592,8 +601,7 @@ def fn_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
 def fn_delete(name: str) -> None:
     """Delete a function (a tombstone on the function topic)."""
     common = settings()
-    _require_broker(common)
-    _operate(common, lambda c: operations.delete_function(c, name))
+    _manage(common, lambda b: b.delete_function(name))
     console.print(f"deleted [bold]{name}[/bold]")
 
 
@@ -603,9 +611,8 @@ def fn_invoke(
     data: Annotated[str, typer.Option("--data", "-d", help="JSON payload.")] = "null",
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the result.")] = 60.0,
 ) -> None:
-    """Invoke a function over Kafka; prints the result JSON, exits non-zero unless it is ok."""
+    """Invoke a function; prints the result JSON, exits non-zero unless it is ok."""
     common = settings()
-    _require_broker(common)
     try:
         payload = loads(data)
     except DecodeError as exc:
@@ -614,18 +621,14 @@ def fn_invoke(
 
     provider = setup_tracing("cli", common)
 
-    async def go() -> Any:
-        async with StokerClient(common) as client:
-            return await client.invoke(name, payload, timeout_s=timeout, deadline_ms=deadline_in(timeout))
-
     try:
-        result = asyncio.run(go())
+        result = _manage(common, lambda b: b.invoke(name, payload, timeout))
     except TimeoutError:
         raise fail(f"no result within {timeout:g}s") from None
     finally:
         provider.shutdown()
-    print_json(result.model_dump(mode="json", exclude_none=True))
-    raise typer.Exit(0 if result.status == "ok" else 1)
+    print_json(result)
+    raise typer.Exit(0 if result["status"] == "ok" else 1)
 
 
 @fn_app.command("prewarm")
@@ -635,20 +638,18 @@ def fn_prewarm(
 ) -> None:
     """Load the function's active version into at least COUNT instances ahead of demand."""
     common = settings()
-    _require_broker(common)
-    _operate(common, lambda c: operations.prewarm(c, name, count, reason="stoker fn prewarm"))
+    _manage(common, lambda b: b.prewarm(name, count))
     console.print(f"asked for {count} prewarmed instance(s) of [bold]{name}[/bold]")
 
 
 def _builds(common: CommonSettings, name: str) -> list[dict[str, Any]]:
-    return _with_client(common, lambda c: operations.builds(c, name))
+    return _manage(common, lambda b: b.builds(name))
 
 
 @fn_app.command("builds")
 def fn_builds(name: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """List a function's builds with status and timing."""
     common = settings()
-    _require_broker(common)
     builds = _builds(common, name)
     if as_json:
         print_json(builds)
@@ -671,25 +672,23 @@ def fn_logs(
 ) -> None:
     """What the function printed in its last invocations (or, with --build, a build's log)."""
     common = settings()
-    _require_broker(common)
     if build is None:
-        results = _with_client(common, lambda c: operations.recent_results(c, name, last))
+        results = _manage(common, lambda b: b.recent_results(name, last))
         for result in results:
-            when = time.strftime("%H:%M:%S", time.localtime(result.completed_ms / 1000))
+            when = time.strftime("%H:%M:%S", time.localtime(result["completed_ms"] / 1000))
             console.print(
-                f"[dim]{when}[/dim] [cyan]{result.id}[/cyan] {result.status} "
-                f"[dim]{result.node or ''} {result.instance or ''}[/dim]",
+                f"[dim]{when}[/dim] [cyan]{result['id']}[/cyan] {result['status']} "
+                f"[dim]{result.get('node') or ''} {result.get('instance') or ''}[/dim]",
                 highlight=False,
             )
-            if result.logs:
-                sys.stdout.write(result.logs if result.logs.endswith("\n") else result.logs + "\n")
+            logs = result.get("logs")
+            if logs:
+                sys.stdout.write(logs if logs.endswith("\n") else logs + "\n")
         if not results:
             console.print(f"no invocations of {name!r} on record")
         return
-    try:
-        log = _with_client(common, lambda c: operations.build_log(c, name, build))
-    except operations.Refused as exc:
-        raise fail(str(exc)) from None
+    found = build
+    log = _manage(common, lambda b: b.build_log(name, found))
     sys.stdout.write(log.decode(errors="replace"))
 
 
@@ -705,28 +704,24 @@ def wf_create(
 ) -> None:
     """Create (or with --update, replace) a workflow from YAML; every problem is reported with its line."""
     common = settings()
-    _require_broker(common)
     text = file.read_text()
     try:
-        _with_client(common, lambda c: operations.put_workflow(c, name, text, replace=update))
+        _manage(common, lambda b: b.put_workflow(name, text, replace=update))
     except operations.WorkflowRefused as exc:
         for line, reason in exc.errors:
             err.print(f"{file}:{line}: {reason}" if line else f"{file}: {reason}", highlight=False)
         raise fail(str(exc)) from None
-    except operations.Refused as exc:
-        raise fail(str(exc).replace("replace it instead", "use --update to replace it")) from None
     console.print(f"{'updated' if update else 'created'} workflow [bold]{name}[/bold]")
 
 
 def _workflows(common: CommonSettings) -> dict[str, Any]:
-    return _with_client(common, lambda c: c.table(common.topics.workflow, WorkflowSpec))
+    return _manage(common, lambda b: b.workflows())
 
 
 @wf_app.command("get")
 def wf_get(name: str) -> None:
     """Print a workflow's YAML."""
     common = settings()
-    _require_broker(common)
     spec = _workflows(common).get(name)
     if spec is None:
         raise fail(f"no workflow named {name!r}")
@@ -737,7 +732,6 @@ def wf_get(name: str) -> None:
 def wf_list() -> None:
     """List workflows."""
     common = settings()
-    _require_broker(common)
     table = Table("name", "steps", "functions", "revision")
     for name, spec in sorted(_workflows(common).items()):
         table.add_row(
@@ -750,11 +744,7 @@ def wf_list() -> None:
 def wf_delete(name: str) -> None:
     """Delete a workflow."""
     common = settings()
-    _require_broker(common)
-    if name not in _workflows(common):
-        raise fail(f"no workflow named {name!r}")
-
-    _with_client(common, lambda c: c.delete_workflow(name))
+    _manage(common, lambda b: b.delete_workflow(name))
     console.print(f"deleted workflow [bold]{name}[/bold]")
 
 
@@ -772,9 +762,8 @@ def wf_run(
 def wf_runs(name: str, last: Annotated[int, typer.Option(help="Runs to show.")] = 20) -> None:
     """A workflow's recent runs: status and duration."""
     common = settings()
-    _require_broker(common)
     table = Table("run", "started", "status", "took", "failed step", title=f"runs of {name}")
-    for run in _with_client(common, lambda c: operations.runs_of(c, name, last)):
+    for run in _manage(common, lambda b: b.runs_of(name, last)):
         took = f"{run['took_ms']} ms" if run["took_ms"] is not None else "-"
         started = time.strftime("%H:%M:%S", time.localtime(run["started_ms"] / 1000))
         table.add_row(run["run"], started, run["status"], took, run["failed_step"] or "")
@@ -785,11 +774,7 @@ def wf_runs(name: str, last: Annotated[int, typer.Option(help="Runs to show.")] 
 def wf_run_status(run_id: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Every step of one run: status, timing, start kind and output."""
     common = settings()
-    _require_broker(common)
-    try:
-        status = _with_client(common, lambda c: operations.run_status(c, run_id))
-    except operations.Refused as exc:
-        raise fail(str(exc)) from None
+    status = _manage(common, lambda b: b.run_status(run_id))
     rows = status["steps"]
     if as_json:
         print_json(status)
@@ -819,8 +804,7 @@ app.add_typer(node_app, name="node")
 
 def _node_command(name: str, **changes: Any) -> None:
     common = settings()
-    _require_broker(common)
-    _operate(common, lambda c: operations.configure_node(c, name, **changes))
+    _manage(common, lambda b: b.configure_node(name, **changes))
 
 
 def _taint(text: str) -> Taint:
@@ -914,11 +898,10 @@ def fn_isolate(
 ) -> None:
     """Run a function only on isolation nodes for a while (or --release it)."""
     common = settings()
-    _require_broker(common)
     if release:
-        _operate(common, lambda c: operations.release_isolation(c, name))
+        _manage(common, lambda b: b.release(name))
     else:
-        _operate(common, lambda c: operations.isolate(c, name, seconds, reason="stoker fn isolate"))
+        _manage(common, lambda b: b.isolate(name, seconds))
     console.print(f"{name} released" if release else f"{name} isolated for {seconds:g}s")
 
 

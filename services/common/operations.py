@@ -84,7 +84,7 @@ async def release_isolation(client: StokerClient, name: str) -> None:
 async def create_function(client: StokerClient, spec: FunctionSpec) -> None:
     """Create a function; a git function's branch head is built at once (for this function only)."""
     if spec.name in await client.functions():
-        raise Refused(f"function {spec.name!r} exists; update it instead", status=409)
+        raise Refused(f"function {spec.name!r} exists; update it (PATCH, or `stoker fn update`)", status=409)
     try:
         await client.put_function(spec)
     except NameTaken as exc:
@@ -182,7 +182,7 @@ async def put_workflow(client: StokerClient, name: str, text: str, *, replace: b
     functions = await client.functions()
     current = (await client.table(client.topics.workflow, WorkflowSpec)).get(name)
     if current is not None and not replace:
-        raise Refused(f"workflow {name!r} exists; replace it instead", status=409)
+        raise Refused(f"workflow {name!r} exists; replace it (PUT, or `stoker wf create --update`)", status=409)
     if current is None and replace:
         raise Refused(f"no workflow named {name!r}")
     if name in functions:

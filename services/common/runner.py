@@ -95,3 +95,10 @@ async def serve(
         if broker is not None:
             await broker.stop()
     log.info("%s stopped", component)
+
+
+def serve_http(app: Any, host: str, port: int, graceful_s: int) -> None:
+    """Run an HTTP service (the gateway, the console) in the foreground; its own logs say what matters."""
+    import uvicorn
+
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=graceful_s)

@@ -24,7 +24,7 @@ from events.codec import DecodeError, encode_value, loads
 from services.cli.broker import broker_is_reachable
 from services.common import auth, operations
 from services.common.artifacts import ArtifactError, LocalArtifactStore
-from services.common.runner import clear_ready, configure_logging, mark_ready
+from services.common.runner import clear_ready, configure_logging, mark_ready, serve_http
 from services.common.telemetry import setup_tracing
 from services.console.core import Console
 from services.console.settings import ConsoleSettings
@@ -372,15 +372,6 @@ def create_app(settings: ConsoleSettings) -> FastAPI:
 
 
 def main() -> None:
-    import uvicorn
-
     settings = ConsoleSettings.from_env()
     configure_logging(settings.common)
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level="warning",
-        access_log=False,
-        timeout_graceful_shutdown=3,
-    )
+    serve_http(create_app(settings), settings.host, settings.port, graceful_s=3)

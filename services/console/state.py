@@ -23,6 +23,7 @@ from events import (
 )
 from events.code import BuildFinished, BuildStarted
 from events.workflow import RunFinished, RunStarted, StepFinished, StepStarted, WorkflowSpec
+from services.common.operations import builds_of
 
 STATS_WINDOW_MS = 5 * 60_000
 """How far back the per-function figures and charts look."""
@@ -213,22 +214,11 @@ def cluster_view(
 
 
 def builds_view(history: Iterable[BuildStarted | BuildFinished]) -> list[dict[str, Any]]:
-    """A function's builds, newest first, from its ``build.started`` / ``build.finished`` records."""
-    rows: dict[str, dict[str, Any]] = {}
-    for record in history:
-        row = rows.setdefault(record.build_id, {"build": record.build_id, "status": "building"})
-        if isinstance(record, BuildStarted):
-            row.update(started_ms=record.at_ms, commit=record.commit, ref=record.ref, repo=record.repo)
-        else:
-            row.update(
-                status=record.status,
-                commit=record.commit or row.get("commit"),
-                digest=record.digest,
-                duration_ms=round(record.duration_ms, 1),
-                reason=record.reason,
-                has_log=bool(record.log_uri),
-            )
-    return sorted(rows.values(), key=lambda r: r.get("started_ms", 0), reverse=True)
+    """A function's builds, newest first (as the CLI and the API list them, with whether a log can be read)."""
+    rows = builds_of(list(history))
+    for row in rows:
+        row["has_log"] = bool(row.pop("log_uri", None))
+    return list(reversed(rows))
 
 
 RunEvent = RunStarted | StepStarted | StepFinished | RunFinished

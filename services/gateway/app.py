@@ -38,7 +38,7 @@ from services.common.admin import ensure_topics
 from services.common.broker import make_broker
 from services.common.client import StokerClient
 from services.common.repos import same_repo
-from services.common.runner import clear_ready, configure_logging, mark_ready
+from services.common.runner import clear_ready, configure_logging, mark_ready, serve_http
 from services.common.telemetry import setup_tracing
 from services.common.views import Reader, Table, dead_letters_to
 from services.gateway import webhooks
@@ -404,15 +404,6 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
 
 def main() -> None:
-    import uvicorn
-
     settings = GatewaySettings.from_env()
     configure_logging(settings.common)
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level="warning",
-        access_log=False,
-        timeout_graceful_shutdown=5,
-    )
+    serve_http(create_app(settings), settings.host, settings.port, graceful_s=5)

@@ -98,11 +98,13 @@ class TokenCreate(BaseModel):
 class Prewarm(BaseModel):
     model_config = ConfigDict(extra="forbid")
     count: int = Field(default=1, ge=1, le=64)
+    reason: str = Field(default="api", max_length=200)
 
 
 class Isolation(BaseModel):
     model_config = ConfigDict(extra="forbid")
     seconds: float = Field(default=600.0, gt=0, le=7 * 24 * 3600)
+    reason: str = Field(default="api", max_length=200)
 
 
 class Labels(BaseModel):
@@ -228,13 +230,13 @@ def management_router(
     @api.post("/functions/{name}/prewarm", status_code=202, summary="Load the active version ahead of demand")
     async def prewarm(name: str, body: Prewarm, request: Request) -> Response:
         need(request, "deploy", name)
-        await run(lambda c: operations.prewarm(c, name, body.count, reason="api"))
+        await run(lambda c: operations.prewarm(c, name, body.count, reason=body.reason))
         return _json(202, {"function": name, "count": body.count})
 
     @api.put("/functions/{name}/isolation", status_code=202, summary="Run a function only on isolation nodes")
     async def isolate(name: str, body: Isolation, request: Request) -> Response:
         need(request, "admin")
-        await run(lambda c: operations.isolate(c, name, body.seconds, reason="api"))
+        await run(lambda c: operations.isolate(c, name, body.seconds, reason=body.reason))
         return _json(202, {"function": name, "isolated_for_s": body.seconds})
 
     @api.delete("/functions/{name}/isolation", status_code=204, summary="End a function's isolation")

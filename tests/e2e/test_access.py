@@ -8,12 +8,13 @@ import base64
 import io
 import os
 import stat
+import subprocess
 import time
 import zipfile
 
 from events import InvocationRequested
 from services.common.client import StokerClient
-from tests.e2e.conftest import Platform
+from tests.e2e.conftest import STOKER, Platform
 from tests.helpers import assert_eventually
 
 WRONG = "stk_000000000000_" + "x" * 43
@@ -173,3 +174,24 @@ def test_a_public_function_is_invoked_without_a_token(platform: Platform) -> Non
         assert served.status_code == 200 and served.json() == "ok"
         assert anonymous.get(f"/invocations/{served.headers['X-Stoker-Invocation-Id']}").status_code == 401
         assert anonymous.post("/fn/hello", json={}).status_code == 401  # hello is not public
+
+
+def test_the_cli_manages_through_the_api_with_its_token_and_kafka_only_with_direct(platform: Platform) -> None:
+    viewer = token(platform, "--scope", "read", "--name", "cli-viewer")
+    as_viewer = {**platform.env, "STOKER_TOKEN": viewer}
+    listed = subprocess.run([STOKER, "fn", "list", "--json"], env=as_viewer, capture_output=True, text=True)
+    assert listed.returncode == 0 and "hello" in listed.stdout
+    refused = subprocess.run([STOKER, "fn", "prewarm", "hello"], env=as_viewer, capture_output=True, text=True)
+    assert refused.returncode != 0 and "no deploy scope on 'hello'" in refused.stderr
+    # The operator's path writes the topics itself, whatever token is in the environment.
+    direct = subprocess.run(
+        [STOKER, "--direct", "fn", "prewarm", "hello"], env=as_viewer, capture_output=True, text=True
+    )
+    assert direct.returncode == 0, direct.stderr
+    gone = subprocess.run(
+        [STOKER, "fn", "list"],
+        env={**platform.env, "STOKER_TOKEN": WRONG},
+        capture_output=True,
+        text=True,
+    )
+    assert gone.returncode != 0 and "unknown token" in gone.stderr

@@ -150,10 +150,9 @@ def test_builds_newest_first_with_their_outcome() -> None:
     assert rows[1] == {
         "build": "b1",
         "status": "ok",
-        "started_ms": 1,
+        "started": 1,
         "commit": "c1",
         "ref": "main",
-        "repo": "r",
         "digest": "d1",
         "duration_ms": 12.3,
         "reason": "",
