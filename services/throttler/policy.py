@@ -18,6 +18,12 @@ Two judgments every interval, both on N consecutive intervals so a short burst i
   share) for ``isolate_after`` intervals, it is isolated. A function alone on its node, or on a
   node without pressure, is never judged this way.
 
+An isolated function keeps a clamp where it goes: on a node whose pressure shows work waiting for
+a CPU, its instances get the per-instance quota it had when it was isolated (at most its fair
+share of the node it was isolated from). An isolation node that shares its host's CPUs with the
+runtime nodes (an embedded platform, this machine) otherwise hands the hog the same cores again;
+on a calm isolation host (nothing waits) it runs free, as before.
+
 After a quiet cool-down, each is released. Every action carries the rule and the figures.
 """
 
@@ -107,6 +113,8 @@ class Throttler:
         """(node, function) -> its per-function streaks there."""
         self.memory_kills: dict[str, int] = {}
         """function -> when one of its instances was last killed over its memory bound."""
+        self.isolation_quota: dict[str, int] = {}
+        """function isolated here -> the per-instance CPU quota it carries to nodes under pressure."""
 
     def bounds(self, function: str | None, spec: FunctionSpec | None) -> Bounds:
         return self.ranges.for_function(
@@ -218,6 +226,9 @@ class Throttler:
                         and not calm_node
                         and not self._isolated(m.function, overrides, now_ms)
                     ):
+                        carried = m.cpu_quota_millis or int(bounds.cpu_millis)
+                        if verdict is not None and verdict.pressure:
+                            carried = min(carried, int(verdict.cpu_fair_millis / max(1, len(verdict.usage.instances))))
                         actions.append(
                             self._isolate(
                                 m.function,
@@ -226,6 +237,7 @@ class Throttler:
                                 now_ms,
                                 {**figures, **(verdict.figures if verdict is not None else {})},
                                 where,
+                                quota=max(c.min_quota_millis, carried),
                             )
                         )
                     elif m.function in self.isolated:
@@ -269,7 +281,40 @@ class Throttler:
         just_clamped = {a.instance for a in actions if a.kind == "clamp"}
         for verdict in verdicts.values():
             actions.extend(self._judge_function(metrics, verdict, overrides, now_ms, just_clamped))
+        just_clamped |= {a.instance for a in actions if a.kind == "clamp"}
+        for verdict in verdicts.values():
+            actions.extend(self._carry_isolation_clamp(metrics, verdict, now_ms, just_clamped))
         return actions
+
+    def _carry_isolation_clamp(
+        self, metrics: NodeMetrics, v: Verdict, now_ms: int, just_clamped: set[str | None]
+    ) -> list[Action]:
+        """An isolated function's unclamped instances on a node where work waits: its carried quota."""
+        quota = self.isolation_quota.get(v.function)
+        if quota is None or not v.pressure or v.function not in self.isolated:
+            return []
+        out = []
+        for instance in v.usage.unclamped:
+            if instance in just_clamped:
+                continue
+            out.append(
+                Action(
+                    "clamp",
+                    v.function,
+                    f"isolated, and work waits for a CPU on {metrics.node} too: the {quota}m per instance it "
+                    "was isolated with",
+                    node=metrics.node,
+                    incarnation=metrics.incarnation,
+                    instance=instance,
+                    cpu_millis=quota,
+                    figures=v.figures,
+                )
+            )
+            state = self.instances.get(instance)
+            if state is not None and state.clamped_at_ms is None:
+                # Released like any clamp: after a quiet cool-down under it.
+                state.clamped_at_ms, state.cpu_over, state.quiet_since_ms = now_ms, 0, None
+        return out
 
     def _judge_function(
         self,
@@ -328,6 +373,7 @@ class Throttler:
                         now_ms,
                         v.figures,
                         where,
+                        quota=state.clamped_millis,
                     )
                 )
         else:
@@ -357,11 +403,22 @@ class Throttler:
         ]
 
     def _isolate(
-        self, function: str, rule: str, now_ms: int, figures: dict[str, float], where: Mapping[str, Any]
+        self,
+        function: str,
+        rule: str,
+        now_ms: int,
+        figures: dict[str, float],
+        where: Mapping[str, Any],
+        quota: int | None = None,
     ) -> Action:
+        """``quota``: the per-instance CPU quota the function carries to nodes under pressure (none
+        for a memory isolation)."""
         until = now_ms + int(self.config.isolation_s * 1000)
         self.isolated[function] = now_ms
         self.isolated_until[function] = until
+        if quota is not None:
+            self.isolation_quota[function] = quota
+            figures = {**figures, "carried_quota_millis": float(quota)}
         return Action("isolate", function, rule, until_ms=until, figures=figures, **where)
 
     def _isolated(self, function: str, overrides: Mapping[str, PlacementOverride], now_ms: int) -> bool:
@@ -377,6 +434,7 @@ class Throttler:
             if now_ms - last_bad >= self.config.cooldown_s * 1000:
                 del self.isolated[function]
                 self.isolated_until.pop(function, None)
+                self.isolation_quota.pop(function, None)
                 override = overrides.get(function)
                 if override is not None and override.by == "throttler":
                     out.append(Action("release-isolation", function, f"quiet for {self.config.cooldown_s:g}s"))

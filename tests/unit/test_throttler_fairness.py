@@ -347,3 +347,65 @@ def test_the_instances_wait_times_are_in_the_decisions_figures() -> None:
         )
     clamp = next(a for _, a in r.log if a.kind == "clamp")
     assert clamp.figures["others_cpu_wait_ms"] == 400.0 and clamp.figures["fn_cpu_wait_ms"] == 50.0
+
+
+# --- an isolated function carries its clamp to nodes under pressure ---------------------------------
+
+
+def _isolate_spinners(r: Replay) -> None:
+    for t in range(8):
+        spinners = []
+        for k in range(4):
+            iid = f"spin-{t}-{k}"
+            cpu, throttled, quota = r.held(iid, 240.0)
+            spinners.append(_m(iid, "spin", cpu, throttled=throttled, quota=quota))
+        r.step(*spinners, _victim())
+    assert r.first("isolate", "spin") is not None
+
+
+def _on_isolation_node(r: Replay, node: NodeCapacity, intervals: int) -> list[Action]:
+    out: list[Action] = []
+    r.node = node
+    for _ in range(intervals):
+        r.interval += 1
+        r.now += SEC
+        record = NodeMetrics(
+            node="isolation-0",
+            incarnation="inc-iso",
+            interval_ms=1000,
+            instances=[_m(f"iso-{k}", "spin", 240.0, quota=r.quota.get(f"iso-{k}")) for k in range(4)],
+        )
+        acts = r.throttler.observe(record, {}, {}, r.now, node)
+        for a in acts:
+            if a.kind == "clamp" and a.instance is not None and a.cpu_millis is not None:
+                r.quota[a.instance] = a.cpu_millis
+        out.extend(acts)
+    return out
+
+
+def test_an_isolated_function_is_clamped_again_on_an_isolation_node_where_work_waits() -> None:
+    """An isolation node on the same host's cores (an embedded platform): the victims still wait there."""
+    r = Replay()
+    _isolate_spinners(r)
+    [iso] = [a for _, a in r.log if a.kind == "isolate"]
+    carried = int(iso.figures["carried_quota_millis"])
+    acts = _on_isolation_node(r, BUSY, 2)
+    clamps = [a for a in acts if a.kind == "clamp"]
+    assert sorted(a.instance or "" for a in clamps) == [f"iso-{k}" for k in range(4)]
+    assert all(a.cpu_millis == carried and a.node == "isolation-0" for a in clamps)
+    assert "isolated, and work waits" in clamps[0].rule and clamps[0].figures["psi_cpu_some_pct"] == 45.0
+
+
+def test_an_isolated_function_runs_free_on_a_calm_isolation_node() -> None:
+    r = Replay()
+    _isolate_spinners(r)
+    assert [a for a in _on_isolation_node(r, CALM, 5) if a.kind == "clamp"] == []
+
+
+def test_a_released_isolation_carries_no_clamp() -> None:
+    r = Replay()
+    _isolate_spinners(r)
+    r.now += 60 * SEC  # quiet for longer than the cool-down
+    assert [a.kind for a in r.throttler.releases({}, r.now)] == []  # no override by the throttler seen: nothing to send
+    assert "spin" not in r.throttler.isolation_quota
+    assert [a for a in _on_isolation_node(r, BUSY, 3) if a.kind == "clamp"] == []
