@@ -102,9 +102,7 @@ class Principal:
         return f"{self.id} ({self.name})" if self.name else self.id
 
 
-def verify(
-    token: str, lookup: Callable[[str], TokenIssued | TokenRevoked | None], now_ms: int
-) -> Principal:
+def verify(token: str, lookup: Callable[[str], TokenIssued | TokenRevoked | None], now_ms: int) -> Principal:
     """The principal of ``token``, or :class:`AuthError` (401) if it is malformed, unknown, revoked or expired."""
     match = TOKEN.match(token)
     if match is None:
