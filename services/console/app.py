@@ -93,6 +93,16 @@ def create_app(settings: ConsoleSettings) -> FastAPI:
     provider = setup_tracing("console", common)
     host, _, port = common.bootstrap.split(",")[0].rpartition(":")
     console = Console(settings, lambda: broker_is_reachable(host or "127.0.0.1", int(port)))
+    guesses = auth.RateLimits(settings.login_failures_per_s)
+    """Well-formed tokens that match nothing, per client address: guessing is slowed down (429)."""
+
+    async def who(request: Request, token: str) -> auth.Principal:
+        try:
+            return await asyncio.wait_for(console.principal(token), ACTION_TIMEOUT_S)
+        except auth.AuthError as exc:
+            if exc.message == "unknown token":
+                guesses.take(request.client.host if request.client else "?")
+            raise
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -128,7 +138,7 @@ def create_app(settings: ConsoleSettings) -> FastAPI:
             token = auth.bearer(header) if header is not None else request.cookies.get(COOKIE)
             if not token:
                 raise auth.AuthError(401, "log in with a token first")
-            principal = await asyncio.wait_for(console.principal(token), ACTION_TIMEOUT_S)
+            principal = await who(request, token)
             if not principal.can_read():
                 raise auth.AuthError(403, f"token {principal.id} has no read scope, which the console needs")
         except auth.AuthError as exc:
@@ -186,10 +196,11 @@ def create_app(settings: ConsoleSettings) -> FastAPI:
         token = body.get("token") if isinstance(body, dict) else None
         if not isinstance(token, str) or not token.strip():
             raise HttpError(400, 'send {"token": "stk_..."}')
+        await watching()
         try:
-            principal = await asyncio.wait_for((await watching()).principal(token.strip()), ACTION_TIMEOUT_S)
+            principal = await who(request, token.strip())
         except auth.AuthError as exc:
-            raise HttpError(401, exc.message) from exc
+            raise HttpError(exc.status, exc.message) from exc
         if not principal.can_read():
             raise HttpError(403, f"token {principal.id} has no read scope, which the console needs")
         answer = _json(200, {"id": principal.id, "name": principal.name, "scopes": list(principal.scopes)})

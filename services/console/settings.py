@@ -17,6 +17,8 @@ class ConsoleSettings:
     idle_after_s: float = 120.0
     """With no page open for this long the console stops reading the topics: a console nobody looks
     at costs the broker nothing."""
+    login_failures_per_s: float = 5.0
+    """Unknown tokens a second one client address may try before it is answered 429."""
     history_s: float = 300.0
     """How far back the results are read when the console starts looking (the figures' window)."""
 
@@ -29,4 +31,5 @@ class ConsoleSettings:
             port=env_int(env, "STOKER_CONSOLE_PORT", 8081),
             idle_after_s=env_float(env, "STOKER_CONSOLE_IDLE_S", 120.0),
             history_s=env_float(env, "STOKER_CONSOLE_HISTORY_S", 300.0),
+            login_failures_per_s=env_float(env, "STOKER_AUTH_FAILURES_PER_S", 5.0),
         )

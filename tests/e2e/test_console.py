@@ -313,6 +313,11 @@ def test_without_a_token_the_console_asks_for_one(cluster: Platform, console_url
     assert in_url.status_code == 401 and "never the URL" in in_url.json()["error"]
     bad = httpx.post(f"{console_url}/console/api/login", json={"token": "stk_nope"})
     assert bad.status_code == 401
+    guesses = [
+        httpx.post(f"{console_url}/console/api/login", json={"token": f"stk_{i:012x}_" + "c" * 43}).status_code
+        for i in range(12)
+    ]
+    assert 401 in guesses and 429 in guesses, guesses
 
 
 def test_a_read_only_token_looks_but_may_not_act(cluster: Platform, console_url: str, browser: WebDriver) -> None:
