@@ -18,7 +18,7 @@ COMMITTED = REPO / "deploy" / "k8s" / "stoker.yaml"
 LATEST = kubernetes_validate.utils.latest_version()
 # The newest schemas kubernetes-validate ships, and an older release still common in clusters.
 VERSIONS = [LATEST, "1.30.0"]
-MANAGEMENT = ["gateway", "dispatcher", "poolmgr", "builder", "throttler", "workflow", "trigger", "nodewatch"]
+MANAGEMENT = ["gateway", "console", "dispatcher", "poolmgr", "builder", "throttler", "workflow", "trigger", "nodewatch"]
 # The order Helm sorts rendered objects in (pkg/release/util InstallOrder): one `kubectl apply` of
 # the file then creates each object after what it refers to.
 HELM_INSTALL_ORDER = [
