@@ -102,6 +102,6 @@ from events.workflow import (  # noqa: E402
 
 __all__ += ["RunEvent", "RunFinished", "RunStarted", "StepFinished", "StepSpec", "StepStarted", "WorkflowSpec"]
 
-from events.auth import TokenIssued, TokenRevoked  # noqa: E402
+from events.auth import AuditRecorded, TokenIssued, TokenRevoked  # noqa: E402
 
-__all__ += ["TokenIssued", "TokenRevoked"]
+__all__ += ["AuditRecorded", "TokenIssued", "TokenRevoked"]

@@ -36,3 +36,18 @@ class TokenRevoked(Record):
     name: str = ""
     by: str = ""
     at_ms: int = Field(default_factory=now_ms)
+
+
+class AuditRecorded(Record):
+    """One management action through the gateway (``audit`` topic, key = principal): who did what, and how it went.
+
+    Invocations are not audited one by one: each carries its ``principal`` on its own records.
+    """
+
+    type: Literal["audit.recorded"] = "audit.recorded"
+    principal: str
+    """The token id (and its name, if it has one)."""
+    method: str
+    path: str
+    status: int
+    at_ms: int = Field(default_factory=now_ms)

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 import orjson
 from pydantic import ValidationError
 
-from events.auth import TokenIssued, TokenRevoked
+from events.auth import AuditRecorded, TokenIssued, TokenRevoked
 from events.base import Record
 from events.cluster import NodeObserved, NodeTaintsRequested
 from events.code import ArtifactReady, BuildFailed, BuildFinished, BuildStarted, CodeCommitted
@@ -34,6 +34,7 @@ MODELS: dict[str, type[Record]] = {
     for model in (
         TokenIssued,
         TokenRevoked,
+        AuditRecorded,
         FunctionSpec,
         InvocationRequested,
         InvocationCompleted,

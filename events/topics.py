@@ -148,6 +148,11 @@ class Topics:
         return f"{self.prefix}token"
 
     @property
+    def audit(self) -> str:
+        """``audit.recorded``: every management action through the gateway, key = principal."""
+        return f"{self.prefix}audit"
+
+    @property
     def dlq(self) -> str:
         """Dead letters: records a consumer could not decode or process, with the reason."""
         return f"{self.prefix}dlq"
@@ -183,6 +188,7 @@ class Topics:
             TopicSpec(self.workflow_run, partitions=invocation_partitions, retention_ms=7 * 24 * _HOUR_MS),
             TopicSpec(self.repo, compacted=True),
             TopicSpec(self.token, compacted=True),
+            TopicSpec(self.audit, retention_ms=90 * 24 * _HOUR_MS),
             TopicSpec(self.dlq, retention_ms=7 * 24 * _HOUR_MS),
         ]
 

@@ -22,6 +22,7 @@ from opentelemetry import trace
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 
 from events import (
+    AuditRecorded,
     CodeCommitted,
     FunctionSpec,
     InvocationCompleted,
@@ -156,6 +157,24 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     async def api_error(_: Request, exc: ApiError) -> Response:
         return _json(exc.status, {"error": exc.message, **exc.extra})
 
+    async def audit(request: Request, status: int) -> None:
+        """Record a management action on the audit topic (after it ran, with how it went)."""
+        principal: auth.Principal | None = getattr(request.state, "principal", None)
+        record = AuditRecorded(
+            principal=principal.label() if principal else "public",
+            method=request.method,
+            path=request.url.path,
+            status=status,
+        )
+        log.info("audit: %s %s %s -> %d", record.principal, record.method, record.path, status)
+        try:
+            key = principal.id.encode() if principal else None
+            await asyncio.wait_for(broker.publish(record, topics.audit, key=key), settings.publish_timeout_s)
+        except Exception as exc:  # noqa: BLE001 - the action ran; say loudly that its record is missing
+            log.error(
+                "could not record %s %s by %s on the audit topic: %r", record.method, record.path, record.principal, exc
+            )
+
     async def authenticate(request: Request) -> auth.Principal | None:
         """Who asks (``None``: a public function's anonymous caller), or :class:`auth.AuthError`."""
         if request.query_params.keys() & QUERY_TOKENS:
@@ -200,6 +219,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                 return _json(exc.status, {"error": exc.message}, headers)
             request.state.principal = principal
         response: Response = await call_next(request)
+        if request.method not in ("GET", "HEAD") and request.url.path.startswith("/api/v1/"):
+            await audit(request, response.status_code)
         route = request.scope.get("route")
         path = getattr(route, "path", "unmatched")
         REQUESTS.labels(path, str(response.status_code)).inc()

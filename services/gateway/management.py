@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal, TypeVar
 
@@ -26,7 +25,6 @@ from services.common.artifacts import ArtifactError, LocalArtifactStore, digest_
 from services.common.client import StokerClient
 from services.common.resultscan import results_since
 
-log = logging.getLogger("stoker.gateway")
 T = TypeVar("T")
 OPERATION_TIMEOUT_S = 30.0
 RESULT_LOOKBACK_MS = 60 * 60 * 1000
@@ -135,7 +133,6 @@ def management_router(
         if not allowed:
             what = "the admin scope" if verb == "admin" else f"deploy scope on {name!r}"
             raise ApiError(403, f"token {principal.id} has no {what}")
-        log.info("audit: %s %s %s", principal.label(), request.method, request.url.path)
         return principal
 
     async def run(action: Callable[[StokerClient], Awaitable[T]]) -> T:

@@ -12,7 +12,7 @@ import subprocess
 import time
 import zipfile
 
-from events import InvocationRequested
+from events import AuditRecorded, InvocationRequested
 from services.common.client import StokerClient
 from tests.e2e.conftest import STOKER, Platform
 from tests.helpers import assert_eventually
@@ -38,6 +38,15 @@ def invocations_of(platform: Platform, function: str) -> int:
         return sum(1 for r in history if isinstance(r, InvocationRequested) and r.function == function)
 
     return asyncio.run(count())
+
+
+def audit_of(platform: Platform, principal_id: str) -> list[AuditRecorded]:
+    async def read() -> list[AuditRecorded]:
+        async with StokerClient(platform.settings) as client:
+            history = await client.history(client.topics.audit, key=principal_id)
+        return [r for r in history if isinstance(r, AuditRecorded)]
+
+    return asyncio.run(read())
 
 
 def test_the_first_admin_token_is_kept_private_in_the_state_folder(platform: Platform) -> None:
@@ -107,6 +116,9 @@ def test_scopes_decide_what_a_token_may_do(platform: Platform) -> None:
         assert http.post("/api/v1/nodes/runtime-0/cordon").status_code == 403  # nodes are admin's
         assert http.get("/api/v1/tokens").status_code == 403
     assert invocations_of(platform, "team-fn") == 0  # the refused invocation was never published
+    trail = [(a.method, a.path, a.status) for a in audit_of(platform, deployer.split("_")[1])]
+    assert ("POST", "/api/v1/functions", 201) in trail and ("POST", "/api/v1/functions", 403) in trail
+    assert ("POST", "/api/v1/nodes/runtime-0/cordon", 403) in trail
     with platform.client(reader) as http:
         assert http.get("/api/v1/functions/team-fn").status_code == 200
         assert http.get(f"/invocations/{ident}").status_code == 200

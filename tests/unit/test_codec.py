@@ -29,7 +29,7 @@ from events import (
     decode,
     encode,
 )
-from events.auth import TokenIssued, TokenRevoked
+from events.auth import AuditRecorded, TokenIssued, TokenRevoked
 from events.cluster import NodeObserved, NodeTaintsRequested
 from events.code import ArtifactReady, BuildFailed, BuildFinished, BuildStarted, CodeCommitted
 from events.codec import MODELS, SUPPORTED_VERSIONS, from_object
@@ -269,6 +269,9 @@ def _samples() -> dict[str, object]:
             expires_ms=99, by="stoker up", created_ms=16,
         ),
         "token.revoked": TokenRevoked(id="ab12cd34ef56", name="ci", by="admin", at_ms=17),
+        "audit.recorded": AuditRecorded(
+            principal="ab12cd34ef56 (ci)", method="DELETE", path="/api/v1/functions/x", status=204, at_ms=18
+        ),
         "trigger.status": TriggerStatus(
             trigger="orders-in", instance="trigger", state="running", lag={"0": 2}, at_ms=15
         ),
@@ -668,7 +671,8 @@ def test_topic_names_use_the_prefix() -> None:
 def test_topic_catalogue() -> None:
     t = Topics("p.")
     specs = {s.name: s for s in t.catalogue(invocation_partitions=5)}
-    assert len(specs) == 21
+    assert len(specs) == 22
+    assert specs["p.audit"].configs()["retention.ms"] == str(90 * 24 * 3600 * 1000)
     assert specs["p.token"].compacted
     assert specs["p.dispatch"].compacted and specs["p.dispatch"].partitions == 5  # co-partitioned with invocations
     assert specs["p.workflow-invocation"].partitions == 5 and specs["p.name"].compacted
