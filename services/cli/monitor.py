@@ -26,6 +26,9 @@ SUMMARY_FIELDS = (
     "reason",
     "incarnation",
     "id",
+    "principal",
+    "method",
+    "path",
 )
 
 
