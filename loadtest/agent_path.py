@@ -55,6 +55,7 @@ from loadtest.throughput import next_rates, sustained
 from services.cli import broker as kafka
 from services.common.admin import ensure_topics
 from services.common.client import package_code
+from services.common.kafkasec import client_options as kafka_client_options
 from services.common.settings import CommonSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -186,8 +187,12 @@ class Driver:
     ) -> None:
         self.topic, self.result_topic, self.record = topic, result_topic, record
         # The platform's producer settings (idempotent, acks=all, no linger), like StokerClient's.
-        self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=0)
-        self._consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=50)
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=bootstrap, **kafka_client_options(), acks="all", enable_idempotence=True, linger_ms=0
+        )
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap, **kafka_client_options(), enable_auto_commit=False, fetch_max_wait_ms=50
+        )
         self._waiting: dict[str, asyncio.Future[Outcome]] = {}
         self._follow: asyncio.Task[None] | None = None
 

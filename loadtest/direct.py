@@ -37,6 +37,7 @@ from events.codec import DecodeError, decode, encode
 from events.invocation import ErrorInfo, Timings
 from events.topics import INVOCATION_PARTITIONS
 from services.common.admin import ensure_topics
+from services.common.kafkasec import client_options as kafka_client_options
 from services.common.settings import CommonSettings
 
 COMMIT_EVERY_S = 1.0
@@ -61,10 +62,13 @@ async def run_function(fn: Callable[..., Any], payload: Any) -> Any:
 
 async def serve(bootstrap: str, prefix: str, fn: Callable[..., Any], ready_file: Path | None) -> None:
     topics = Topics(prefix)
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=0)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, **kafka_client_options(), acks="all", enable_idempotence=True, linger_ms=0
+    )
     consumer = AIOKafkaConsumer(
         topics.invocation,
         bootstrap_servers=bootstrap,
+        **kafka_client_options(),
         group_id=f"{prefix}direct",
         enable_auto_commit=False,
         auto_offset_reset="earliest",  # the topics are new per run: nothing published before is skipped

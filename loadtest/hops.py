@@ -37,6 +37,7 @@ from loadtest.harness import console, fmt
 from loadtest.stats import latency_summary
 from loadtest.warm import create_noop, delete
 from services.common.client import StokerClient
+from services.common.kafkasec import client_options as kafka_client_options
 from services.common.settings import CommonSettings
 from services.common.views import partitions_of
 
@@ -53,7 +54,9 @@ class Recorder:
         self._ends: dict[TopicPartition, int] = {}
 
     async def start(self) -> None:
-        self._consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False)
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap, **kafka_client_options(), enable_auto_commit=False
+        )
         await self._consumer.start()
         tps = [tp for topic in self.topics for tp in await partitions_of(self._consumer, topic)]
         self._consumer.assign(tps)

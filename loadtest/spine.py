@@ -29,6 +29,7 @@ from loadtest.stats import machine_facts, summary
 from services.cli.broker import KAFKA_VERSION, broker_is_reachable
 from services.common.admin import ensure_topics
 from services.common.client import StokerClient, package_code
+from services.common.kafkasec import client_options as kafka_client_options
 from services.common.settings import CommonSettings
 
 console = Console()
@@ -39,8 +40,12 @@ async def bare_round_trip(settings: CommonSettings, n: int) -> list[float]:
     """Produce -> consume on the same broker, with the platform's producer settings (1 hop)."""
     topic = f"{settings.topic_prefix}bench.bare"
     await ensure_topics(settings.bootstrap, [TopicSpec(topic, retention_ms=3_600_000)])
-    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap, acks="all", enable_idempotence=True, linger_ms=0)
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap, enable_auto_commit=False, fetch_max_wait_ms=100)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.bootstrap, **kafka_client_options(), acks="all", enable_idempotence=True, linger_ms=0
+    )
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.bootstrap, **kafka_client_options(), enable_auto_commit=False, fetch_max_wait_ms=100
+    )
     await producer.start()
     await consumer.start()
     tp = TopicPartition(topic, 0)

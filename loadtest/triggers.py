@@ -36,6 +36,7 @@ from events.topics import TopicSpec
 from loadtest.harness import add_common_args, console, fmt, new_report, save, target
 from services.common.admin import ensure_topics
 from services.common.client import StokerClient
+from services.common.kafkasec import client_options as kafka_client_options
 from services.common.settings import CommonSettings
 from services.common.views import partitions_of
 
@@ -48,7 +49,7 @@ def noop(event: dict[str, Any]) -> dict[str, Any]:
 
 
 async def fill(bootstrap: str, topic: str, n: int) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, **kafka_client_options(), acks="all", linger_ms=5)
     await producer.start()
     try:
         futures = [
@@ -62,7 +63,9 @@ async def fill(bootstrap: str, topic: str, n: int) -> None:
 
 async def response_span(bootstrap: str, topic: str, n: int, timeout_s: float) -> tuple[int, int, int]:
     """Wait until ``topic`` holds ``n`` records; (count, first timestamp ms, last timestamp ms)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest")
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, **kafka_client_options(), enable_auto_commit=False, auto_offset_reset="earliest"
+    )
     await consumer.start()
     try:
         tps = await partitions_of(consumer, topic)
@@ -89,12 +92,15 @@ async def direct(bootstrap: str, source: str, out: str, n: int) -> None:
     consumer = AIOKafkaConsumer(
         source,
         bootstrap_servers=bootstrap,
+        **kafka_client_options(),
         group_id=f"bench-direct-{time.time_ns()}",
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         max_poll_records=500,
     )
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=2)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, **kafka_client_options(), acks="all", enable_idempotence=True, linger_ms=2
+    )
     await consumer.start()
     await producer.start()
     written = 0

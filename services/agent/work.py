@@ -38,6 +38,7 @@ from events import FunctionSpec, codec
 from events.base import Record
 from events.dlq import DeadLettered
 from services.common.broker import dead_letter_of
+from services.common.kafkasec import client_options as kafka_client_options
 from services.common.views import FETCH_MAX_WAIT_MS, FETCH_ROUTINE_TIMER_MS, partitions_of
 
 __all__ = ["COMMIT_INTERVAL_S", "ResultWriter", "WorkConsumer"]
@@ -128,6 +129,7 @@ class WorkConsumer:
         self._name = consumer
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=bootstrap,
+            **kafka_client_options(),
             client_id=f"stoker-{consumer}",
             group_id=group,
             enable_auto_commit=False,
@@ -285,6 +287,7 @@ class ResultWriter:
     def __init__(self, bootstrap: str, *, client_id: str) -> None:
         self._producer = AIOKafkaProducer(
             bootstrap_servers=bootstrap,
+            **kafka_client_options(),
             client_id=client_id,
             acks="all",
             enable_idempotence=True,

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from events import codec
+from services.common.kafkasec import client_options as kafka_client_options
 from services.common.settings import CommonSettings
 
 SUMMARY_FIELDS = (
@@ -73,6 +74,7 @@ async def tail(
 ) -> int:
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.bootstrap,
+        **kafka_client_options(),
         enable_auto_commit=False,
         auto_offset_reset="earliest" if from_beginning else "latest",
     )

@@ -20,6 +20,7 @@ from events.triggers import TriggerSpec, TriggerStatus, TriggerTopics
 from events.workflow import WorkflowSpec
 from services.common.admin import ensure_topics
 from services.common.client import StokerClient
+from services.common.kafkasec import client_options as kafka_client_options
 from services.common.settings import CommonSettings
 from services.trigger import schedule
 
@@ -59,7 +60,7 @@ async def _statuses(client: StokerClient) -> dict[str, list[TriggerStatus]]:
 
 
 async def _existing_topics(bootstrap: str) -> dict[str, int]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **kafka_client_options(), request_timeout_ms=10_000)
     await admin.start()
     try:
         names = list(await admin.list_topics())
@@ -73,9 +74,9 @@ async def group_lag(bootstrap: str, group: str, topic: str) -> dict[str, int] | 
     """Per partition of ``topic``: end offset - the group's committed offset (None: nothing committed)."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **kafka_client_options(), request_timeout_ms=10_000)
     await admin.start()
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, **kafka_client_options(), enable_auto_commit=False)
     await consumer.start()
     try:
         committed = await admin.list_consumer_group_offsets(group)

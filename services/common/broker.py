@@ -21,6 +21,7 @@ from pydantic import BaseModel
 from events import codec
 from events.base import Record
 from events.dlq import DeadLettered
+from services.common.kafkasec import faststream_security
 from services.common.settings import CommonSettings
 
 log = logging.getLogger("stoker.broker")
@@ -125,6 +126,7 @@ def make_broker(settings: CommonSettings, service: str, tracer_provider: TracerP
     broker = KafkaBroker(
         settings.bootstrap,
         client_id=f"stoker-{service}",
+        security=faststream_security(settings.kafka),
         codec=StokerCodec(),
         middlewares=middlewares,
         acks="all",

@@ -22,6 +22,7 @@ from events.function import CodeSource
 from events.workflow import WorkflowSpec
 from services.common import names, telemetry
 from services.common.artifacts import LocalArtifactStore, package_directory
+from services.common.kafkasec import client_options as kafka_client_options
 from services.common.settings import CommonSettings
 from services.common.views import Reader, Tail
 
@@ -43,6 +44,7 @@ class StokerClient:
         self.topics = settings.topics
         self._producer = AIOKafkaProducer(
             bootstrap_servers=settings.bootstrap,
+            **kafka_client_options(settings.kafka),
             acks="all",
             enable_idempotence=True,
             linger_ms=0,

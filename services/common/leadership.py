@@ -47,6 +47,7 @@ from events import codec
 from events.base import Record
 from events.topics import Topics, TopicSpec
 from services.common.admin import ensure_topics
+from services.common.kafkasec import client_options as kafka_client_options
 from services.common.views import FETCH_MAX_WAIT_MS, FETCH_ROUTINE_TIMER_MS, partitions_of
 
 __all__ = [
@@ -249,6 +250,7 @@ class Leadership(ConsumerRebalanceListener):  # type: ignore[misc]
         await ensure_topics(self._bootstrap, [self.lease])
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=self._bootstrap,
+            **kafka_client_options(),
             client_id=f"stoker-{self.instance}",
             group_id=self.group_id,
             enable_auto_commit=False,
@@ -494,6 +496,7 @@ class FencedWriter:
         self.transactional_id = transactional_id
         self._producer = AIOKafkaProducer(
             bootstrap_servers=bootstrap,
+            **kafka_client_options(),
             client_id=client_id,
             transactional_id=transactional_id,
             enable_idempotence=True,
@@ -675,6 +678,7 @@ class TermReader:
         self._expected = expected
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=bootstrap,
+            **kafka_client_options(),
             client_id=client_id,
             group_id=group,
             enable_auto_commit=False,

@@ -20,6 +20,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from events import codec, now_ms
 from events.names import NameClaimed
+from services.common.kafkasec import client_options as kafka_client_options
 
 Kind = Literal["function", "workflow"]
 PENDING_S = 60.0
@@ -80,7 +81,11 @@ def owner(
 async def read_claims(bootstrap: str, topic: str) -> dict[str, Claim]:
     """Every live claim on the (one-partition) name topic, read to its end now."""
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest", fetch_max_wait_ms=50
+        bootstrap_servers=bootstrap,
+        **kafka_client_options(),
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        fetch_max_wait_ms=50,
     )
     await consumer.start()
     try:

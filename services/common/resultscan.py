@@ -11,6 +11,7 @@ from collections.abc import Callable
 from aiokafka import AIOKafkaConsumer
 
 from events import InvocationCompleted, codec
+from services.common.kafkasec import client_options as kafka_client_options
 from services.common.views import partitions_of
 
 
@@ -21,6 +22,7 @@ async def results_since(
     results whose id ``wanted`` accepts (only those are decoded)."""
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap,
+        **kafka_client_options(),
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         isolation_level="read_committed",

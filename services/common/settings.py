@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from events.topics import DEFAULT_PREFIX, Topics
+from services.common.kafkasec import KafkaSecurity
 
 
 def env_str(env: Mapping[str, str], name: str, default: str) -> str:
@@ -56,6 +57,8 @@ class CommonSettings:
     log_level: str = "INFO"
     traces_per_s: float = 100.0
     """New traces a process records per second (bursts of as many); the rest are propagated, not recorded."""
+    kafka: KafkaSecurity = KafkaSecurity()
+    """How to authenticate to the broker (``STOKER_KAFKA_*``; PLAINTEXT by default)."""
 
     @property
     def topics(self) -> Topics:
@@ -88,4 +91,5 @@ class CommonSettings:
             otlp_endpoint=env_str(env, "STOKER_OTLP_ENDPOINT", ""),
             log_level=env_str(env, "STOKER_LOG_LEVEL", "INFO"),
             traces_per_s=env_float(env, "STOKER_TRACES_PER_S", 100.0),
+            kafka=KafkaSecurity.from_env(env),
         )

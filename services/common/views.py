@@ -64,6 +64,7 @@ from events import codec
 from events.base import Record
 from events.dlq import DeadLettered
 from services.common.broker import dead_letter_of
+from services.common.kafkasec import client_options as kafka_client_options
 
 __all__ = [
     "FETCH_MAX_WAIT_MS",
@@ -496,6 +497,7 @@ class Reader:
             if self._consumer is None or self._probe is None:
                 probe = AIOKafkaConsumer(
                     bootstrap_servers=self.bootstrap,
+                    **kafka_client_options(),
                     client_id=f"stoker-{self.service}-probe",
                     enable_auto_commit=False,
                     isolation_level="read_committed",  # end offsets = last stable offsets
@@ -507,6 +509,7 @@ class Reader:
                 )
                 consumer = AIOKafkaConsumer(
                     bootstrap_servers=self.bootstrap,
+                    **kafka_client_options(),
                     client_id=f"stoker-{self.service}-reader",
                     enable_auto_commit=False,
                     auto_offset_reset="earliest",  # only used after an out-of-range position

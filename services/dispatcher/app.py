@@ -22,6 +22,7 @@ from events.base import Record
 from events.cluster import NodeObserved
 from events.dlq import DeadLettered
 from services.common.broker import dead_letter_for
+from services.common.kafkasec import client_options as kafka_client_options
 from services.common.runner import configure_logging, serve
 from services.common.telemetry import setup_tracing
 from services.common.views import Reader
@@ -42,6 +43,7 @@ async def run(settings: DispatcherSettings) -> None:
     provider = setup_tracing("dispatcher", common)
     producer = AIOKafkaProducer(
         bootstrap_servers=common.bootstrap,
+        **kafka_client_options(),
         client_id=f"stoker-{settings.instance_name}",
         acks="all",
         enable_idempotence=True,

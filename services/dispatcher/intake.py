@@ -28,6 +28,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
 from events import InvocationRequested, codec
+from services.common.kafkasec import client_options as kafka_client_options
 from services.common.views import FETCH_MAX_WAIT_MS, FETCH_ROUTINE_TIMER_MS, trace_context
 from services.dispatcher import recovery
 from services.dispatcher.core import Dispatcher, DispatcherBroken
@@ -41,8 +42,6 @@ GROUP = "stoker-dispatcher"
 
 DeadLetter = Callable[[str, int, int, bytes | None, bytes | None, str], Awaitable["asyncio.Future[Any]"]]
 """Queue the dead letter of a record (topic, partition, offset, key, value, reason); returns its confirmation."""
-
-
 
 
 class Intake(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -73,6 +72,7 @@ class Intake(ConsumerRebalanceListener):  # type: ignore[misc]
     async def start(self) -> None:
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=self.settings.common.bootstrap,
+            **kafka_client_options(),
             client_id=self._client_id,
             group_id=GROUP,
             enable_auto_commit=False,
@@ -254,4 +254,3 @@ class Intake(ConsumerRebalanceListener):  # type: ignore[misc]
             len(self.dispatcher.ledger.in_flight),
             sum(len(q) for q in self.dispatcher.ledger.waiting.values()),
         )
-

@@ -17,6 +17,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from events import InvocationCompleted, codec
 from events.dispatch import DispatchState, InvocationQueued, InvocationSent
+from services.common.kafkasec import client_options as kafka_client_options
 from services.common.resultscan import results_since
 
 log = logging.getLogger("stoker.dispatcher.recovery")
@@ -72,7 +73,11 @@ async def read_partitions(
 ) -> list[PartitionState]:
     """Read the ``dispatch`` records of each partition, and the time of its first unconsumed invocation."""
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest", fetch_max_wait_ms=50
+        bootstrap_servers=bootstrap,
+        **kafka_client_options(),
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        fetch_max_wait_ms=50,
     )
     await consumer.start()
     try:

@@ -18,6 +18,7 @@ from events import InvocationCompleted, codec
 from events.dlq import DeadLettered
 from events.triggers import TriggerFired, TriggerSpec, TriggerStatus, TriggerTopics
 from services.common.admin import ensure_topics
+from services.common.kafkasec import client_options as kafka_client_options
 from services.common.leadership import FencedWriter, Leadership
 from services.common.resultscan import results_since
 from services.common.runner import configure_logging, mark_ready, serve
@@ -42,6 +43,7 @@ async def run(settings: TriggerSettings) -> None:
     client_id = f"stoker-{settings.instance_name}"
     producer = AIOKafkaProducer(
         bootstrap_servers=common.bootstrap,
+        **kafka_client_options(),
         client_id=client_id,
         acks="all",
         enable_idempotence=True,
@@ -49,7 +51,9 @@ async def run(settings: TriggerSettings) -> None:
         request_timeout_ms=15_000,
         max_request_size=2 * 1024 * 1024,
     )
-    admin = AIOKafkaAdminClient(bootstrap_servers=common.bootstrap, client_id=client_id, request_timeout_ms=10_000)
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=common.bootstrap, **kafka_client_options(), client_id=client_id, request_timeout_ms=10_000
+    )
 
     async def send(topic: str, value: bytes | None, key: bytes | None, headers: list[tuple[str, bytes]]) -> Any:
         return await producer.send(topic, value, key=key, headers=headers or None)

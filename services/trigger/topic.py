@@ -35,6 +35,7 @@ from opentelemetry.trace import SpanKind
 from events import ErrorInfo, InvocationCompleted, InvocationRequested, codec, now_ms
 from events.triggers import TriggerFailed, TriggerSpec, TriggerState, TriggerStatus, record_invocation_id
 from services.common import telemetry
+from services.common.kafkasec import client_options as kafka_client_options
 from services.common.views import FETCH_MAX_WAIT_MS, FETCH_ROUTINE_TIMER_MS
 from services.trigger import delivery, metrics
 from services.trigger.payload import SourceRecord, decode_value, event_of, trace_carrier
@@ -123,6 +124,7 @@ class TopicTrigger(ConsumerRebalanceListener):  # type: ignore[misc]
         self.state, self.reason = "running", ""
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=self.settings.common.bootstrap,
+            **kafka_client_options(),
             client_id=f"stoker-{self.settings.instance_name}-{self.spec.name}",
             group_id=self.spec.consumer_group,
             enable_auto_commit=False,
