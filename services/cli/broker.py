@@ -110,6 +110,11 @@ class BrokerConfig:
     node_id: int = 1
     heap_min: str = DEFAULT_HEAP_MIN
     heap_max: str = DEFAULT_HEAP_MAX
+    extra_properties: tuple[tuple[str, str], ...] = ()
+    """server.properties entries set last (e.g. a SASL_SSL listener next to the loopback PLAINTEXT one, as the
+    security tests do); the default broker has none."""
+    scram_users: tuple[str, ...] = ()
+    """``--add-scram`` arguments of the storage format (``SCRAM-SHA-512=[name=u,password=p]``): users made once."""
 
     def __post_init__(self) -> None:
         # Absolute paths: the JVM runs with cwd=logs_dir and server.properties
@@ -233,6 +238,7 @@ class BrokerConfig:
             "metadata.max.idle.interval.ms": "5000",
             # group.coordinator.rebalance.protocols is left at its default
             # (classic + consumer) on purpose.
+            **dict(self.extra_properties),
         }
 
 
@@ -469,6 +475,8 @@ def format_storage(cfg: BrokerConfig, cluster_id: str | None = None) -> bool:
         # meta.properties we somehow missed, instead of failing the start.
         "--ignore-formatted",
     ]
+    for user in cfg.scram_users:
+        cmd += ["--add-scram", user]
     res = subprocess.run(
         cmd,
         check=False,  # the exit code is checked below, with the tool's output
