@@ -40,6 +40,10 @@ tolerations:
 envFrom:
   - configMapRef:
       name: {{ .Release.Name }}-config
+  {{- with .Values.kafka.credentialsSecret }}
+  - secretRef:
+      name: {{ . }}
+  {{- end }}
 {{- end }}
 
 {{/* A worker's readiness: the file services.common.runner writes once the service is up, named
