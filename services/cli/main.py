@@ -81,6 +81,7 @@ def settings(bootstrap: str | None = None) -> CommonSettings:
             topic_prefix=common.topic_prefix,
             otlp_endpoint=common.otlp_endpoint,
             log_level=common.log_level,
+            kafka=common.kafka,
         )
     return common
 

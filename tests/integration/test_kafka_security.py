@@ -57,23 +57,20 @@ class SecureBroker:
     other_ca: Path
 
 
-@pytest.fixture(scope="module")
-def secure_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureBroker]:
-    home = tmp_path_factory.mktemp("secure-broker")
+def start_secure_broker(home: Path) -> SecureBroker:
+    """A broker with a SASL_SSL listener (SCRAM users USER/PASSWORD) next to its loopback PLAINTEXT one."""
     ca, keystore, _ = make_ca_and_cert(home / "tls", "stoker-test")
     other_ca, _, _ = make_ca_and_cert(home / "other-tls", "someone-else")
     plain, controller, secure = free_ports(3)
     jaas = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+    listeners = f"PLAINTEXT://127.0.0.1:{plain},SECURE://127.0.0.1:{secure},CONTROLLER://127.0.0.1:{controller}"
     cfg = kafka.BrokerConfig(
-        home=home,
+        home=home / "broker",
         port=plain,
         controller_port=controller,
-        libs_dir=kafka.fetch_artifacts(home, REPO_ROOT, shared_libs_dir()),
+        libs_dir=kafka.fetch_artifacts(home / "broker", REPO_ROOT, shared_libs_dir()),
         extra_properties=(
-            (
-                "listeners",
-                f"PLAINTEXT://127.0.0.1:{plain},SECURE://127.0.0.1:{secure},CONTROLLER://127.0.0.1:{controller}",
-            ),
+            ("listeners", listeners),
             ("advertised.listeners", f"PLAINTEXT://127.0.0.1:{plain},SECURE://127.0.0.1:{secure}"),
             ("listener.security.protocol.map", "PLAINTEXT:PLAINTEXT,SECURE:SASL_SSL,CONTROLLER:PLAINTEXT"),
             ("sasl.enabled.mechanisms", "SCRAM-SHA-512,SCRAM-SHA-256"),
@@ -90,10 +87,16 @@ def secure_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureBr
         ),
     )
     proc = kafka.launch(cfg, REPO_ROOT, timeout_s=90)
+    return SecureBroker(cfg, proc, f"127.0.0.1:{secure}", ca, other_ca)
+
+
+@pytest.fixture(scope="module")
+def secure_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureBroker]:
+    running = start_secure_broker(tmp_path_factory.mktemp("secure-broker"))
     try:
-        yield SecureBroker(cfg, proc, f"127.0.0.1:{secure}", ca, other_ca)
+        yield running
     finally:
-        kafka.stop_broker(proc, timeout_s=30)
+        kafka.stop_broker(running.proc, timeout_s=30)
 
 
 def security(broker: SecureBroker, **changes: str) -> KafkaSecurity:
