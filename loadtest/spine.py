@@ -26,7 +26,7 @@ from rich.table import Table
 
 from events import FunctionSpec, TopicSpec
 from loadtest.stats import machine_facts, summary
-from services.cli.broker import KAFKA_VERSION, broker_is_reachable
+from services.cli.broker import KAFKA_VERSION, platform_broker_is_reachable
 from services.common.admin import ensure_topics
 from services.common.client import StokerClient, package_code
 from services.common.kafkasec import client_options as kafka_client_options
@@ -135,8 +135,7 @@ async def wait_for_generic(client: StokerClient, timeout_s: float = 10.0) -> Non
 
 def ensure_platform(settings: CommonSettings) -> bool:
     """Start a platform unless one answers; True if this program started it."""
-    host, _, port = settings.bootstrap.rpartition(":")
-    if broker_is_reachable(host, int(port)) and (settings.run_dir / "dispatcher.ready").exists():
+    if platform_broker_is_reachable(settings.bootstrap) and (settings.run_dir / "dispatcher.ready").exists():
         return False
     console.print("no platform running: starting one with `stoker up --detach --no-example`")
     subprocess.run([str(Path(sys.executable).parent / "stoker"), "up", "--detach", "--no-example"], check=True)

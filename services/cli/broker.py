@@ -45,6 +45,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -620,7 +621,9 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
-def api_versions(host: str, port: int, timeout_s: float = 2.0) -> dict[int, tuple[int, int]]:
+def api_versions(
+    host: str, port: int, timeout_s: float = 2.0, tls: ssl.SSLContext | None = None
+) -> dict[int, tuple[int, int]]:
     """Send an ApiVersions v0 request and return ``{api_key: (min, max)}``.
 
     v0 is the one version every broker answers (also in 4.x, which dropped
@@ -629,12 +632,16 @@ def api_versions(host: str, port: int, timeout_s: float = 2.0) -> dict[int, tupl
                correlation_id:int32, client_id:string(int16 len + bytes)
     response = size:int32, correlation_id:int32, error_code:int16,
                [api_key:int16, min:int16, max:int16] (int32 count)
-    Raises OSError/ValueError on anything else.
+    Raises OSError/ValueError on anything else. With ``tls`` the request goes over TLS (a broker
+    answers ApiVersions before any SASL authentication, so a SASL listener answers it too).
     """
     client_id = b"stoker-probe"
     corr = random.randint(1, 2**31 - 1)
     header = struct.pack(">hhih", _API_KEY_API_VERSIONS, 0, corr, len(client_id)) + client_id
-    with socket.create_connection((host, port), timeout=timeout_s) as sock:
+    with contextlib.ExitStack() as stack:
+        sock = stack.enter_context(socket.create_connection((host, port), timeout=timeout_s))
+        if tls is not None:
+            sock = stack.enter_context(tls.wrap_socket(sock, server_hostname=host))
         sock.settimeout(timeout_s)
         sock.sendall(struct.pack(">i", len(header)) + header)
         (size,) = struct.unpack(">i", _recv_exact(sock, 4))
@@ -655,14 +662,15 @@ def api_versions(host: str, port: int, timeout_s: float = 2.0) -> dict[int, tupl
     return result
 
 
-def broker_is_reachable(host: str, port: int, timeout_s: float = 2.0) -> bool:
+def broker_is_reachable(host: str, port: int, timeout_s: float = 2.0, tls: ssl.SSLContext | None = None) -> bool:
     """True if a Kafka broker (not just any TCP server) answers on host:port.
 
     Requires a well-formed ApiVersions response that offers Produce, which the
-    KRaft controller listener does not -- so this checks the broker side.
+    KRaft controller listener does not -- so this checks the broker side. Over TLS
+    with ``tls``; :func:`platform_broker_is_reachable` takes the platform's settings.
     """
     try:
-        apis = api_versions(host, port, timeout_s)
+        apis = api_versions(host, port, timeout_s, tls)
     except (OSError, ValueError, struct.error):
         return False
     return _API_KEY_PRODUCE in apis and _API_KEY_API_VERSIONS in apis
@@ -797,3 +805,12 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def platform_broker_is_reachable(bootstrap: str, timeout_s: float = 2.0) -> bool:
+    """:func:`broker_is_reachable` for the first address of ``bootstrap``, over TLS when the platform's
+    ``STOKER_KAFKA_SECURITY_PROTOCOL`` says so (with its CA and client certificate)."""
+    from services.common import kafkasec
+
+    host, _, port = bootstrap.split(",")[0].strip().rpartition(":")
+    return broker_is_reachable(host or "127.0.0.1", int(port), timeout_s, kafkasec.current().ssl_context())

@@ -31,7 +31,7 @@ from services.cli import platform
 from services.cli import tokens as token_cli
 from services.cli import triggers as trigger_cli
 from services.cli.backend import Backend, Direct, backend_for, package
-from services.cli.broker import BrokerError, broker_is_reachable
+from services.cli.broker import BrokerError, platform_broker_is_reachable
 from services.common import operations
 from services.common.admin import ensure_topics
 from services.common.artifacts import ArtifactError
@@ -96,8 +96,7 @@ def print_json(value: Any) -> None:
 
 
 def _require_broker(common: CommonSettings) -> None:
-    host, _, port = common.bootstrap.rpartition(":")
-    if not broker_is_reachable(host or "127.0.0.1", int(port)):
+    if not platform_broker_is_reachable(common.bootstrap):
         raise fail(f"no Kafka broker answers at {common.bootstrap}; start the platform with `stoker up`")
 
 
@@ -230,8 +229,7 @@ def down() -> None:
 def status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
     """Broker, services, nodes with their instances, and functions."""
     common = settings()
-    host, _, port = common.bootstrap.rpartition(":")
-    reachable = broker_is_reachable(host or "127.0.0.1", int(port))
+    reachable = platform_broker_is_reachable(common.bootstrap)
     running = platform.running_components(common)
     services = platform.services_status(common)
     report: dict[str, Any] = {

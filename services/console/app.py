@@ -21,7 +21,7 @@ from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Resp
 
 from events.code import BuildFinished
 from events.codec import DecodeError, encode_value, loads
-from services.cli.broker import broker_is_reachable
+from services.cli.broker import platform_broker_is_reachable
 from services.common import auth, operations
 from services.common.artifacts import ArtifactError, LocalArtifactStore
 from services.common.runner import clear_ready, configure_logging, mark_ready, serve_http
@@ -91,8 +91,7 @@ def page(kind: str, arg: str = "") -> HTMLResponse:
 def create_app(settings: ConsoleSettings) -> FastAPI:
     common = settings.common
     provider = setup_tracing("console", common)
-    host, _, port = common.bootstrap.split(",")[0].rpartition(":")
-    console = Console(settings, lambda: broker_is_reachable(host or "127.0.0.1", int(port)))
+    console = Console(settings, lambda: platform_broker_is_reachable(common.bootstrap))
     guesses = auth.RateLimits(settings.login_failures_per_s)
     """Well-formed tokens that match nothing, per client address: guessing is slowed down (429)."""
 

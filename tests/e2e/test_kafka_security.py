@@ -3,6 +3,7 @@ function invoked over HTTP and its result back. Certificates and SCRAM users are
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from services.cli import broker as kafka
-from tests.e2e.conftest import Platform, processes_under, start_platform
+from tests.e2e.conftest import STOKER, Platform, processes_under, start_platform
 from tests.integration.test_kafka_security import PASSWORD, USER, SecureBroker, start_secure_broker
 
 
@@ -75,3 +76,23 @@ def test_the_services_talk_only_to_the_sasl_ssl_listener(secured: tuple[Platform
     # (the test's readiness probe used it and closed).
     assert established_to(secure_port) >= 10, established_to(secure_port)
     assert established_to(broker.cfg.port) == 0
+
+
+def test_status_and_the_operator_path_work_over_sasl_ssl(secured: tuple[Platform, SecureBroker]) -> None:
+    platform, _ = secured
+    status = platform.status()
+    assert status["broker"]["reachable"] is True, status["broker"]
+    assert {"runtime-0", "runtime-1"} <= set(status["nodes"])
+    listed = platform.stoker("--direct", "fn", "list", "--json").stdout
+    assert '"hello"' in listed
+
+
+def test_a_wrong_password_fails_fast_and_says_why(secured: tuple[Platform, SecureBroker], tmp_path: Path) -> None:
+    platform, _ = secured
+    wrong = tmp_path / "wrong"
+    wrong.write_text("not-the-password\n")
+    env = {**platform.env, "STOKER_KAFKA_SASL_PASSWORD_FILE": str(wrong)}
+    started = time.monotonic()
+    out = subprocess.run([STOKER, "--direct", "fn", "list"], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and time.monotonic() - started < 15
+    assert "authentication failed" in out.stderr.lower() or "invalid credentials" in out.stderr.lower(), out.stderr
