@@ -36,6 +36,7 @@ from services.common import operations
 from services.common.admin import ensure_topics
 from services.common.artifacts import ArtifactError
 from services.common.client import StokerClient, package_code
+from services.common.kafkasec import KafkaUnreachable
 from services.common.settings import CommonSettings
 
 app = typer.Typer(
@@ -434,7 +435,7 @@ def _manage(common: CommonSettings, work: Callable[[Backend], Awaitable[T]]) -> 
         return asyncio.run(go())
     except operations.WorkflowRefused:
         raise
-    except operations.Refused as exc:
+    except (operations.Refused, KafkaUnreachable) as exc:
         raise fail(str(exc)) from None
 
 

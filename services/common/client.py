@@ -23,6 +23,7 @@ from events.workflow import WorkflowSpec
 from services.common import names, telemetry
 from services.common.artifacts import LocalArtifactStore, package_directory
 from services.common.kafkasec import client_options as kafka_client_options
+from services.common.kafkasec import explained as explained_connection
 from services.common.settings import CommonSettings
 from services.common.views import Reader, Tail
 
@@ -64,7 +65,12 @@ class StokerClient:
         return self._reader
 
     async def __aenter__(self) -> StokerClient:
-        await self._producer.start()
+        try:
+            async with explained_connection(self.settings.bootstrap):
+                await self._producer.start()
+        except BaseException:
+            await self._producer.stop()
+            raise
         return self
 
     async def __aexit__(

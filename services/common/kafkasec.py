@@ -7,9 +7,11 @@ The default is PLAINTEXT, what the embedded broker of ``stoker up`` speaks on lo
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import ssl
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -161,3 +163,35 @@ def faststream_security(sec: KafkaSecurity | None = None) -> Any:
         return BaseSecurity(ssl_context=sec.ssl_context(), use_ssl=True)
     kind = {"PLAIN": SASLPlaintext, "SCRAM-SHA-256": SASLScram256, "SCRAM-SHA-512": SASLScram512}[sec.sasl_mechanism]
     return kind(sec.sasl_username, sec.sasl_password, ssl_context=sec.ssl_context(), use_ssl=sec.uses_ssl)
+
+
+class KafkaUnreachable(ConnectionError):
+    """A client could not connect; the message carries aiokafka's own reason (bad password, untrusted
+    certificate), which aiokafka logs but leaves out of the exception it raises."""
+
+
+class _LastError(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@contextlib.asynccontextmanager
+async def explained(bootstrap: str) -> AsyncIterator[None]:
+    """Around a client's ``start()``: a connection failure becomes :class:`KafkaUnreachable` saying why."""
+    from aiokafka.errors import KafkaError
+
+    seen = _LastError()
+    logger = logging.getLogger("aiokafka")
+    logger.addHandler(seen)
+    try:
+        yield
+    except KafkaError as exc:
+        reasons = [m for m in seen.messages if "Unable" not in m] or seen.messages
+        why = reasons[-1] if reasons else str(exc)
+        raise KafkaUnreachable(f"cannot connect to Kafka at {bootstrap} ({current().protocol}): {why}") from exc
+    finally:
+        logger.removeHandler(seen)
