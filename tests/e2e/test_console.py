@@ -327,6 +327,7 @@ def test_a_read_only_token_looks_but_may_not_act(cluster: Platform, console_url:
     log_in(browser, console_url, "stk_000000000000_" + "b" * 43, succeeds=False)
     # A wrong token stays on the login page and says why.
     WebDriverWait(browser, 10).until(lambda d: "unknown token" in d.find_element(By.ID, "login-message").text)
+    screenshot(browser, "login")
     log_in(browser, console_url, reader)
     open_page(browser, console_url + "/console")
     assert "viewer" in browser.find_element(By.ID, "me").text
