@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -17,10 +18,38 @@ STOKER = str(Path(sys.executable).parent / "stoker")
 LIBS = Path(__file__).resolve().parents[1] / ".stoker" / "kafka" / "libs"
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free loopback ports, below the kernel's ephemeral range.
+
+    A port the kernel hands out for ``bind(0)`` is in the ephemeral range, which every outgoing connection
+    draws from too: a platform's services open dozens of connections to Kafka while it starts, and one of
+    them can take a listener's port before the listener binds it. Ports below the range are not used that way.
+    """
+    low = _ephemeral_low()
+    found: list[int] = []
+    rng = random.Random()
+    while len(found) < n:
+        port = rng.randrange(10_000, low)
+        if port in found:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        found.append(port)
+    return found
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
 
 
 @contextmanager

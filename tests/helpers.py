@@ -4,31 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from loadtest.platform import free_ports  # one rule for test ports, shared with loadtest
 from services.cli import broker as kafka
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free loopback ports."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def shared_libs_dir() -> Path:
