@@ -20,8 +20,7 @@ import httpx
 from events import FunctionSpec, Taint, WorkflowSpec
 from events.function import CodeSource
 from services.common import operations
-from services.common.artifacts import LocalArtifactStore, digest_of_archive
-from services.common.client import StokerClient, deadline_in
+from services.common.client import StokerClient, deadline_in, store_archive
 from services.common.settings import CommonSettings
 
 
@@ -88,11 +87,6 @@ class Direct:
     ) -> None:
         await self.c.__aexit__(et, e, tb)
 
-    def _store(self, blob: bytes) -> CodeSource:
-        digest = digest_of_archive(blob)
-        uri = LocalArtifactStore(self.common.artifacts_dir).put(blob, digest)
-        return CodeSource(kind="archive", digest=digest, uri=uri, size=len(blob))
-
     async def functions(self) -> dict[str, FunctionSpec]:
         return await self.c.functions()
 
@@ -100,7 +94,7 @@ class Direct:
         self, fields: dict[str, Any], archive: bytes | None, git: dict[str, str] | None
     ) -> FunctionSpec:
         if archive is not None:
-            source = self._store(archive)
+            source = store_archive(self.common, archive)
         else:
             assert git is not None
             path = git.get("path", "").strip("/") or None
@@ -114,7 +108,7 @@ class Direct:
 
     async def update_function(self, name: str, changes: dict[str, Any], archive: bytes | None) -> FunctionSpec:
         if archive is not None:
-            changes = {**changes, "source": self._store(archive).model_dump()}
+            changes = {**changes, "source": store_archive(self.common, archive).model_dump()}
         return await operations.update_function(self.c, name, changes)
 
     async def delete_function(self, name: str) -> None:

@@ -21,7 +21,7 @@ from events.codec import encode
 from events.function import CodeSource
 from events.workflow import WorkflowSpec
 from services.common import names, telemetry
-from services.common.artifacts import LocalArtifactStore, package_directory
+from services.common.artifacts import LocalArtifactStore, digest_of_archive, package_directory
 from services.common.kafkasec import client_options as kafka_client_options
 from services.common.kafkasec import explained as explained_connection
 from services.common.settings import CommonSettings
@@ -33,6 +33,16 @@ tracer = trace.get_tracer("stoker.client")
 def package_code(settings: CommonSettings, code_dir: Path) -> CodeSource:
     """Package a directory into the artifact store; returns the spec's code source."""
     blob, digest = package_directory(code_dir)
+    return _stored(settings, blob, digest)
+
+
+def store_archive(settings: CommonSettings, blob: bytes) -> CodeSource:
+    """Put an uploaded zip of a function's files into the artifact store; returns the spec's code source.
+    :class:`ArtifactError` if it is not a usable archive."""
+    return _stored(settings, blob, digest_of_archive(blob))
+
+
+def _stored(settings: CommonSettings, blob: bytes, digest: str) -> CodeSource:
     uri = LocalArtifactStore(settings.artifacts_dir).put(blob, digest)
     return CodeSource(kind="archive", digest=digest, uri=uri, size=len(blob))
 

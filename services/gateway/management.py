@@ -21,8 +21,8 @@ from events import FunctionSpec, InvocationCompleted, NodeHeartbeat, Taint, Tole
 from events.codec import encode_value
 from events.function import CodeSource
 from services.common import auth, operations
-from services.common.artifacts import ArtifactError, LocalArtifactStore, digest_of_archive
-from services.common.client import StokerClient
+from services.common.artifacts import ArtifactError
+from services.common.client import StokerClient, store_archive
 from services.common.resultscan import results_since
 
 T = TypeVar("T")
@@ -150,11 +150,9 @@ def management_router(
 
     def archive_source(blob: bytes) -> CodeSource:
         try:
-            digest = digest_of_archive(blob)
-            uri = LocalArtifactStore(client().settings.artifacts_dir).put(blob, digest)
+            return store_archive(client().settings, blob)
         except ArtifactError as exc:
             raise ApiError(400, f"the archive cannot be used: {exc}") from exc
-        return CodeSource(kind="archive", digest=digest, uri=uri, size=len(blob))
 
     # ----- functions ------------------------------------------------------------------------------
 
