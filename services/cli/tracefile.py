@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import defaultdict, deque
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,32 @@ def load_spans(traces_dir: Path) -> list[dict[str, Any]]:
                 except orjson.JSONDecodeError:
                     continue  # a line being written right now
     return spans
+
+
+class SpanFiles:
+    """The spans of the trace files, read as they grow: each call reads only what was appended since the
+    last (a page asking again for a trace does not read every file again), the oldest forgotten past ``keep``."""
+
+    def __init__(self, traces_dir: Path, keep: int = 200_000) -> None:
+        self.traces_dir = traces_dir
+        self._offsets: dict[Path, int] = {}
+        self._spans: deque[dict[str, Any]] = deque(maxlen=keep)
+
+    def spans(self) -> list[dict[str, Any]]:
+        for path in sorted(self.traces_dir.glob("*.jsonl")):
+            at = self._offsets.get(path, 0)
+            with path.open("rb") as fh:
+                fh.seek(at)
+                for line in fh:
+                    if not line.endswith(b"\n"):
+                        break  # a line being written right now: read it next time, whole
+                    at += len(line)
+                    try:
+                        self._spans.append(orjson.loads(line))
+                    except orjson.JSONDecodeError:
+                        continue
+            self._offsets[path] = at
+        return list(self._spans)
 
 
 def trace_ids_for(spans: list[dict[str, Any]], ident: str) -> list[str]:

@@ -33,7 +33,7 @@ from events.base import Record
 from events.cluster import NodeObserved
 from events.code import BuildFinished, BuildStarted
 from events.workflow import RunFinished, RunStarted, StepFinished, StepStarted, WorkflowSpec
-from services.cli.tracefile import load_spans, trace_ids_for
+from services.cli.tracefile import SpanFiles, trace_ids_for
 from services.common import auth
 from services.common.client import StokerClient
 from services.common.resultscan import results_since
@@ -76,6 +76,7 @@ class Console:
         self._start_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self._last_used = time.monotonic()
+        self._span_files = SpanFiles(settings.common.traces_dir)
 
     # ----- reading ------------------------------------------------------------------------------
 
@@ -231,7 +232,7 @@ class Console:
     def invocation(self, ident: str) -> dict[str, Any] | None:
         """One invocation's result and its trace as waterfall rows (``None`` if not seen by this console)."""
         result = self.results.get(ident)
-        spans = load_spans(self.settings.common.traces_dir)
+        spans = self._span_files.spans()
         trace_ids = trace_ids_for(spans, ident)
         if result is None and not trace_ids:
             return None
