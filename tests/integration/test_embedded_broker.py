@@ -58,6 +58,11 @@ async def _roundtrip(bootstrap: str, topic: str) -> None:
     await admin.start()
     try:
         await admin.create_topics([NewTopic(name=topic, num_partitions=1, replication_factor=1)])
+        # The controller confirms the creation before the broker's metadata shows it (KRaft propagates
+        # it a moment later): look again for a few seconds rather than once.
+        deadline = time.monotonic() + 10
+        while topic not in await admin.list_topics() and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
         assert topic in await admin.list_topics()
     finally:
         await admin.close()
