@@ -17,6 +17,23 @@ from events.function import FunctionSpec
 from events.invocation import InvocationRequested
 from events.node import Taint
 
+SOURCE_HEADER = "stoker-source"
+"""Header of every Execute: ``<partition>:<offset>`` of the invocation record it hands on. A
+dispatcher taking over a partition finds the work its predecessor sent but did not record on
+``dispatch`` by this header, without decoding the commands."""
+
+
+def source_header(partition: int, offset: int) -> bytes:
+    return f"{partition}:{offset}".encode()
+
+
+def parse_source_header(value: bytes) -> tuple[int, int] | None:
+    """``(partition, offset)`` of a ``stoker-source`` header, or None if it is not one."""
+    partition, sep, offset = value.partition(b":")
+    if not sep or not partition.isdigit() or not offset.isdigit():
+        return None
+    return int(partition), int(offset)
+
 
 class Execute(Record):
     """Run one invocation on this node."""

@@ -51,14 +51,20 @@ async def run(settings: DispatcherSettings) -> None:
         request_timeout_ms=15_000,
     )
 
-    async def send(record: Record | bytes | None, topic: str, key: str | None, partition: int | None) -> Any:
+    async def send(
+        record: Record | bytes | None,
+        topic: str,
+        key: str | None,
+        partition: int | None,
+        headers: list[tuple[str, bytes]] | None = None,
+    ) -> Any:
         value = record if isinstance(record, bytes) or record is None else codec.encode(record)
         return await producer.send(
             topic,
             value,
             key=key.encode() if key is not None else None,
             partition=partition,
-            headers=_headers() if record is not None else None,
+            headers=(_headers() + (headers or [])) if record is not None else None,
         )
 
     async def dead_letter_record(

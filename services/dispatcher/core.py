@@ -1,11 +1,18 @@
 """The dispatcher's state and actions around the pure routing and ledger modules.
 
 Every accepted invocation is *handed on* by durable writes before its offset may be committed:
-an Execute command on a node's work topic plus an ``dispatch.sent`` record, a ``dispatch.queued``
-record while it waits for room, a forward to the workflow engine, or its terminal result. The
-``dispatch`` records (key = invocation id, on the invocation's own partition number) are what
-the next owner of a partition rebuilds its queue and in-flight ledger from after a crash or a
-rebalance; a tombstone there means the invocation ended.
+its Execute command on a node's work topic and then either its result or a ``dispatch.sent``
+record, a ``dispatch.queued`` record while it waits for room, a forward to the workflow engine,
+or its terminal result. The ``dispatch`` records (key = invocation id, on the invocation's own
+partition number) are what the next owner of a partition rebuilds its queue and in-flight ledger
+from after a crash or a rebalance; a tombstone there means the invocation ended.
+
+Most invocations end within milliseconds, so an Execute is not recorded on ``dispatch`` at once:
+only work still running after ``record_after_s`` is (:meth:`Dispatcher.record_overdue`), and
+the offset of an unrecorded one waits for its result. What a crash leaves unrecorded lies after
+the committed offset, where the next owner finds it: it re-reads those invocations and finds
+their Executes by the ``stoker-source`` header in the tail of the work topics
+(:mod:`services.dispatcher.recovery`). Two of the five writes an invocation cost are saved.
 
 Handlers do not await the broker record by record: :meth:`Dispatcher.on_invocation` queues its
 writes and returns their confirmations, which the intake awaits in batches.
@@ -15,8 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from typing import Any, Protocol
 
 from opentelemetry import trace
 
@@ -36,6 +44,7 @@ from events import (
     now_ms,
 )
 from events.dispatch import DispatchState, InvocationQueued
+from events.work import SOURCE_HEADER, source_header
 from services.common import placement, telemetry
 from services.dispatcher.ledger import InFlight, Ledger, Waiting
 from services.dispatcher.routing import NodeView, choose_node
@@ -43,8 +52,21 @@ from services.dispatcher.settings import DispatcherSettings
 
 log = logging.getLogger("stoker.dispatcher")
 
-Send = Callable[[Record | bytes | None, str, str | None, int | None], Awaitable["asyncio.Future[Any]"]]
-"""Queue one write (a record, its encoded bytes, or a tombstone; topic, key, partition); return its confirmation."""
+
+class Send(Protocol):
+    """Queue one write (a record, its encoded bytes, or a tombstone; topic, key, partition, extra
+    headers); return its confirmation."""
+
+    def __call__(
+        self,
+        record: Record | bytes | None,
+        topic: str,
+        key: str | None,
+        partition: int | None,
+        headers: list[tuple[str, bytes]] | None = None,
+    ) -> Awaitable[asyncio.Future[Any]]: ...
+
+
 FunctionLookup = Callable[[str], Awaitable[FunctionSpec | None]]
 
 
@@ -76,6 +98,9 @@ class Dispatcher:
         self._is_workflow = is_workflow or _never
         self._started_ms = now_ms()
         self._specs: dict[str, tuple[FunctionSpec, bytes]] = {}
+        self._unrecorded: OrderedDict[str, tuple[InFlight, asyncio.Future[None]]] = OrderedDict()
+        """Dispatched work with no ``dispatch.sent`` record yet, oldest first, and the future its
+        source offset waits for: resolved by its result, or once its record is confirmed."""
 
     # ----- invocations ------------------------------------------------------------------------
 
@@ -144,20 +169,76 @@ class Dispatcher:
             attempt=item.attempt,
             dispatched_ms=entry.dispatched_ms,
         )
-        sent = codec.encode_with_parts(
-            "dispatch.sent",
-            {"invocation": inv_raw},
-            source_offset=item.source_offset,
-            node=choice.node,
-            incarnation=incarnation,
-            attempt=item.attempt,
-            dispatched_ms=entry.dispatched_ms,
+        execute = await self._send(
+            cmd,
+            self.topics.work(choice.node),
+            inv.function,
+            None,
+            [(SOURCE_HEADER, source_header(item.partition, item.source_offset))],
         )
+        if not item.recorded and item.attempt == 1 and self.settings.record_after_s > 0:
+            # Fresh work: recorded only if it is still running after record_after_s.
+            handed_on: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._unrecorded[inv.id] = (entry, handed_on)
+            return [execute, handed_on]
         # Both writes are queued before either is sent, so on one broker they travel in one request.
         return [
-            await self._send(cmd, self.topics.work(choice.node), inv.function, None),
-            await self._send(sent, self.topics.dispatch, inv.id, item.partition),
+            execute,
+            await self._send(self._sent_record(entry, inv_raw), self.topics.dispatch, inv.id, item.partition),
         ]
+
+    def _sent_record(self, entry: InFlight, inv_raw: bytes | None = None) -> bytes:
+        return codec.encode_with_parts(
+            "dispatch.sent",
+            {"invocation": inv_raw if inv_raw is not None else codec.encode(entry.invocation)},
+            source_offset=entry.source_offset,
+            node=entry.node,
+            incarnation=entry.incarnation,
+            attempt=entry.attempt,
+            dispatched_ms=entry.dispatched_ms,
+        )
+
+    async def record_overdue(self) -> None:
+        """Record (``dispatch.sent``) the unrecorded work dispatched more than ``record_after_s`` ago."""
+        limit = now_ms() - int(self.settings.record_after_s * 1000)
+        while self._unrecorded:
+            ident, (entry, _) = next(iter(self._unrecorded.items()))
+            if entry.dispatched_ms > limit:
+                return
+            await self._record(ident)
+
+    async def record_now(self, partitions: Iterable[int] | None = None) -> list[asyncio.Future[Any]]:
+        """Record every unrecorded entry (of ``partitions``) at once: before a partition is handed over."""
+        wanted = None if partitions is None else set(partitions)
+        idents = [i for i, (e, _) in self._unrecorded.items() if wanted is None or e.partition in wanted]
+        return [await self._record(ident) for ident in idents]
+
+    async def _record(self, ident: str) -> asyncio.Future[Any]:
+        entry, handed_on = self._unrecorded.pop(ident)
+        write = await self._send(self._sent_record(entry), self.topics.dispatch, ident, entry.partition)
+        self._hand_on_when(handed_on, [write])
+        return write
+
+    def _hand_on_when(self, handed_on: asyncio.Future[None], writes: list[asyncio.Future[Any]]) -> None:
+        """Resolve ``handed_on`` once ``writes`` are confirmed (a failure stops the process)."""
+        if not writes:
+            if not handed_on.done():
+                handed_on.set_result(None)
+            return
+        confirmation = asyncio.gather(*writes)
+
+        def done(fut: asyncio.Future[Any]) -> None:
+            if handed_on.done():
+                return
+            if fut.cancelled():
+                handed_on.cancel()
+            elif fut.exception() is not None:
+                handed_on.set_exception(fut.exception())  # type: ignore[arg-type]
+            else:
+                handed_on.set_result(None)
+
+        confirmation.add_done_callback(done)
+        self._background(writes)
 
     def _spec_bytes(self, spec: FunctionSpec) -> bytes:
         cached = self._specs.get(spec.name)
@@ -187,7 +268,11 @@ class Dispatcher:
         entry = self._forget(result.id)
         if entry is None:
             return
-        self._background([await self._send(None, self.topics.dispatch, result.id, entry.partition)])
+        unrecorded = self._unrecorded.pop(result.id, None)
+        if unrecorded is not None:
+            self._hand_on_when(unrecorded[1], [])  # its result is its hand-off: nothing to clear
+        else:
+            self._background([await self._send(None, self.topics.dispatch, result.id, entry.partition)])
         await self._drain(result.function)
 
     def _forget(self, invocation_id: str) -> InFlight | None:
@@ -251,28 +336,45 @@ class Dispatcher:
 
     # ----- recovery ---------------------------------------------------------------------------
 
-    async def recover(self, partition: int, states: Iterable[DispatchState], ended: set[str]) -> None:
+    async def recover(
+        self,
+        partition: int,
+        states: Iterable[DispatchState],
+        ended: set[str],
+        unrecorded: frozenset[str] | set[str] = frozenset(),
+    ) -> None:
         """Take over a partition: its queued and in-flight invocations, as the ``dispatch`` topic has them.
 
         ``ended`` holds the ids with a terminal result already on ``result`` (their record is
-        cleared). Every id recovered here counts as seen, so a re-read of its invocation is skipped.
+        cleared). ``unrecorded`` are the ids found only by their Execute in a work topic: they
+        are recorded by the next :meth:`record_now`. Every id recovered here counts as seen, so a
+        re-read of its invocation is skipped.
         """
         queued: list[InvocationQueued] = []
         for state in states:
             inv = state.invocation
             self.ledger.first_sight(inv.id)
             if inv.id in ended:
-                self._background([await self._send(None, self.topics.dispatch, inv.id, partition)])
+                if inv.id not in unrecorded:
+                    self._background([await self._send(None, self.topics.dispatch, inv.id, partition)])
                 continue
             if isinstance(state, InvocationQueued):
                 queued.append(state)
                 continue
             spec = await self._lookup(inv.function)
             entry = InFlight(
-                inv, spec, state.node, state.incarnation, state.attempt, state.dispatched_ms, partition,
+                inv,
+                spec,
+                state.node,
+                state.incarnation,
+                state.attempt,
+                state.dispatched_ms,
+                partition,
                 state.source_offset,
             )
             self.ledger.add(entry)
+            if inv.id in unrecorded:
+                self._unrecorded[inv.id] = (entry, asyncio.get_running_loop().create_future())
             view = self.nodes.get(state.node)
             if view is not None:
                 view.in_flight[inv.function] = view.in_flight.get(inv.function, 0) + 1
@@ -305,6 +407,10 @@ class Dispatcher:
     def release(self, partition: int) -> None:
         """A rebalance took ``partition`` away: forget its entries (the next owner recovers them)."""
         gone, dropped = self.ledger.drop_partition(partition)
+        for entry in gone:
+            unrecorded = self._unrecorded.pop(entry.invocation.id, None)
+            if unrecorded is not None:
+                unrecorded[1].cancel()  # never committed here: the next owner finds its Execute
         for entry in gone:
             view = self.nodes.get(entry.node)
             if view is not None and view.in_flight.get(entry.invocation.function):
@@ -363,6 +469,7 @@ class Dispatcher:
         lost = self.ledger.on_node(name, except_incarnation=keep_incarnation)
         for entry in lost:
             self._forget(entry.invocation.id)
+            unrecorded = self._unrecorded.pop(entry.invocation.id, None)
             inv = entry.invocation
             spec = await self._lookup(inv.function)
             if spec is not None and entry.attempt < self.settings.max_attempts and not inv.expired(now_ms()):
@@ -375,19 +482,21 @@ class Dispatcher:
                     partition=entry.partition,
                     source_offset=entry.source_offset,
                 )
-                self._background(await self._route(retry))
+                writes = await self._route(retry)  # a retry is recorded at once
             else:
                 log.warning("%s: invocation %s lost", reason, inv.id)
-                self._background(
-                    await self._finish(
-                        inv,
-                        "lost",
-                        ErrorInfo(kind="node_lost", message=f"{reason} while running it (attempt {entry.attempt})"),
-                        recorded_on=entry.partition,
-                        node=name,
-                        attempt=entry.attempt,
-                    )
+                writes = await self._finish(
+                    inv,
+                    "lost",
+                    ErrorInfo(kind="node_lost", message=f"{reason} while running it (attempt {entry.attempt})"),
+                    recorded_on=None if unrecorded is not None else entry.partition,
+                    node=name,
+                    attempt=entry.attempt,
                 )
+            if unrecorded is not None:
+                self._hand_on_when(unrecorded[1], writes)  # its offset waits for the retry's record or the result
+            else:
+                self._background(writes)
 
     @property
     def idle(self) -> bool:
@@ -395,7 +504,8 @@ class Dispatcher:
         return self.ledger.is_empty()
 
     async def tick(self) -> None:
-        """Periodic duties: declare silent nodes down, expire what waited too long."""
+        """Periodic duties: record long-running work, declare silent nodes down, expire what waited too long."""
+        await self.record_overdue()
         for name, view in list(self.nodes.items()):
             if self._stale(view):
                 log.warning("node %s missed its heartbeats", name)

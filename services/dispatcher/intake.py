@@ -91,6 +91,7 @@ class Intake(ConsumerRebalanceListener):  # type: ignore[misc]
         if self._consumer is None:
             return
         async with self._lock:
+            await self.dispatcher.record_now()
             await self._settle(set(self.owned), timeout_s=10.0)
         await self._consumer.stop()
 
@@ -210,6 +211,7 @@ class Intake(ConsumerRebalanceListener):  # type: ignore[misc]
         if not mine:
             return
         async with self._lock:
+            await self.dispatcher.record_now(mine)  # the next owner reads it from dispatch, not the work tail
             await self._settle(mine, timeout_s=10.0)
             self._generation += 1
             for partition in mine:
@@ -233,8 +235,11 @@ class Intake(ConsumerRebalanceListener):  # type: ignore[misc]
         topics = self.settings.common.topics
         committed = {p: await self._consumer.committed(TopicPartition(self.topic, p)) for p in partitions}
         states = await recovery.read_partitions(self.settings.common.bootstrap, topics.dispatch, self.topic, committed)
+        resume = {s.partition: (committed[s.partition] or 0, s.resume_ms) for s in states if s.resume_ms is not None}
+        found = await recovery.unrecorded_sends(self.settings.common.bootstrap, topics.work(""), resume)
         for state in states:
-            await self.dispatcher.recover(state.partition, state.states.values(), ended=set())
+            unrecorded = recovery.merge(state.states, found.get(state.partition, []))
+            await self.dispatcher.recover(state.partition, state.states.values(), ended=set(), unrecorded=unrecorded)
             self.owned.add(state.partition)
         oldest = [s.oldest_ms for s in states if s.oldest_ms is not None]
         if oldest:
@@ -247,10 +252,16 @@ class Intake(ConsumerRebalanceListener):  # type: ignore[misc]
                 self.dispatcher.ledger.first_sight(ident)  # re-read invocations that already ended are skipped
             for result in results:
                 await self.dispatcher.on_result(result)
+        # What was found only in the work topics and is still running is recorded before any of
+        # its re-read invocations can be committed past.
+        records = await self.dispatcher.record_now(partitions)
+        if records:
+            await asyncio.gather(*records)
         log.info(
-            "recovered partitions %s in %.2f s (%d in flight, %d queued)",
+            "recovered partitions %s in %.2f s (%d in flight, %d of them found in the work topics, %d queued)",
             partitions,
             time.monotonic() - started,
             len(self.dispatcher.ledger.in_flight),
+            len(records),
             sum(len(q) for q in self.dispatcher.ledger.waiting.values()),
         )

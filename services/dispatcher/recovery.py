@@ -1,24 +1,29 @@
 """What the next owner of an invocation partition reads before it serves it.
 
-Two reads, both bounded: the partition's records on the compacted ``dispatch`` topic (what was
-queued or in flight when the previous owner stopped), and the results written since the oldest
-of those (and since the first invocation after the committed offset), so work that ended while
-no one owned the partition is not run again. ``fold`` is the pure part.
+Three reads, all bounded: the partition's records on the compacted ``dispatch`` topic (what was
+queued, or in flight for a while, when the previous owner stopped); the Execute commands in the
+tail of the work topics whose ``stoker-source`` header names an invocation at or after the
+committed offset (work sent but not yet recorded: its offset was never committed, so it lies in
+the part of the partition that is read again); and the results written since the oldest of those
+(and since the first invocation after the committed offset), so work that ended while no one owned
+the partition is not run again. ``fold``, ``sent_of`` and ``merge`` are the pure parts.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from events import InvocationCompleted, codec
+from events import Execute, InvocationCompleted, codec
 from events.dispatch import DispatchState, InvocationQueued, InvocationSent
+from events.work import SOURCE_HEADER, parse_source_header
 from services.common.kafkasec import client_options as kafka_client_options
 from services.common.resultscan import results_since
+from services.common.views import partitions_of
 
 log = logging.getLogger("stoker.dispatcher.recovery")
 
@@ -68,6 +73,53 @@ def fold(records: Iterable[tuple[bytes | None, bytes | None]]) -> tuple[dict[str
     return states, problems
 
 
+def sent_of(
+    node: str, headers: Sequence[tuple[str, bytes]] | None, value: bytes | None, after: Mapping[int, int]
+) -> tuple[int, InvocationSent] | None:
+    """The hand-off an Execute on ``node``'s work topic records, if its source is a partition of
+    ``after`` at or past that partition's offset: ``(partition, state)``, else None.
+
+    The header decides before anything is decoded; an Execute that does not decode is skipped
+    (the agent dead-letters it, and its invocation is dispatched again when it is re-read).
+    """
+    source = next((v for k, v in headers or () if k == SOURCE_HEADER), None)
+    where = parse_source_header(source) if source is not None else None
+    if where is None or where[0] not in after or where[1] < after[where[0]]:
+        return None
+    try:
+        cmd = codec.decode(value, (Execute,))
+    except codec.DecodeError:
+        return None
+    assert isinstance(cmd, Execute)
+    return where[0], InvocationSent(
+        invocation=cmd.invocation,
+        source_offset=where[1],
+        node=node,
+        incarnation=cmd.incarnation,
+        attempt=cmd.attempt,
+        dispatched_ms=cmd.dispatched_ms,
+    )
+
+
+def merge(states: dict[str, DispatchState], found: Iterable[InvocationSent]) -> set[str]:
+    """Add to ``states`` the hand-offs found in the work topics that it does not know of (or knows
+    an earlier attempt of); returns their ids, the work with no ``dispatch`` record."""
+    taken: set[str] = set()
+    for sent in found:
+        ident = sent.invocation.id
+        known = states.get(ident)
+        if (
+            known is None
+            or known.attempt < sent.attempt
+            # an Execute comes after the record that queued the same attempt
+            or (isinstance(known, InvocationQueued) and known.attempt == sent.attempt)
+            or (ident in taken and known.attempt == sent.attempt)
+        ):
+            states[ident] = sent
+            taken.add(ident)
+    return taken
+
+
 async def read_partitions(
     bootstrap: str, dispatch_topic: str, invocation_topic: str, resume_at: dict[int, int | None]
 ) -> list[PartitionState]:
@@ -94,6 +146,56 @@ async def read_partitions(
             state.resume_ms = first
             out.append(state)
         return out
+    finally:
+        await consumer.stop()
+
+
+async def unrecorded_sends(
+    bootstrap: str, work_prefix: str, resume: Mapping[int, tuple[int, int]]
+) -> dict[int, list[InvocationSent]]:
+    """Executes in every work topic (``<work_prefix><node>``) for invocations at or after the
+    committed offset of each partition of ``resume`` (partition -> (offset, timestamp of the
+    record there)), written since the earliest of those timestamps less the clock slack."""
+    if not resume:
+        return {}
+    after = {p: offset for p, (offset, _) in resume.items()}
+    since = min(ms for _, ms in resume.values()) - CLOCK_SLACK_MS
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        **kafka_client_options(),
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        fetch_max_wait_ms=50,
+    )
+    await consumer.start()
+    found: dict[int, list[InvocationSent]] = {}
+    try:
+        topics = sorted(t for t in await consumer.topics() if t.startswith(work_prefix))
+        tps = [tp for topic in topics for tp in await partitions_of(consumer, topic)]
+        if not tps:
+            return {}
+        consumer.assign(tps)
+        ends = await consumer.end_offsets(tps)
+        starts = await consumer.offsets_for_times({tp: max(0, since) for tp in tps})
+        todo = []
+        for tp in tps:
+            at = starts.get(tp)
+            if at is None or at.offset >= ends[tp]:
+                continue
+            consumer.seek(tp, at.offset)
+            todo.append(tp)
+        while todo:
+            batches = await consumer.getmany(*todo, timeout_ms=200)
+            for tp, records in batches.items():
+                node = tp.topic[len(work_prefix) :]
+                for rec in records:
+                    if rec.offset >= ends[tp]:
+                        continue
+                    hit = sent_of(node, rec.headers, rec.value, after)
+                    if hit is not None:
+                        found.setdefault(hit[0], []).append(hit[1])
+            todo = [tp for tp in todo if await consumer.position(tp) < ends[tp]]
+        return found
     finally:
         await consumer.stop()
 

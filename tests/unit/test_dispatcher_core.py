@@ -29,6 +29,7 @@ from events import (
     codec,
     now_ms,
 )
+from events.work import SOURCE_HEADER
 from services.common.settings import CommonSettings
 from services.dispatcher import core
 from services.dispatcher.core import Dispatcher
@@ -71,16 +72,24 @@ class Harness:
         self.sent: list[tuple[Record, str, str | None]] = []
         self.state: list[tuple[Record | None, str | None, int | None]] = []
         """Writes to the dispatch topic: (record or tombstone, invocation id, partition)."""
+        self.headers: list[tuple[Record | None, dict[str, bytes]]] = []
         self.specs = {s.name: s for s in (specs if specs is not None else [_spec()])}
         self.overrides: dict[str, PlacementOverride] = {}
         self.settings = DispatcherSettings(CommonSettings(home=tmp_path, topic_prefix=PREFIX), **settings)
         self.d = Dispatcher(self.settings, self.publish, self.lookup, self.overrides.get)
 
     async def publish(
-        self, record: Record | bytes | None, topic: str, key: str | None, partition: int | None
+        self,
+        record: Record | bytes | None,
+        topic: str,
+        key: str | None,
+        partition: int | None,
+        headers: list[tuple[str, bytes]] | None = None,
     ) -> Any:
         if isinstance(record, bytes):
             record = codec.decode(record)  # what the agent (or the next owner) will read
+        if headers:
+            self.headers.append((record, dict(headers)))
         if topic == f"{PREFIX}dispatch":
             self.state.append((record, key, partition))
         else:
@@ -954,7 +963,47 @@ def test_spec_tolerations_and_selector_are_used(tmp_path: Path, clock: Clock) ->
 # ----- the dispatch records and recovery ------------------------------------------------------
 
 
-def test_every_hand_off_is_recorded_and_a_result_clears_it(tmp_path: Path, clock: Clock) -> None:
+def test_short_work_is_handed_on_by_its_result_without_a_dispatch_record(tmp_path: Path, clock: Clock) -> None:
+    h = Harness(tmp_path, clock)
+
+    async def scenario() -> None:
+        await h.beat("a")
+        inv = InvocationRequested(function="hello")
+        execute, handed_on = await h.d.on_invocation(inv, partition=3, offset=40)
+        assert h.state == [] and not handed_on.done()  # its offset waits: nothing says where it runs yet
+        [(cmd, headers)] = h.headers
+        assert isinstance(cmd, Execute) and headers[SOURCE_HEADER] == b"3:40"
+        await h.d.on_result(h.ok(inv))
+        assert handed_on.done() and handed_on.exception() is None
+        assert h.state == []  # no record, so no tombstone either
+
+    run(scenario)
+
+
+def test_work_still_running_after_record_after_gets_its_record(tmp_path: Path, clock: Clock) -> None:
+    from events.dispatch import InvocationSent
+
+    h = Harness(tmp_path, clock, record_after_s=0.2)
+
+    async def scenario() -> None:
+        await h.beat("a")
+        inv = InvocationRequested(function="hello")
+        _, handed_on = await h.d.on_invocation(inv, partition=3, offset=40)
+        clock.advance(150)
+        await h.d.tick()
+        assert h.state == [] and not handed_on.done()
+        clock.advance(100)
+        await h.d.tick()
+        [(sent, key, part)] = h.state
+        assert isinstance(sent, InvocationSent) and (key, part, sent.node, sent.source_offset) == (inv.id, 3, "a", 40)
+        await asyncio.wait_for(handed_on, timeout=1)  # the record's confirmation settles the hand-off
+        await h.d.on_result(h.ok(inv))
+        assert h.state[-1] == (None, inv.id, 3)  # now it had a record: the result clears it
+
+    run(scenario)
+
+
+def test_queued_work_is_recorded_and_sent_with_its_record(tmp_path: Path, clock: Clock) -> None:
     from events.dispatch import InvocationQueued, InvocationSent
 
     h = Harness(tmp_path, clock, specs=[_spec(concurrency=1)])
@@ -962,16 +1011,66 @@ def test_every_hand_off_is_recorded_and_a_result_clears_it(tmp_path: Path, clock
     async def scenario() -> None:
         await h.beat("a")
         first, second = InvocationRequested(function="hello"), InvocationRequested(function="hello")
-        writes = await h.d.on_invocation(first, partition=3, offset=40)
-        assert len(writes) == 2  # the Execute and its dispatch.sent, confirmed together
-        await h.d.on_invocation(second, partition=3, offset=41)
-        [(sent, key, part), (queued, key2, part2)] = h.state
-        assert isinstance(sent, InvocationSent) and (key, part, sent.node, sent.source_offset) == (first.id, 3, "a", 40)
-        assert isinstance(queued, InvocationQueued) and (key2, part2, queued.source_offset) == (second.id, 3, 41)
+        await h.d.on_invocation(first, partition=3, offset=40)
+        [queued_write] = await h.d.on_invocation(second, partition=3, offset=41)
+        [(queued, key, part)] = h.state
+        assert isinstance(queued, InvocationQueued) and (key, part, queued.source_offset) == (second.id, 3, 41)
         await h.d.on_result(h.ok(first))
-        # The first is cleared; the second is sent (its record now says where).
-        assert h.state[2] == (None, first.id, 3)
-        assert isinstance(h.state[3][0], InvocationSent) and h.state[3][1] == second.id
+        # Its offset was committed with the queued record: once sent, the record must say where.
+        [_, (sent, key2, _)] = h.state
+        assert isinstance(sent, InvocationSent) and key2 == second.id and sent.node == "a"
+
+    run(scenario)
+
+
+def test_unrecorded_work_is_recorded_before_its_partition_is_handed_over(tmp_path: Path, clock: Clock) -> None:
+    from events.dispatch import InvocationSent
+
+    h = Harness(tmp_path, clock)
+
+    async def scenario() -> None:
+        await h.beat("a")
+        keep, give = InvocationRequested(function="hello"), InvocationRequested(function="hello")
+        await h.d.on_invocation(keep, partition=1, offset=7)
+        _, handed_on = await h.d.on_invocation(give, partition=2, offset=9)
+        writes = await h.d.record_now([2])
+        assert len(writes) == 1
+        [(sent, key, part)] = h.state
+        assert isinstance(sent, InvocationSent) and (key, part) == (give.id, 2)
+        await asyncio.wait_for(handed_on, timeout=1)
+
+    run(scenario)
+
+
+def test_released_partition_never_hands_on_its_unrecorded_work(tmp_path: Path, clock: Clock) -> None:
+    h = Harness(tmp_path, clock)
+
+    async def scenario() -> None:
+        await h.beat("a")
+        _, handed_on = await h.d.on_invocation(InvocationRequested(function="hello"), partition=2, offset=9)
+        h.d.release(2)
+        assert handed_on.cancelled()  # never committed by this owner: the next one finds its Execute
+        assert await h.d.record_now() == []
+
+    run(scenario)
+
+
+def test_unrecorded_work_on_a_lost_node_is_handed_on_by_its_recorded_retry(tmp_path: Path, clock: Clock) -> None:
+    from events.dispatch import InvocationSent
+
+    h = Harness(tmp_path, clock, max_attempts=2)
+
+    async def scenario() -> None:
+        await h.beat("a")
+        await h.beat("b")
+        inv = InvocationRequested(function="hello")
+        _, handed_on = await h.d.on_invocation(inv, partition=0, offset=3)
+        [(first, topic, _)] = h.executes()
+        lost = topic.removeprefix(f"{PREFIX}work.")
+        await h.d.on_node(lost, NodeStopped(node=lost, incarnation=f"{lost}-1"))
+        [(sent, key, _)] = h.state
+        assert isinstance(sent, InvocationSent) and key == inv.id and sent.attempt == 2 and sent.node != lost
+        await asyncio.wait_for(handed_on, timeout=1)
 
     run(scenario)
 
