@@ -2,8 +2,9 @@
 
 Records live on the compacted ``dispatch`` topic, key = invocation id, written to the partition
 number of the invocation's own partition. The dispatcher that is assigned invocation partition
-*p* rebuilds its queue and its in-flight ledger from partition *p* of ``dispatch``; a tombstone
-means the invocation ended (its terminal result is on ``result``). Nothing else reads them.
+*p* rebuilds its queue and its in-flight ledger from partition *p* of ``dispatch`` (and, for work
+sent too recently to have a record, from the Executes in the work topics); a tombstone means the
+invocation ended (its terminal result is on ``result``). Nothing else reads them.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ class InvocationQueued(Record):
 
 
 class InvocationSent(Record):
-    """Handed to a node: its Execute command is on ``work.<node>`` for that agent incarnation."""
+    """Handed to a node and still running after a while (or sent from the queue, or a retry): its
+    Execute command is on ``work.<node>`` for that agent incarnation."""
 
     type: Literal["dispatch.sent"] = "dispatch.sent"
     invocation: InvocationRequested
