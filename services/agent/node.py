@@ -144,6 +144,8 @@ class NodeAgent:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._seq = 0
         self._accepting = True
+        self._function_clamps: dict[str, int] = {}
+        """Functions the throttler clamped as a whole on this node -> the CPU quota each new instance starts with."""
         self._pool_wakeup = asyncio.Event()
         self._beat_now = asyncio.Event()
         """Set when the pool changed: the next heartbeat goes at once rather than at its interval."""
@@ -223,7 +225,13 @@ class NodeAgent:
                 slot.retire_after_use = cmd.reason or "recycle command"
 
     async def clamp(self, cmd: Clamp) -> None:
-        """Set (or restore) the CPU quota of instances: the throttler's first action."""
+        """Set (or restore) the CPU quota of instances: the throttler's first action. A clamp of a
+        function (no instance named) also holds for the instances it starts later, until restored."""
+        if cmd.function and not cmd.instance:
+            if cmd.cpu_millis is None:
+                self._function_clamps.pop(cmd.function, None)
+            else:
+                self._function_clamps[cmd.function] = cmd.cpu_millis
         for slot in list(self._slots.values()):
             inst = slot.instance
             if not ((cmd.instance and inst.id == cmd.instance) or (cmd.function and inst.function == cmd.function)):
@@ -652,6 +660,11 @@ class NodeAgent:
         inst.last_used_at = time.monotonic()  # idle time counts from when the code was loaded
         slot.spec = spec
         await self._launcher.specialized(inst, spec)
+        clamped = self._function_clamps.get(spec.name)
+        if clamped is not None and inst.cgroup is not None:
+            slot.clamped_millis = clamped
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(inst.cgroup.set_cpu_quota, clamped)
         self._set_state(inst, "busy", spec)
         self._emit(inst, "ready", reason=f"specialized ({kind}) in {reply.get('load_ms', 0):.1f} ms")
         return kind

@@ -81,6 +81,8 @@ async def run(common: CommonSettings, config: PolicyConfig, host_pressure: bool 
                 Clamp(
                     incarnation=action.incarnation,
                     instance=action.instance,
+                    # No instance: every instance of the function on the node, and those it starts.
+                    function=action.function if action.instance is None else None,
                     cpu_millis=action.cpu_millis if action.kind == "clamp" else None,
                     reason=action.rule,
                 ),

@@ -114,6 +114,8 @@ class Throttler:
         self.memory_kills: dict[str, int] = {}
         """function -> when one of its instances was last killed over its memory bound."""
         self.isolation_quota: dict[str, int] = {}
+        self.function_clamped: dict[str, set[tuple[str, str]]] = {}
+        """function isolated here -> the (node, incarnation)s told to start its new instances clamped."""
         """function isolated here -> the per-instance CPU quota it carries to nodes under pressure."""
 
     def bounds(self, function: str | None, spec: FunctionSpec | None) -> Bounds:
@@ -294,6 +296,24 @@ class Throttler:
         if quota is None or not v.pressure or v.function not in self.isolated:
             return []
         out = []
+        told = self.function_clamped.setdefault(v.function, set())
+        if (metrics.node, metrics.incarnation) not in told:
+            # Once per node: its agent starts every new instance of the function with the quota
+            # (a short-call function starts new instances all the time; each would run a whole
+            # interval unclamped before the per-instance clamp below caught it).
+            told.add((metrics.node, metrics.incarnation))
+            out.append(
+                Action(
+                    "clamp",
+                    v.function,
+                    f"isolated, and work waits for a CPU on {metrics.node} too: {quota}m for each of its "
+                    "instances there, new ones included",
+                    node=metrics.node,
+                    incarnation=metrics.incarnation,
+                    cpu_millis=quota,
+                    figures=v.figures,
+                )
+            )
         for instance in v.usage.unclamped:
             if instance in just_clamped:
                 continue
@@ -435,6 +455,16 @@ class Throttler:
                 del self.isolated[function]
                 self.isolated_until.pop(function, None)
                 self.isolation_quota.pop(function, None)
+                for node, incarnation in sorted(self.function_clamped.pop(function, set())):
+                    out.append(
+                        Action(
+                            "release-clamp",
+                            function,
+                            f"isolation over: new instances on {node} start with the function's own quota",
+                            node=node,
+                            incarnation=incarnation,
+                        )
+                    )
                 override = overrides.get(function)
                 if override is not None and override.by == "throttler":
                     out.append(Action("release-isolation", function, f"quiet for {self.config.cooldown_s:g}s"))

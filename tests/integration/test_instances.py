@@ -118,3 +118,61 @@ def test_hostile_functions_get_a_terminal_result_and_the_node_keeps_serving(
     assert time.monotonic() - started < 20
     if kind == "output_truncated":
         assert hostile.logs is not None and len(hostile.logs) <= 64 * 1024
+
+
+def _read_topic(settings: CommonSettings, topic: str, until: Any, timeout_s: float = 30.0) -> Any:
+    """Read ``topic`` from its beginning until ``until(record)`` returns something (that is returned)."""
+    from aiokafka import AIOKafkaConsumer
+
+    from events import codec
+
+    async def go() -> Any:
+        consumer = AIOKafkaConsumer(
+            topic, bootstrap_servers=settings.bootstrap, auto_offset_reset="earliest", enable_auto_commit=False
+        )
+        await consumer.start()
+        try:
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                for records in (await consumer.getmany(timeout_ms=500)).values():
+                    for rec in records:
+                        if rec.value is None:
+                            continue
+                        found = until(codec.decode(rec.value))
+                        if found is not None:
+                            return found
+            raise AssertionError(f"nothing wanted on {topic} within {timeout_s} s")
+        finally:
+            await consumer.stop()
+
+    return asyncio.run(go())
+
+
+def test_a_function_clamp_holds_for_the_instances_it_starts_later(node: CommonSettings) -> None:
+    """What the throttler sends an isolation node: a clamp of the function, before its instances exist."""
+    from events import Clamp, NodeHeartbeat, NodeMetrics
+
+    incarnation = _read_topic(
+        node, node.topics.node, lambda r: r.incarnation if isinstance(r, NodeHeartbeat) else None
+    )
+    name = f"clamped-{uuid.uuid4().hex[:4]}"
+
+    async def clamp_then_deploy() -> None:
+        async with StokerClient(node) as client:
+            cmd = Clamp(incarnation=incarnation, function=name, cpu_millis=150, reason="test")
+            await client.send(cmd, node.topics.work("runtime-0"), name)
+            source = package_code(node, FNS / "stateful")
+            await client.put_function(FunctionSpec(name=name, entrypoint="handler:main", source=source, reuse="keep"))
+
+    asyncio.run(clamp_then_deploy())
+    [result] = invoke_all(node, name, [None])
+    assert result.status == "ok", result
+
+    def quota_of_its_instance(record: Any) -> Any:
+        if isinstance(record, NodeMetrics):
+            for m in record.instances:
+                if m.instance == result.instance:
+                    return (m.cpu_quota_millis, m.clamped)
+        return None
+
+    assert _read_topic(node, node.topics.node_metric, quota_of_its_instance) == (150, True)

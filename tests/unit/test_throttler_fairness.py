@@ -390,10 +390,35 @@ def test_an_isolated_function_is_clamped_again_on_an_isolation_node_where_work_w
     [iso] = [a for _, a in r.log if a.kind == "isolate"]
     carried = int(iso.figures["carried_quota_millis"])
     acts = _on_isolation_node(r, BUSY, 2)
-    clamps = [a for a in acts if a.kind == "clamp"]
+    clamps = [a for a in acts if a.kind == "clamp" and a.instance is not None]
     assert sorted(a.instance or "" for a in clamps) == [f"iso-{k}" for k in range(4)]
     assert all(a.cpu_millis == carried and a.node == "isolation-0" for a in clamps)
     assert "isolated, and work waits" in clamps[0].rule and clamps[0].figures["psi_cpu_some_pct"] == 45.0
+    # Once per node, for the function as a whole: the instances it starts there begin clamped.
+    [whole] = [a for a in acts if a.kind == "clamp" and a.instance is None]
+    assert (whole.function, whole.node, whole.incarnation, whole.cpu_millis) == (
+        "spin",
+        "isolation-0",
+        "inc-iso",
+        carried,
+    )
+    assert "new ones included" in whole.rule
+
+
+def test_the_end_of_an_isolation_lifts_the_clamp_its_nodes_start_instances_with() -> None:
+    r = Replay()
+    _isolate_spinners(r)
+    _on_isolation_node(r, BUSY, 2)
+    r.now += 60 * SEC  # quiet for longer than the cool-down
+    [release] = [a for a in r.throttler.releases({}, r.now) if a.node == "isolation-0"]
+    assert (release.kind, release.function, release.node, release.incarnation, release.instance) == (
+        "release-clamp",
+        "spin",
+        "isolation-0",
+        "inc-iso",
+        None,
+    )
+    assert r.throttler.releases({}, r.now + SEC) == []
 
 
 def test_an_isolated_function_runs_free_on_a_calm_isolation_node() -> None:
@@ -406,6 +431,9 @@ def test_a_released_isolation_carries_no_clamp() -> None:
     r = Replay()
     _isolate_spinners(r)
     r.now += 60 * SEC  # quiet for longer than the cool-down
-    assert [a.kind for a in r.throttler.releases({}, r.now)] == []  # no override by the throttler seen: nothing to send
+    released = r.throttler.releases({}, r.now)
+    # No override by the throttler seen: nothing to send about the placement; the clamp its
+    # nodes were told to start instances with is lifted.
+    assert {a.kind for a in released} <= {"release-clamp"} and all(a.instance is None for a in released)
     assert "spin" not in r.throttler.isolation_quota
     assert [a for a in _on_isolation_node(r, BUSY, 3) if a.kind == "clamp"] == []
