@@ -656,13 +656,14 @@ class NodeAgent:
                 message=err.get("message", ""),
                 traceback=err.get("traceback"),
             )
+        clamped = self._function_clamps.get(spec.name) if inst.cgroup is not None else None
+        # Clamped before it holds the function's code: no metric sample shows it running free.
+        slot.clamped_millis = clamped
         inst.function, inst.function_version = spec.name, spec.code_version
         inst.last_used_at = time.monotonic()  # idle time counts from when the code was loaded
         slot.spec = spec
         await self._launcher.specialized(inst, spec)
-        clamped = self._function_clamps.get(spec.name)
         if clamped is not None and inst.cgroup is not None:
-            slot.clamped_millis = clamped
             with contextlib.suppress(OSError):
                 await asyncio.to_thread(inst.cgroup.set_cpu_quota, clamped)
         self._set_state(inst, "busy", spec)

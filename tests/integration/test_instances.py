@@ -171,7 +171,7 @@ def test_a_function_clamp_holds_for_the_instances_it_starts_later(node: CommonSe
     def quota_of_its_instance(record: Any) -> Any:
         if isinstance(record, NodeMetrics):
             for m in record.instances:
-                if m.instance == result.instance:
+                if m.instance == result.instance and m.function == name:  # not its samples as a generic one
                     return (m.cpu_quota_millis, m.clamped)
         return None
 
