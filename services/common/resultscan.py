@@ -6,9 +6,9 @@ source partitions): what ended while nobody was watching. The live views of ``re
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from events import InvocationCompleted, codec
 from services.common.kafkasec import client_options as kafka_client_options
@@ -33,30 +33,48 @@ async def results_since(
     results: list[InvocationCompleted] = []
     try:
         tps = await partitions_of(consumer, result_topic)
-        consumer.assign(tps)
-        ends = await consumer.end_offsets(tps)
-        starts = await consumer.offsets_for_times({tp: max(0, since_ms) for tp in tps})
-        todo = []
-        for tp in tps:
-            at = starts.get(tp)
-            if at is None or at.offset >= ends[tp]:
-                continue  # nothing written since then on this partition
-            consumer.seek(tp, at.offset)
-            todo.append(tp)
-        while todo:
-            batches = await consumer.getmany(*todo, timeout_ms=200)
-            for tp, records in batches.items():
-                for rec in records:
-                    if rec.offset >= ends[tp] or rec.key is None:
-                        continue
-                    ident = rec.key.decode("utf-8", errors="replace")
-                    ids.add(ident)
-                    if wanted(ident):
-                        try:
-                            results.append(codec.decode(rec.value, (InvocationCompleted,)))  # type: ignore[arg-type]
-                        except codec.DecodeError:
-                            continue  # the live readers of ``result`` dead-letter it
-            todo = [tp for tp in todo if await consumer.position(tp) < ends[tp]]
+
+        def take(rec: ConsumerRecord[bytes, bytes]) -> None:
+            if rec.key is None:
+                return
+            ident = rec.key.decode("utf-8", errors="replace")
+            ids.add(ident)
+            if wanted(ident):
+                try:
+                    results.append(codec.decode(rec.value, (InvocationCompleted,)))  # type: ignore[arg-type]
+                except codec.DecodeError:
+                    return  # the live readers of ``result`` dead-letter it
+
+        await read_since(consumer, tps, since_ms, take)
         return ids, results
     finally:
         await consumer.stop()
+
+
+async def read_since(
+    consumer: AIOKafkaConsumer,
+    tps: Sequence[TopicPartition],
+    since_ms: int,
+    take: Callable[[ConsumerRecord[bytes, bytes]], None],
+) -> None:
+    """Hand ``take`` every record of ``tps`` written at or after ``since_ms`` and before this call
+    (by the partitions' end offsets now), in offset order per partition."""
+    if not tps:
+        return
+    consumer.assign(list(tps))
+    ends = await consumer.end_offsets(list(tps))
+    starts = await consumer.offsets_for_times({tp: max(0, since_ms) for tp in tps})
+    todo = []
+    for tp in tps:
+        at = starts.get(tp)
+        if at is None or at.offset >= ends[tp]:
+            continue  # nothing written since then on this partition
+        consumer.seek(tp, at.offset)
+        todo.append(tp)
+    while todo:
+        batches = await consumer.getmany(*todo, timeout_ms=200)
+        for tp, records in batches.items():
+            for rec in records:
+                if rec.offset < ends[tp]:
+                    take(rec)
+        todo = [tp for tp in todo if await consumer.position(tp) < ends[tp]]

@@ -16,13 +16,13 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from events import Execute, InvocationCompleted, codec
 from events.dispatch import DispatchState, InvocationQueued, InvocationSent
 from events.work import SOURCE_HEADER, parse_source_header
 from services.common.kafkasec import client_options as kafka_client_options
-from services.common.resultscan import results_since
+from services.common.resultscan import read_since, results_since
 from services.common.views import partitions_of
 
 log = logging.getLogger("stoker.dispatcher.recovery")
@@ -172,29 +172,13 @@ async def unrecorded_sends(
     try:
         topics = sorted(t for t in await consumer.topics() if t.startswith(work_prefix))
         tps = [tp for topic in topics for tp in await partitions_of(consumer, topic)]
-        if not tps:
-            return {}
-        consumer.assign(tps)
-        ends = await consumer.end_offsets(tps)
-        starts = await consumer.offsets_for_times({tp: max(0, since) for tp in tps})
-        todo = []
-        for tp in tps:
-            at = starts.get(tp)
-            if at is None or at.offset >= ends[tp]:
-                continue
-            consumer.seek(tp, at.offset)
-            todo.append(tp)
-        while todo:
-            batches = await consumer.getmany(*todo, timeout_ms=200)
-            for tp, records in batches.items():
-                node = tp.topic[len(work_prefix) :]
-                for rec in records:
-                    if rec.offset >= ends[tp]:
-                        continue
-                    hit = sent_of(node, rec.headers, rec.value, after)
-                    if hit is not None:
-                        found.setdefault(hit[0], []).append(hit[1])
-            todo = [tp for tp in todo if await consumer.position(tp) < ends[tp]]
+
+        def take(rec: ConsumerRecord[bytes, bytes]) -> None:
+            hit = sent_of(rec.topic[len(work_prefix) :], rec.headers, rec.value, after)
+            if hit is not None:
+                found.setdefault(hit[0], []).append(hit[1])
+
+        await read_since(consumer, tps, since, take)
         return found
     finally:
         await consumer.stop()
