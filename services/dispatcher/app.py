@@ -31,10 +31,13 @@ from services.dispatcher.intake import Intake
 from services.dispatcher.settings import DispatcherSettings
 
 
-def _headers() -> list[tuple[str, bytes]]:
+def _headers(extra: list[tuple[str, bytes]] | None) -> list[tuple[str, bytes]]:
     carrier: dict[str, str] = {}
     propagate.inject(carrier)  # the current span (the invocation's process span) becomes the parent
-    return [(k, v.encode()) for k, v in carrier.items()]
+    headers = [(k, v.encode()) for k, v in carrier.items()]
+    if extra:
+        headers.extend(extra)
+    return headers
 
 
 async def run(settings: DispatcherSettings) -> None:
@@ -64,7 +67,7 @@ async def run(settings: DispatcherSettings) -> None:
             value,
             key=key.encode() if key is not None else None,
             partition=partition,
-            headers=(_headers() + (headers or [])) if record is not None else None,
+            headers=_headers(headers) if record is not None else None,
         )
 
     async def dead_letter_record(

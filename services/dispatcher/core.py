@@ -411,7 +411,6 @@ class Dispatcher:
             unrecorded = self._unrecorded.pop(entry.invocation.id, None)
             if unrecorded is not None:
                 unrecorded[1].cancel()  # never committed here: the next owner finds its Execute
-        for entry in gone:
             view = self.nodes.get(entry.node)
             if view is not None and view.in_flight.get(entry.invocation.function):
                 view.in_flight[entry.invocation.function] -= 1

@@ -124,14 +124,7 @@ async def read_partitions(
     bootstrap: str, dispatch_topic: str, invocation_topic: str, resume_at: dict[int, int | None]
 ) -> list[PartitionState]:
     """Read the ``dispatch`` records of each partition, and the time of its first unconsumed invocation."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
-        **kafka_client_options(),
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        fetch_max_wait_ms=50,
-    )
-    await consumer.start()
+    consumer = await _scanner(bootstrap)
     try:
         out = []
         for partition, committed in resume_at.items():
@@ -160,14 +153,7 @@ async def unrecorded_sends(
         return {}
     after = {p: offset for p, (offset, _) in resume.items()}
     since = min(ms for _, ms in resume.values()) - CLOCK_SLACK_MS
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
-        **kafka_client_options(),
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        fetch_max_wait_ms=50,
-    )
-    await consumer.start()
+    consumer = await _scanner(bootstrap)
     found: dict[int, list[InvocationSent]] = {}
     try:
         topics = sorted(t for t in await consumer.topics() if t.startswith(work_prefix))
@@ -197,6 +183,19 @@ async def ended_since(
         time.monotonic() - started,
     )
     return ids, results
+
+
+async def _scanner(bootstrap: str) -> AIOKafkaConsumer:
+    """A started consumer of no group, for the bounded reads of a takeover."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        **kafka_client_options(),
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        fetch_max_wait_ms=50,
+    )
+    await consumer.start()
+    return consumer
 
 
 async def _read_to_end(consumer: AIOKafkaConsumer, tp: TopicPartition, limit: int | None) -> list:  # type: ignore[type-arg]
