@@ -65,7 +65,7 @@ def _read_request(ctrl: socket.socket) -> tuple[dict[str, Any], list[int]]:
 
 def _become_instance(msg: dict[str, Any], channel_fd: int, resolved: sandbox.ResolvedSandbox, python: str) -> None:
     """Confine this process (cgroup, rlimits, namespaces and root, user) and serve the channel."""
-    from services.runtime.__main__ import serve
+    from services.runtime.serve import serve
 
     os.chdir(msg["workdir"])
     sandbox.apply_in_child(resolved)  # cgroup join, rlimits, namespaces, no_new_privs, user, parent-death signal
@@ -210,7 +210,7 @@ def main() -> None:
     started = time.perf_counter()
     preloaded = []
     # What every instance needs, then what the operator asked for: imported once, shared by all.
-    for name in ["services.runtime.__main__", "json", *filter(None, args.preload.split(","))]:
+    for name in ["services.runtime.serve", "json", *filter(None, args.preload.split(","))]:
         try:
             importlib.import_module(name)
             preloaded.append(name)
@@ -234,7 +234,7 @@ def main() -> None:
 
 def _spawned_instance(channel_fd: int) -> None:
     """The ``spawn`` start kind: this new interpreter is the instance; confine it, then serve."""
-    import services.runtime.__main__  # noqa: F401 - imported while the platform's files are still visible
+    import services.runtime.serve  # noqa: F401 - imported while the platform's files are still visible
 
     msg = orjson.loads(os.environ.pop("STOKER_INSTANCE"))
     resolved = sandbox.resolve(sandbox.SandboxSpec(**msg.get("sandbox", {})))
