@@ -17,7 +17,7 @@ import sys
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -25,7 +25,20 @@ from typing import Any, Literal
 from events.instance import InstanceState
 from services.agent import sandbox
 from services.agent.cgroups import InstanceCgroup, oom_killed
-from services.runtime.protocol import HEADER, MAX_FRAME, ChannelClosed, decode_body, encode_frame, read_frame
+from services.runtime.protocol import (
+    HEADER,
+    MAX_FRAME,
+    ChannelClosed,
+    Forked,
+    ForkRequest,
+    ProtocolError,
+    decode_body,
+    encode_frame,
+    parse_hello,
+    parse_reply,
+    parse_zygote_event,
+    read_frame,
+)
 
 SCRUBBED_ENV_KEEP = ("PATH", "LANG", "LC_ALL", "TZ", "PYTHONHASHSEED")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -237,15 +250,17 @@ class Instance:
     def idle_ms(self, now: float | None = None) -> int:
         return int(((now or time.monotonic()) - self.last_used_at) * 1000)
 
-    async def request(self, msg: dict[str, Any], timeout_s: float | None) -> dict[str, Any]:
-        """Send one frame and wait for its answer; kill the instance if it takes too long."""
+    async def request(self, msg: Mapping[str, Any], timeout_s: float | None) -> dict[str, Any]:
+        """Send one request (a :data:`services.runtime.protocol.Request`) and wait for its reply,
+        checked with :func:`~services.runtime.protocol.parse_reply`; kill the instance if it takes
+        too long. A malformed reply kills it too: :class:`InstanceDied`."""
         async with self._lock:
             try:
                 return await self._call(msg, timeout_s, None)
             except NotStarted as exc:  # it was queued behind a request that took the instance down
                 raise await self._died(exc) from exc
 
-    async def request_after(self, msg: dict[str, Any], timeout_s: float, on_start: Callable[[], None]) -> Any:
+    async def request_after(self, msg: Mapping[str, Any], timeout_s: float, on_start: Callable[[], None]) -> Any:
         """Queue a request behind the one the instance is running: it begins as soon as that one
         is answered (``on_start`` runs then), without a round trip through the agent in between.
 
@@ -254,11 +269,14 @@ class Instance:
         """
         return await self._call(msg, timeout_s, on_start)
 
-    async def _call(self, msg: dict[str, Any], timeout_s: float | None, on_start: Callable[[], None] | None) -> Any:
+    async def _call(self, msg: Mapping[str, Any], timeout_s: float | None, on_start: Callable[[], None] | None) -> Any:
         channel = self.channel
         assert channel is not None
         try:
-            return await channel.call(encode_frame(msg), timeout_s, on_start)
+            return parse_reply(msg["op"], await channel.call(encode_frame(msg), timeout_s, on_start))
+        except ProtocolError as exc:
+            await self.kill()  # what it answers next cannot be matched to a request any more
+            raise InstanceDied(f"instance broke the protocol: {exc}") from exc
         except TimeoutError:
             await self.kill()
             raise InstanceTimeout(f"no answer within {timeout_s or 0:.3f}s") from None
@@ -343,9 +361,11 @@ async def _hello(inst: Instance, start_timeout_s: float) -> None:
     except (TimeoutError, ChannelClosed) as exc:
         await inst.destroy()
         raise InstanceDied(f"instance did not start: {exc!r}; see {inst.log_path}") from exc
-    if hello.get("op") != "hello":
+    try:
+        parse_hello(hello)
+    except ProtocolError as exc:
         await inst.destroy()
-        raise InstanceDied(f"unexpected greeting {hello!r}")
+        raise InstanceDied(str(exc)) from exc
     inst.state = "generic"
 
 
@@ -423,7 +443,7 @@ class Zygote:
         self._sock: socket.socket | None = None
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
-        self._forks: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._forks: dict[str, asyncio.Future[Forked]] = {}
         self._exits: dict[int, asyncio.Future[int]] = {}
         self._early_exits: dict[int, int] = {}
         self._task: asyncio.Task[None] | None = None
@@ -466,21 +486,25 @@ class Zygote:
         self._sock = parent_sock
         self._reader, self._writer = await asyncio.open_connection(sock=parent_sock)
         hello = await asyncio.wait_for(read_frame(self._reader), timeout_s)
-        if hello.get("op") != "hello":
-            raise InstanceDied(f"zygote said {hello!r}")
+        try:
+            parse_hello(hello)
+        except ProtocolError:
+            raise InstanceDied(f"zygote said {hello!r}") from None
         self._task = asyncio.get_running_loop().create_task(self._follow(), name="zygote")
 
     async def _follow(self) -> None:
         assert self._reader is not None
         try:
             while True:
-                msg = await read_frame(self._reader)
-                if msg.get("op") == "forked":
-                    future = self._forks.pop(str(msg.get("id")), None)
+                msg = parse_zygote_event(await read_frame(self._reader))
+                if msg is None:
+                    continue  # a pong: nobody waits for it
+                if msg["op"] == "forked":
+                    future = self._forks.pop(str(msg["id"]), None)
                     if future is not None and not future.done():
                         future.set_result(msg)
-                elif msg.get("op") == "exited":
-                    pid, code = int(msg["pid"]), int(msg["code"])
+                else:
+                    pid, code = msg["pid"], msg["code"]
                     waiter = self._exits.pop(pid, None)
                     if waiter is None:
                         self._early_exits[pid] = code
@@ -511,7 +535,7 @@ class Zygote:
         )
         parent_sock, child_sock = socket.socketpair()
         spec = placement.sandbox
-        msg = {
+        msg: ForkRequest = {
             "op": "fork",
             "id": instance_id,
             "workdir": str(placement.workdir),
@@ -519,7 +543,7 @@ class Zygote:
             "env": placement.env,
             "sandbox": {k: (list(v) if isinstance(v, tuple) else v) for k, v in spec.__dict__.items()},
         }
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Forked] = asyncio.get_running_loop().create_future()
         self._forks[instance_id] = future
         try:
             # The channel's other end travels with the request (SCM_RIGHTS); one sendmsg, one frame.
@@ -543,7 +567,7 @@ class Zygote:
         if not reply.get("ok"):
             parent_sock.close()
             raise InstanceDied(f"the zygote could not fork: {reply.get('error')}")
-        inst.pid = int(reply["pid"])
+        inst.pid = reply["pid"]
         if inst.pid in self._early_exits:
             inst.exited.set_result(self._early_exits.pop(inst.pid))
         else:

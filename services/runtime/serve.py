@@ -23,9 +23,24 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
-from services.runtime.protocol import ChannelClosed, FrameReader, encode_frame
+from services.runtime.protocol import (
+    ChannelClosed,
+    ErrorInfo,
+    FrameReader,
+    Hello,
+    InvokeReply,
+    InvokeRequest,
+    LoadReply,
+    LoadRequest,
+    PingReply,
+    ProtocolError,
+    Reply,
+    ResetReply,
+    encode_frame,
+    parse_request,
+)
 
 LOG_CAP = 64 * 1024
 STDLIB = os.path.join(os.path.dirname(os.__file__), "")
@@ -92,7 +107,7 @@ class _Tee(io.TextIOBase):
         return "".join(self.captured) or None
 
 
-def error_of(exc: BaseException) -> dict[str, Any]:
+def error_of(exc: BaseException) -> ErrorInfo:
     tb = traceback.format_exception(type(exc), exc, exc.__traceback__)
     return {"kind": type(exc).__name__, "message": str(exc)[:4000], "traceback": "".join(tb[-6:])[-4000:]}
 
@@ -112,7 +127,7 @@ class Runtime:
         self.base_threads = set(threading.enumerate())
         self.base_modules = set(sys.modules)
 
-    def reset(self) -> dict[str, Any]:
+    def reset(self) -> ResetReply:
         """Remove the function's part of the process: modules, sys.path, env, cwd, temp files."""
         removed = 0
         code_dir = self.code_dir
@@ -156,7 +171,7 @@ class Runtime:
         left = [t.name for t in threading.enumerate() if t not in self.base_threads and t.is_alive()]
         return {"ok": True, "removed_modules": removed, "threads_left": left}
 
-    def load(self, msg: dict[str, Any]) -> dict[str, Any]:
+    def load(self, msg: LoadRequest) -> LoadReply:
         started = time.perf_counter()
         code_dir = msg["code_dir"]
         module_name, _, attr = msg["entrypoint"].partition(":")
@@ -183,7 +198,7 @@ class Runtime:
         self.function, self.version, self.code_dir = msg["function"], msg["version"], code_dir
         return {"ok": True, "load_ms": (time.perf_counter() - started) * 1000}
 
-    def invoke(self, msg: dict[str, Any]) -> dict[str, Any]:
+    def invoke(self, msg: InvokeRequest) -> InvokeReply:
         if self.handler is None:
             return {"ok": False, "error": {"kind": "NotSpecialized", "message": "no function loaded"}}
         args: list[Any] = [msg.get("payload")]
@@ -198,7 +213,7 @@ class Runtime:
                 if inspect.isawaitable(result):
                     result = self.loop.run_until_complete(result)
             exec_ms = (time.perf_counter() - started) * 1000
-            reply: dict[str, Any] = {"ok": True, "output": result, "exec_ms": exec_ms}
+            reply: InvokeReply = {"ok": True, "output": result, "exec_ms": exec_ms}
             if budget.exceeded:  # it caught OutputTruncated and went on: still not a clean run
                 reply = {
                     "ok": False,
@@ -207,7 +222,7 @@ class Runtime:
                 }
         except BaseException as exc:  # noqa: BLE001
             exec_ms = (time.perf_counter() - started) * 1000
-            error = error_of(exc)
+            error: ErrorInfo = error_of(exc)
             if budget.exceeded:
                 error = {
                     "kind": "output_truncated",
@@ -221,31 +236,44 @@ class Runtime:
         return reply
 
 
+def answer(runtime: Runtime, frame: Any) -> Reply:
+    """The reply to one decoded frame; a frame that is no request gets a ``BadRequest`` error."""
+    try:
+        msg = parse_request(frame)
+    except ProtocolError as exc:
+        return {"ok": False, "error": {"kind": "BadRequest", "message": str(exc)}}
+    if msg["op"] == "invoke":
+        return runtime.invoke(msg)
+    if msg["op"] == "load":
+        return runtime.load(msg)
+    if msg["op"] == "reset":
+        return runtime.reset()
+    ping: PingReply = {"ok": True}
+    return ping
+
+
 def serve(sock: socket.socket) -> None:
+    """Say hello on the agent's channel, then answer its requests one after the other until it closes."""
     runtime = Runtime()
     frames = FrameReader(sock)
-    sock.sendall(encode_frame({"op": "hello", "pid": os.getpid()}))
+    hello: Hello = {"op": "hello", "pid": os.getpid()}
+    sock.sendall(encode_frame(hello))
     while True:
         try:
             msg = frames.read()
         except ChannelClosed:
             return
-        op = msg.get("op")
-        if op == "invoke":
-            reply = runtime.invoke(msg)
-        elif op == "load":
-            reply = runtime.load(msg)
-        elif op == "reset":
-            reply = runtime.reset()
-        elif op == "ping":
-            reply = {"ok": True}
-        else:
-            reply = {"ok": False, "error": {"kind": "BadRequest", "message": f"unknown op {op!r}"}}
+        reply = answer(runtime, msg)
         try:
             frame = encode_frame(reply)
         except TypeError as exc:  # orjson refused the function's output
-            error = {"kind": "OutputNotJSON", "message": f"the function returned a value that is not JSON: {exc}"}
-            frame = encode_frame({"ok": False, "error": error, "exec_ms": reply.get("exec_ms", 0.0)})
+            error: ErrorInfo = {
+                "kind": "OutputNotJSON",
+                "message": f"the function returned a value that is not JSON: {exc}",
+            }
+            exec_ms = cast(InvokeReply, reply).get("exec_ms", 0.0)  # only an invoke's reply holds user output
+            not_json: InvokeReply = {"ok": False, "error": error, "exec_ms": exec_ms}
+            frame = encode_frame(not_json)
         sock.sendall(frame)
 
 

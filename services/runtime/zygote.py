@@ -33,12 +33,12 @@ import socket
 import sys
 import time
 import traceback
-from typing import Any
+from typing import Any, cast
 
 import orjson
 
 from services.agent import namespaces, sandbox
-from services.runtime.protocol import HEADER, ChannelClosed, encode_frame
+from services.runtime.protocol import HEADER, ChannelClosed, Exited, Forked, ForkRequest, Hello, encode_frame
 
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -63,22 +63,24 @@ def _read_request(ctrl: socket.socket) -> tuple[dict[str, Any], list[int]]:
     return orjson.loads(body), list(fds)
 
 
-def _become_instance(msg: dict[str, Any], channel_fd: int, resolved: sandbox.ResolvedSandbox, python: str) -> None:
+def _become_instance(
+    workdir: str, env: dict[str, str] | None, channel_fd: int, resolved: sandbox.ResolvedSandbox, python: str
+) -> None:
     """Confine this process (cgroup, rlimits, namespaces and root, user) and serve the channel."""
     from services.runtime.serve import serve
 
-    os.chdir(msg["workdir"])
+    os.chdir(workdir)
     sandbox.apply_in_child(resolved)  # cgroup join, rlimits, namespaces, no_new_privs, user, parent-death signal
     if resolved.root is not None:
         # The venv's python is not in the sandbox; the interpreter it links to is, at its own path.
         sys.executable = sys._base_executable = python  # type: ignore[attr-defined]
     os.environ.clear()
-    os.environ.update(msg.get("env") or {})
+    os.environ.update(env or {})
     serve(socket.socket(fileno=channel_fd))
 
 
 def _child(
-    msg: dict[str, Any],
+    msg: ForkRequest,
     channel_fd: int,
     ctrl: socket.socket,
     wake_fds: tuple[int, int],
@@ -97,7 +99,7 @@ def _child(
         os.dup2(log_fd, 1)
         os.dup2(log_fd, 2)
         os.close(log_fd)
-        _become_instance(msg, channel_fd, resolved, REAL_PYTHON)
+        _become_instance(msg["workdir"], msg.get("env"), channel_fd, resolved, REAL_PYTHON)
         code = 0
     except BaseException:  # noqa: BLE001 - the child must never fall back into the zygote loop
         traceback.print_exc()
@@ -126,7 +128,7 @@ def _next_netns() -> None:
         print(f"zygote: no network namespace ready: {exc}", file=sys.stderr)
 
 
-def _fork(msg: dict[str, Any], fds: list[int], ctrl: socket.socket, wake_fds: tuple[int, int]) -> dict[str, Any]:
+def _fork(msg: ForkRequest, fds: list[int], ctrl: socket.socket, wake_fds: tuple[int, int]) -> Forked:
     global _netns_ready
     if len(fds) != 1:
         for fd in fds:
@@ -150,8 +152,8 @@ def _fork(msg: dict[str, Any], fds: list[int], ctrl: socket.socket, wake_fds: tu
     return {"op": "forked", "id": msg.get("id"), "ok": True, "pid": pid}
 
 
-def _reap() -> list[dict[str, Any]]:
-    ended = []
+def _reap() -> list[Exited]:
+    ended: list[Exited] = []
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
@@ -173,7 +175,8 @@ def serve(ctrl: socket.socket, preloaded: list[str], netns: bool = False) -> Non
     os.set_blocking(wake_r, False)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)  # the wakeup fd is what matters
-    ctrl.sendall(encode_frame({"op": "hello", "pid": os.getpid(), "preloaded": preloaded}))
+    hello: Hello = {"op": "hello", "pid": os.getpid(), "preloaded": preloaded}
+    ctrl.sendall(encode_frame(hello))
     while True:
         readable, _, _ = select.select([ctrl.fileno(), wake_r], [], [])
         if wake_r in readable:
@@ -190,7 +193,7 @@ def serve(ctrl: socket.socket, preloaded: list[str], netns: bool = False) -> Non
             except ChannelClosed:
                 return
             if msg.get("op") == "fork":
-                ctrl.sendall(encode_frame(_fork(msg, fds, ctrl, (wake_r, wake_w))))
+                ctrl.sendall(encode_frame(_fork(cast(ForkRequest, msg), fds, ctrl, (wake_r, wake_w))))
                 if netns and not _netns_ready:
                     _next_netns()
             elif msg.get("op") == "ping":
@@ -236,11 +239,11 @@ def _spawned_instance(channel_fd: int) -> None:
     """The ``spawn`` start kind: this new interpreter is the instance; confine it, then serve."""
     import services.runtime.serve  # noqa: F401 - imported while the platform's files are still visible
 
-    msg = orjson.loads(os.environ.pop("STOKER_INSTANCE"))
+    msg = orjson.loads(os.environ.pop("STOKER_INSTANCE"))  # workdir, env and sandbox (launcher._spawn_placement)
     resolved = sandbox.resolve(sandbox.SandboxSpec(**msg.get("sandbox", {})))
     # resolve() took this process for the parent; the parent-death signal is about the agent.
     resolved = dataclasses.replace(resolved, parent_pid=os.getppid())
-    _become_instance(msg, channel_fd, resolved, REAL_PYTHON)
+    _become_instance(msg["workdir"], msg.get("env"), channel_fd, resolved, REAL_PYTHON)
 
 
 if __name__ == "__main__":
