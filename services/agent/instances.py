@@ -333,14 +333,20 @@ def describe_exit(code: int | None, kind: str = "instance_died") -> str:
 
 
 @dataclass(frozen=True)
-class Placement:
-    """Where a new instance lives on the node, and how it is confined."""
+class InstanceQuarters:
+    """What a new instance is given on the node before it starts: its folders, its environment
+    and its confinement (made per instance by the launcher, or :func:`default_quarters`)."""
 
     workdir: Path
+    """Its working directory (``HOME``)."""
     log_path: Path
+    """Where its stdout and stderr go."""
     env: dict[str, str]
+    """Its whole environment (scrubbed: none of the agent's own settings)."""
     sandbox: sandbox.SandboxSpec
+    """How it is confined (rlimits, user, namespaces and root)."""
     cgroup: InstanceCgroup | None
+    """Its own cgroup, when the node has cgroups."""
 
 
 def instance_env(workdir: Path) -> dict[str, str]:
@@ -373,18 +379,18 @@ async def spawn_instance(
     base_dir: Path,
     python: str = sys.executable,
     start_timeout_s: float = 15.0,
-    place: Callable[[str], Placement] | None = None,
+    place: Callable[[str], InstanceQuarters] | None = None,
     module: str = "services.runtime",
 ) -> Instance:
     """Start a new interpreter as a generic instance and wait for its hello."""
     instance_id = uuid.uuid4().hex[:12]
-    placement = (place or default_placement(base_dir))(instance_id)
+    quarters = (place or default_quarters(base_dir))(instance_id)
     inst = Instance(
-        id=instance_id, workdir=placement.workdir, log_path=placement.log_path, origin="spawn", cgroup=placement.cgroup
+        id=instance_id, workdir=quarters.workdir, log_path=quarters.log_path, origin="spawn", cgroup=quarters.cgroup
     )
     parent_sock, child_sock = socket.socketpair()
     try:
-        with placement.log_path.open("ab") as log:
+        with quarters.log_path.open("ab") as log:
             process = await asyncio.create_subprocess_exec(
                 python,
                 "-m",
@@ -395,16 +401,16 @@ async def spawn_instance(
                 stdout=log,
                 stderr=log,
                 pass_fds=(child_sock.fileno(),),
-                cwd=placement.workdir,
-                env=placement.env,
+                cwd=quarters.workdir,
+                env=quarters.env,
                 start_new_session=True,
-                preexec_fn=sandbox.make_preexec(placement.sandbox),
+                preexec_fn=sandbox.make_preexec(quarters.sandbox),
             )
     except BaseException:
         parent_sock.close()
-        if placement.cgroup is not None:
+        if quarters.cgroup is not None:
             with contextlib.suppress(Exception):
-                await asyncio.to_thread(placement.cgroup.remove)
+                await asyncio.to_thread(quarters.cgroup.remove)
         raise
     finally:
         child_sock.close()
@@ -421,15 +427,16 @@ async def spawn_instance(
     return inst
 
 
-def default_placement(base_dir: Path) -> Callable[[str], Placement]:
+def default_quarters(base_dir: Path) -> Callable[[str], InstanceQuarters]:
     """No cgroup and no privilege drop: for tests of the runtime alone."""
 
-    def place(instance_id: str) -> Placement:
+    def place(instance_id: str) -> InstanceQuarters:
         workdir = base_dir / "instances" / instance_id
         (workdir / "tmp").mkdir(parents=True, exist_ok=True)
         log_path = base_dir / "logs" / f"{instance_id}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        return Placement(workdir, log_path, instance_env(workdir), sandbox.SandboxSpec(drop_privileges=False), None)
+        spec = sandbox.SandboxSpec(drop_privileges=False)
+        return InstanceQuarters(workdir, log_path, instance_env(workdir), spec, None)
 
     return place
 
@@ -521,26 +528,26 @@ class Zygote:
                 if not future.done():
                     future.set_exception(InstanceDied("the zygote exited"))
 
-    async def fork(self, instance_id: str, placement: Placement, start_timeout_s: float = 10.0) -> Instance:
+    async def fork(self, instance_id: str, quarters: InstanceQuarters, start_timeout_s: float = 10.0) -> Instance:
         """A new generic instance, forked from the zygote into its own sandbox."""
         sock = self._sock
         if not self.alive or sock is None:
             raise InstanceDied("no zygote")
         inst = Instance(
             id=instance_id,
-            workdir=placement.workdir,
-            log_path=placement.log_path,
+            workdir=quarters.workdir,
+            log_path=quarters.log_path,
             origin="zygote",
-            cgroup=placement.cgroup,
+            cgroup=quarters.cgroup,
         )
         parent_sock, child_sock = socket.socketpair()
-        spec = placement.sandbox
+        spec = quarters.sandbox
         msg: ForkRequest = {
             "op": "fork",
             "id": instance_id,
-            "workdir": str(placement.workdir),
-            "log_path": str(placement.log_path),
-            "env": placement.env,
+            "workdir": str(quarters.workdir),
+            "log_path": str(quarters.log_path),
+            "env": quarters.env,
             "sandbox": {k: (list(v) if isinstance(v, tuple) else v) for k, v in spec.__dict__.items()},
         }
         future: asyncio.Future[Forked] = asyncio.get_running_loop().create_future()

@@ -1,4 +1,4 @@
-"""Starting instances on a node: the zygote, cgroups, the sandbox, per-instance placement.
+"""Starting instances on a node: the zygote, cgroups, the sandbox, per-instance quarters.
 
 The node agent asks for a new generic instance and gets one forked from the zygote (start kind
 ``zygote``) or, when there is no zygote, a new interpreter (``spawn``). Limits follow the
@@ -39,7 +39,7 @@ from services.agent.instances import (
     SCRUBBED_ENV_KEEP,
     Instance,
     InstanceDied,
-    Placement,
+    InstanceQuarters,
     Zygote,
     instance_env,
     spawn_instance,
@@ -277,7 +277,7 @@ class Launcher:
             self.egress_problem = str(exc)
             log.warning("functions with network=egress will be refused on this node: %s", exc)
 
-    def _placement(self, instance_id: str) -> Placement:
+    def _quarters(self, instance_id: str) -> InstanceQuarters:
         node_dir = self.settings.node_dir
         log_path = node_dir / "logs" / f"{instance_id}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -292,7 +292,7 @@ class Launcher:
                 memory_rlimit="none",
                 fsize_mb=256,
             )
-            return Placement(workdir, log_path, instance_env(workdir), spec, group)
+            return InstanceQuarters(workdir, log_path, instance_env(workdir), spec, group)
         uid = self.uids.acquire()
         box = _Box(uid, self.instances_dir / instance_id)
         self._boxes[instance_id] = box
@@ -315,7 +315,7 @@ class Launcher:
             python_prefix=self.python_prefix,
             etc_dir=str(self.etc_dir),
         )
-        return Placement(box.dir / "work", log_path, self._sandbox_env(uid), spec, group)
+        return InstanceQuarters(box.dir / "work", log_path, self._sandbox_env(uid), spec, group)
 
     @staticmethod
     def _sandbox_env(uid: int) -> dict[str, str]:
@@ -326,10 +326,10 @@ class Launcher:
 
     async def new_instance(self) -> Instance:
         """A new generic instance: forked from the zygote when there is one, else spawned."""
-        made: dict[str, Placement] = {}
+        made: dict[str, InstanceQuarters] = {}
 
-        def place(instance_id: str) -> Placement:
-            made[instance_id] = self._placement(instance_id)
+        def place(instance_id: str) -> InstanceQuarters:
+            made[instance_id] = self._quarters(instance_id)
             return made[instance_id]
 
         try:
@@ -340,14 +340,14 @@ class Launcher:
             else:
                 # spawn_instance names the instance; the box, its folder and cgroup take that name.
                 inst = await spawn_instance(self.settings.node_dir, self.settings.python,
-                                            place=lambda iid: self._spawn_placement(place(iid)),
+                                            place=lambda iid: self._spawn_quarters(place(iid)),
                                             module="services.runtime.zygote" if self.sandboxed else "services.runtime")
         except BaseException:
-            for instance_id, placement in made.items():
-                await self._clean_box(instance_id, placement.cgroup)
-                if placement.cgroup is not None:
+            for instance_id, quarters in made.items():
+                await self._clean_box(instance_id, quarters.cgroup)
+                if quarters.cgroup is not None:
                     with contextlib.suppress(Exception):
-                        await asyncio.to_thread(placement.cgroup.destroy)
+                        await asyncio.to_thread(quarters.cgroup.destroy)
             raise
         group = made[inst.id].cgroup
         if inst.id in self._boxes:
@@ -355,22 +355,22 @@ class Launcher:
             inst.exited.add_done_callback(lambda _f: self._schedule_cleanup(inst.id, group))
         return inst
 
-    def _spawn_placement(self, placement: Placement) -> Placement:
+    def _spawn_quarters(self, quarters: InstanceQuarters) -> InstanceQuarters:
         """For a spawned instance: the interpreter starts as root in its cgroup (preexec: join only)
         and confines itself once it has imported the runtime (``services.runtime.zygote``)."""
         if not self.sandboxed:
-            return placement
-        spec = placement.sandbox
+            return quarters
+        spec = quarters.sandbox
         message = {
-            "workdir": str(placement.workdir),
-            "env": placement.env,
+            "workdir": str(quarters.workdir),
+            "env": quarters.env,
             "sandbox": {k: (list(v) if isinstance(v, tuple) else v) for k, v in spec.__dict__.items()},
         }
-        env = instance_env(placement.workdir)
+        env = instance_env(quarters.workdir)
         env["STOKER_INSTANCE"] = orjson.dumps(message).decode()
         join_only = sandbox.SandboxSpec(cgroup_procs=spec.cgroup_procs, drop_privileges=False, umask=None,
                                         no_new_privs=False, memory_rlimit="none", fsize_mb=None, nofile=None)
-        return Placement(placement.workdir, placement.log_path, env, join_only, placement.cgroup)
+        return InstanceQuarters(quarters.workdir, quarters.log_path, env, join_only, quarters.cgroup)
 
     def _schedule_cleanup(self, instance_id: str, group: cgroups.InstanceCgroup | None) -> None:
         task = asyncio.get_running_loop().create_task(self._clean_box(instance_id, group), name=f"unbox:{instance_id}")

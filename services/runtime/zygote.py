@@ -239,7 +239,7 @@ def _spawned_instance(channel_fd: int) -> None:
     """The ``spawn`` start kind: this new interpreter is the instance; confine it, then serve."""
     import services.runtime.serve  # noqa: F401 - imported while the platform's files are still visible
 
-    msg = orjson.loads(os.environ.pop("STOKER_INSTANCE"))  # workdir, env and sandbox (launcher._spawn_placement)
+    msg = orjson.loads(os.environ.pop("STOKER_INSTANCE"))  # workdir, env and sandbox (launcher._spawn_quarters)
     resolved = sandbox.resolve(sandbox.SandboxSpec(**msg.get("sandbox", {})))
     # resolve() took this process for the parent; the parent-death signal is about the agent.
     resolved = dataclasses.replace(resolved, parent_pid=os.getppid())
