@@ -66,9 +66,25 @@ class NodeHeartbeat(Record):
     interval_ms: int = 500
     at_ms: int = Field(default_factory=now_ms)
 
-    def fresh(self, at_ms: int) -> bool:
-        """Recent enough that the node counts as up: fewer than three heartbeats missed."""
-        return at_ms - self.at_ms < 3 * max(self.interval_ms, 500)
+    def fresh(self, at_ms: int, timeout_ms: int | None = None) -> bool:
+        """Whether the node counts as up at ``at_ms`` (:func:`node_up`, from this heartbeat)."""
+        return node_up(self.at_ms, at_ms, self.interval_ms, timeout_ms)
+
+
+MIN_HEARTBEAT_INTERVAL_MS = 500
+"""A node that claims to beat faster is still given three of these before it counts as down."""
+
+
+def node_up(heard_ms: int, at_ms: int, interval_ms: int, timeout_ms: int | None = None) -> bool:
+    """The one rule for "a node is up": last heard of (``heard_ms``) no longer than the timeout ago.
+
+    The timeout is ``timeout_ms`` where a service is configured with one (the dispatcher's
+    ``STOKER_NODE_TIMEOUT_S``); else three of the node's heartbeat intervals, which is the same
+    6 s for the agents' default interval of 2 s.
+    """
+    if timeout_ms is None:
+        timeout_ms = 3 * max(interval_ms, MIN_HEARTBEAT_INTERVAL_MS)
+    return at_ms - heard_ms <= timeout_ms
 
 
 class NodeStopped(Record):

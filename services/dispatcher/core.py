@@ -44,6 +44,7 @@ from events import (
     now_ms,
 )
 from events.dispatch import DispatchState, InvocationQueued
+from events.node import node_up
 from events.work import SOURCE_HEADER, source_header
 from services.common import placement, telemetry
 from services.dispatcher.ledger import InFlight, Ledger, Waiting
@@ -460,7 +461,8 @@ class Dispatcher:
             view.saw(event)
 
     def _stale(self, view: NodeView) -> bool:
-        return now_ms() - view.last_seen_ms > self.settings.node_timeout_s * 1000
+        timeout_ms = int(self.settings.node_timeout_s * 1000)
+        return not node_up(view.last_seen_ms, now_ms(), view.heartbeat.interval_ms, timeout_ms)
 
     async def _node_lost(self, name: str, reason: str, keep_incarnation: str | None = None) -> None:
         if keep_incarnation is None:

@@ -144,7 +144,7 @@ class PoolManager:
             self.told.pop(name, None)
 
     async def on_heartbeat(self, name: str, hb: NodeHeartbeat) -> None:
-        if now_ms() - hb.at_ms > 5_000:
+        if not hb.fresh(now_ms()):
             return  # a replayed heartbeat of a node long gone
         self._note_holders(hb)
         outs: list[Out] = []
