@@ -3,9 +3,9 @@
 * ``node.observed`` on the node topic, key ``k8s/<node>`` (compacted; a tombstone when the Node is
   deleted or leaves the selection): what the Kubernetes API says about a node. A key of its own,
   not ``<node>``: the agent's heartbeats under ``<node>`` would otherwise compact it away, and
-  readers keeping the latest record per key would see it replace the heartbeat. Readers merge the
-  two by ``node``: labels, taints and allocatable from Kubernetes, liveness and instances from the
-  agent.
+  readers keeping the latest record per key would see it replace the heartbeat. It is a record of
+  what the API said, for operators: the services that read the node topic skip it and take a node's
+  labels, taints, liveness and instances from its agent's heartbeat alone.
 * ``node.taints-requested`` on ``<prefix>node-taint`` (compacted, key = node): the taints the
   throttler (or an operator) wants on a node. After nodewatch applied it, the node's taints whose
   key is in ``keys`` are exactly ``taints``; other taints are left alone, and only ``stoker.io/``

@@ -20,8 +20,8 @@ class CodeSource(BaseModel):
     """Where a function's code comes from.
 
     ``archive``: a content-addressed zip in the artifact store (``stoker fn create --code DIR``).
-    ``git``: a repository, branch and path, built by the builder on each push (later issue);
-    the builder turns it into an archive, so agents only ever fetch archives.
+    ``git``: a repository, branch and path, built by the builder on each push; the builder turns
+    it into an archive, so agents only ever fetch archives.
     """
 
     model_config = ConfigDict(frozen=True, extra="ignore")
@@ -51,7 +51,11 @@ class FunctionSpec(Record):
     source: CodeSource
     runtime: Literal["python3.11"] = "python3.11"
     revision: int = 1
-    """Bumped by every ``fn update``; the spec with the highest revision wins."""
+    """Bumped by each writer of the spec (``fn update``, a build the pool manager activates).
+
+    Nothing compares revisions: the newest record on the compacted ``functions`` topic is the spec.
+    Writers read, modify and write, so two updates of one function at the same moment keep only the
+    later one; the pool manager never activates a build over a later push (``source.pushed_ms``)."""
     memory_mb: int = Field(default=256, ge=16, le=65536)
     timeout_s: float = Field(default=30.0, gt=0, le=3600)
     concurrency: int = Field(default=100, ge=1, le=100_000)
