@@ -113,6 +113,8 @@ def error_of(exc: BaseException) -> ErrorInfo:
 
 
 class Runtime:
+    """One instance's state: the function loaded into it, and the generic state a reset returns to."""
+
     def __init__(self) -> None:
         self.handler: Callable[..., Any] | None = None
         self.wants_context = False
@@ -172,6 +174,7 @@ class Runtime:
         return {"ok": True, "removed_modules": removed, "threads_left": left}
 
     def load(self, msg: LoadRequest) -> LoadReply:
+        """Import the function's module from its code folder and keep its handler."""
         started = time.perf_counter()
         code_dir = msg["code_dir"]
         module_name, _, attr = msg["entrypoint"].partition(":")
@@ -199,6 +202,7 @@ class Runtime:
         return {"ok": True, "load_ms": (time.perf_counter() - started) * 1000}
 
     def invoke(self, msg: InvokeRequest) -> InvokeReply:
+        """Run the loaded handler once, its prints copied to the log and (capped) to the reply."""
         if self.handler is None:
             return {"ok": False, "error": {"kind": "NotSpecialized", "message": "no function loaded"}}
         args: list[Any] = [msg.get("payload")]
