@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 from loadtest.platform import free_ports  # one rule for test ports, shared with loadtest
 from services.cli import broker as kafka
+from services.common.runner import ready_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
@@ -115,7 +116,7 @@ class ServiceProcess:
 
     @property
     def ready_file(self) -> Path:
-        return Path(self.settings.run_dir) / f"{self.component}.ready"
+        return ready_file(self.settings, self.component)
 
     def log(self) -> str:
         try:

@@ -34,6 +34,7 @@ import orjson
 from services.cli import broker as kafka
 from services.cli.topics import platform_topic_specs
 from services.common.admin import ensure_topics
+from services.common.runner import ready_file
 from services.common.settings import CommonSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -200,7 +201,7 @@ def running_components(common: CommonSettings) -> dict[str, int]:
 def ready_facts(common: CommonSettings, name: str) -> dict[str, object]:
     """What a component wrote in its ready file (pid, node, ...), or nothing."""
     try:
-        facts = orjson.loads((common.run_dir / f"{name}.ready").read_bytes())
+        facts = orjson.loads(ready_file(common, name).read_bytes())
     except (OSError, orjson.JSONDecodeError):
         return {}
     return facts if isinstance(facts, dict) else {}
@@ -208,7 +209,7 @@ def ready_facts(common: CommonSettings, name: str) -> dict[str, object]:
 
 def is_ready(common: CommonSettings, name: str) -> bool:
     pid = read_pid(common, name)
-    if not alive(pid) or not (common.run_dir / f"{name}.ready").exists():
+    if not alive(pid) or not ready_file(common, name).exists():
         return False
     # The ready file of a process that died and was started again is not the new process's.
     return ready_facts(common, name).get("pid", pid) == pid
@@ -327,7 +328,7 @@ def spawn(common: CommonSettings, comp: Component) -> subprocess.Popen[bytes]:
     """Start one component in its own session, its output appended to its log."""
     common.run_dir.mkdir(parents=True, exist_ok=True)
     common.logs_dir.mkdir(parents=True, exist_ok=True)
-    (common.run_dir / f"{comp.name}.ready").unlink(missing_ok=True)
+    ready_file(common, comp.name).unlink(missing_ok=True)
     env = {
         **os.environ,
         "STOKER_HOME": str(common.home),
@@ -533,7 +534,7 @@ class Supervisor:
                         child.proc.wait()
                     self.log.info("stopped %s (%s)", child.spec.name, exit_reason(child.proc.returncode)[0])
                     pid_path(self.common, child.spec.name).unlink(missing_ok=True)
-                (self.common.run_dir / f"{child.spec.name}.ready").unlink(missing_ok=True)
+                ready_file(self.common, child.spec.name).unlink(missing_ok=True)
                 self._record(child)
         self.log.info("supervisor stopped")
 
@@ -712,7 +713,7 @@ def down(common: CommonSettings, timeout_s: float = STOP_TIMEOUT_S) -> list[str]
         for path in common.run_dir.glob("*.pid"):
             if not alive(read_pid(common, path.stem)):
                 path.unlink(missing_ok=True)
-                (common.run_dir / f"{path.stem}.ready").unlink(missing_ok=True)
+                ready_file(common, path.stem).unlink(missing_ok=True)
         if supervisor_pid(common) is None:
             (supervisor_dir(common) / "pid").unlink(missing_ok=True)
     return stopped

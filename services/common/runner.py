@@ -13,12 +13,14 @@ import os
 import signal
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
-from faststream.kafka import KafkaBroker
 
 from services.common.settings import CommonSettings
+
+if TYPE_CHECKING:  # the CLI imports ready_file; it need not load faststream for that
+    from faststream.kafka import KafkaBroker
 
 Hook = Callable[[], Coroutine[Any, Any, None]]
 
@@ -32,9 +34,16 @@ def configure_logging(settings: CommonSettings) -> None:
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
 
 
+def ready_file(common: CommonSettings, name: str) -> Path:
+    """Where the component called ``name`` says it is ready: the one rule the services, ``stoker up`` and the
+    tests share."""
+    return common.run_dir / f"{name}.ready"
+
+
 def ready_path(settings: CommonSettings, component: str) -> Path:
+    """This process's own ready file."""
     # Several copies of one service (`stoker up --dispatchers 2`) each get their own name.
-    return settings.run_dir / f"{os.environ.get('STOKER_INSTANCE_NAME') or component}.ready"
+    return ready_file(settings, os.environ.get("STOKER_INSTANCE_NAME") or component)
 
 
 def mark_ready(settings: CommonSettings, component: str, **facts: object) -> None:
