@@ -1,37 +1,22 @@
-"""Composition root and handler of the builder: code.committed -> builds -> artifacts -> prewarm."""
+"""Composition root of the builder: code.committed -> builds -> artifacts -> prewarm."""
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import uuid
 from typing import Any
 
 from faststream.middlewares import AckPolicy
-from opentelemetry import trace
 
-from events import (
-    ArtifactReady,
-    BuildFailed,
-    BuildFinished,
-    BuildStarted,
-    CodeCommitted,
-    FunctionSpec,
-    PrewarmRequested,
-)
+from events import CodeCommitted, FunctionSpec
 from events.base import Record
-from services.builder.build import run_build
-from services.builder.matching import functions_to_build
+from services.builder import handlers
+from services.builder.build import BuildResult, run_build
+from services.builder.core import Builder
 from services.builder.settings import BuilderSettings
-from services.common import telemetry
 from services.common.artifacts import LocalArtifactStore
 from services.common.broker import make_broker
 from services.common.runner import configure_logging, serve
 from services.common.telemetry import setup_tracing
 from services.common.views import FETCH_ROUTINE_TIMER_MS, Reader, dead_letters_to
-
-log = logging.getLogger("stoker.builder")
-tracer = trace.get_tracer("stoker.builder")
 
 
 async def run(settings: BuilderSettings) -> None:
@@ -47,84 +32,10 @@ async def run(settings: BuilderSettings) -> None:
     async def publish(record: Record, topic: str, key: str) -> Any:
         return await broker.publish(record, topic, key=key.encode())
 
-    async def build_one(spec: FunctionSpec, event: CodeCommitted) -> None:
-        build_id = uuid.uuid4().hex[:12]
-        attributes = {telemetry.FUNCTION: spec.name, "stoker.build.id": build_id, "stoker.commit": event.after or ""}
-        with tracer.start_as_current_span("stoker build", attributes=attributes) as span:
-            await publish(
-                BuildStarted(
-                    function=spec.name,
-                    build_id=build_id,
-                    repo=event.repo,
-                    ref=event.ref,
-                    commit=event.after,
-                    delivery_id=event.delivery_id,
-                ),
-                topics.build,
-                spec.name,
-            )
-            commit = None if event.source == "cli" else event.after
-            result = await asyncio.to_thread(run_build, spec, commit, settings, store, build_id)
-            span.set_attribute("stoker.build.status", "ok" if result.ok else "failed")
-            if result.ok and result.digest and result.uri and result.commit:
-                await publish(
-                    ArtifactReady(
-                        function=spec.name,
-                        commit=result.commit,
-                        digest=result.digest,
-                        uri=result.uri,
-                        size=result.size,
-                        build_id=build_id,
-                        build_ms=result.duration_ms,
-                        log_uri=result.log_uri,
-                        pushed_ms=event.pushed_ms,
-                    ),
-                    topics.artifact,
-                    spec.name,
-                )
-                await publish(
-                    PrewarmRequested(
-                        function=spec.name,
-                        count=max(1, spec.prewarm_on_commit),
-                        digest=result.digest,
-                        uri=result.uri,
-                        commit=result.commit,
-                        build_id=build_id,
-                        pushed_ms=event.pushed_ms,
-                        activate=True,
-                        reason=f"commit {result.commit[:12]}",
-                    ),
-                    topics.prewarm,
-                    spec.name,
-                )
-            else:
-                await publish(
-                    BuildFailed(
-                        function=spec.name,
-                        commit=result.commit or event.after,
-                        build_id=build_id,
-                        reason=result.reason,
-                        log_uri=result.log_uri,
-                        pushed_ms=event.pushed_ms,
-                    ),
-                    topics.artifact,
-                    spec.name,
-                )
-            await publish(
-                BuildFinished(
-                    function=spec.name,
-                    build_id=build_id,
-                    status="ok" if result.ok else "failed",
-                    commit=result.commit,
-                    digest=result.digest,
-                    reason=result.reason,
-                    duration_ms=result.duration_ms,
-                    log_uri=result.log_uri,
-                ),
-                topics.build,
-                spec.name,
-            )
-            log.info("build %s of %s: %s %s", build_id, spec.name, "ok" if result.ok else "failed", result.reason)
+    def build(spec: FunctionSpec, commit: str | None, build_id: str) -> BuildResult:
+        return run_build(spec, commit, settings, store, build_id)
+
+    builder = Builder(topics, publish, functions, build)
 
     # Committed after every build of the push has published its outcome: a builder that dies
     # mid-build builds the push again after restart.
@@ -137,12 +48,7 @@ async def run(settings: BuilderSettings) -> None:
         consumer_timeout_ms=FETCH_ROUTINE_TIMER_MS,
     )
     async def on_code_committed(event: CodeCommitted) -> None:
-        await functions.wait_caught_up(timeout_s=2.0)
-        targets = functions_to_build(event, functions.rows.values())
-        if not targets:
-            log.info("push %s to %s %s: no function bound there", event.delivery_id, event.repo, event.ref)
-        for spec in targets:
-            await build_one(spec, event)
+        await handlers.on_code_committed(builder, event)
 
     await serve("builder", common, broker, on_start=[reader.start], on_stop=[reader.stop])
     provider.shutdown()
