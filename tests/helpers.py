@@ -6,22 +6,25 @@ import asyncio
 import os
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from loadtest.platform import free_ports  # one rule for test ports, shared with loadtest
-from services.cli import broker as kafka
 from services.common.runner import ready_file
+from services.testing import RunningBroker, free_ports, shared_libs_dir, start_broker
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
-
-
-def shared_libs_dir() -> Path:
-    """The Kafka jar cache `make setup` fills, shared by every test broker."""
-    env = os.environ.get("STOKER_KAFKA_LIBS")
-    return Path(env) if env else REPO_ROOT / ".stoker" / "kafka" / "libs"
+__all__ = [
+    "REPO_ROOT",
+    "RunningBroker",
+    "ServiceProcess",
+    "assert_eventually",
+    "eventually",
+    "free_ports",
+    "own_trace",
+    "shared_libs_dir",
+    "start_test_broker",
+]
 
 
 def assert_eventually(
@@ -62,16 +65,6 @@ async def eventually(
         await asyncio.sleep(interval_s)
 
 
-@dataclass
-class RunningBroker:
-    cfg: kafka.BrokerConfig
-    proc: Any
-
-    @property
-    def bootstrap(self) -> str:
-        return self.cfg.bootstrap
-
-
 def own_trace(out: str) -> tuple[str, int]:
     """The requested trace of ``stoker trace`` output and how many trace trees it holds.
 
@@ -84,11 +77,7 @@ def own_trace(out: str) -> tuple[str, int]:
 
 def start_test_broker(home: Path) -> RunningBroker:
     """Start a real single-node KRaft broker on free ports; fails loudly with its log."""
-    port, controller = free_ports(2)
-    libs = kafka.fetch_artifacts(home, REPO_ROOT, shared_libs_dir())
-    cfg = kafka.BrokerConfig(home=home, port=port, controller_port=controller, libs_dir=libs)
-    proc = kafka.launch(cfg, REPO_ROOT, timeout_s=90)
-    return RunningBroker(cfg, proc)
+    return start_broker(home, timeout_s=90)
 
 
 class ServiceProcess:
