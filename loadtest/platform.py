@@ -5,8 +5,10 @@ The platform itself is :class:`services.testing.LocalPlatform`; this module keep
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from services.common.settings import CommonSettings
 from services.testing import STOKER, LocalPlatform, free_ports
@@ -21,11 +23,15 @@ def free_port() -> int:
 @contextmanager
 def own_platform(extra_env: dict[str, str] | None = None, *up_args: str) -> Iterator[tuple[dict[str, str], str]]:
     """Start a platform of its own; yields (environment for `stoker`, gateway URL)."""
-    try:
-        with LocalPlatform.start("--no-example", *up_args, env_extra=extra_env) as platform:
+    with tempfile.TemporaryDirectory(prefix="stoker-bench-") as tmp:
+        try:
+            platform = LocalPlatform.launch(Path(tmp) / "home", "--no-example", *up_args, env_extra=extra_env)
+        except AssertionError as exc:  # the benchmarks report a platform that did not start as a RuntimeError
+            raise RuntimeError(str(exc)) from exc
+        try:
             yield platform.env, platform.http
-    except AssertionError as exc:  # the benchmarks report a platform that did not start as a RuntimeError
-        raise RuntimeError(str(exc)) from exc
+        finally:
+            platform.stoker("down", check=False)
 
 
 def settings_of(env: dict[str, str]) -> CommonSettings:

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from events import Topics
-from services.cli import broker as kafka
 from services.common.admin import ensure_topics
 from services.common.settings import CommonSettings
 from tests.helpers import RunningBroker, start_test_broker
@@ -24,7 +23,7 @@ def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningBr
     try:
         yield running
     finally:
-        kafka.stop_broker(running.proc, timeout_s=30)
+        running.stop(timeout_s=30)
 
 
 @pytest.fixture
