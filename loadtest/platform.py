@@ -11,9 +11,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from services.common.settings import CommonSettings
-from services.testing import STOKER, LocalPlatform, free_ports
+from services.testing import STOKER, LocalPlatform, free_ports, shared_libs_dir
 
-__all__ = ["STOKER", "free_port", "free_ports", "own_platform", "settings_of"]
+LIBS = shared_libs_dir()
+"""The Kafka jar cache the benchmarks' brokers share."""
+
+__all__ = ["LIBS", "STOKER", "free_port", "free_ports", "own_platform", "settings_of"]
 
 
 def free_port() -> int:
