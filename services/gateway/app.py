@@ -11,7 +11,6 @@ import hashlib
 import logging
 import math
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -33,6 +32,7 @@ from events import (
     WorkflowSpec,
     now_ms,
 )
+from events.base import Record
 from events.codec import DecodeError, encode_value, loads
 from services.common import auth, telemetry
 from services.common.admin import ensure_topics
@@ -43,8 +43,8 @@ from services.common.runner import clear_ready, configure_logging, mark_ready, s
 from services.common.telemetry import setup_tracing
 from services.common.views import Reader, Table, dead_letters_to
 from services.gateway import webhooks
+from services.gateway.core import Gateway, HttpError
 from services.gateway.management import ApiError, management_router
-from services.gateway.results import ResultBook
 from services.gateway.settings import GatewaySettings
 
 log = logging.getLogger("stoker.gateway")
@@ -63,19 +63,8 @@ WEBHOOK_DELIVERIES = Counter("stoker_webhook_deliveries_total", "Webhook deliver
 OPEN_PATHS = frozenset({"/healthz", "/webhooks/git", "/console"})
 """Routes without a token: liveness, git webhooks (their own HMAC secrets), the redirect to the console
 (which has its own login)."""
-INVOKE_PREFIXES = ("/fn/", "/async/fn/")
-QUERY_TOKENS = frozenset({"token", "access_token", "api_key", "apikey", "key"})
-MAX_CALLERS = 100_000
-PRINCIPAL_HEADER = "stoker-principal"
-"""The record header of an invocation that names the token it came with."""
 
 STATUS_HTTP = {"ok": 200, "error": 500, "timeout": 504, "lost": 502}
-
-
-class HttpError(Exception):
-    def __init__(self, status: int, message: str, **extra: Any) -> None:
-        super().__init__(message)
-        self.status, self.message, self.extra = status, message, extra
 
 
 def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> Response:
@@ -111,24 +100,24 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     broker = make_broker(common, "gateway", provider)
     reader = Reader(common.bootstrap, "gateway", dead_letters=dead_letters_to(broker, topics.dlq))
     functions = reader.table(topics.function, (FunctionSpec,))
-    book = ResultBook()
-    reply_topic = topics.reply(settings.gateway_id)
-    reader.tail(reply_topic, (InvocationCompleted,), book.resolve)
     repos = reader.table(topics.repo, (RepoConfigured,))
     workflows = reader.table(topics.workflow, (WorkflowSpec,))
     tokens: Table[TokenIssued | TokenRevoked] = reader.table(topics.token, (TokenIssued, TokenRevoked))
-    limits = auth.RateLimits(settings.token_rate_per_s)
-    failures = auth.RateLimits(settings.auth_failures_per_s)
-    callers: OrderedDict[str, str] = OrderedDict()
-    """Invocation id -> the token that made it, so its caller may poll a pending result."""
+
+    async def publish(record: Record, topic: str, key: bytes | None, headers: dict[str, str] | None) -> Any:
+        return await broker.publish(record, topic, key=key, headers=headers)
+
+    gateway = Gateway(settings, publish, functions, workflows, tokens)
+    book = gateway.book
+    reader.tail(gateway.reply_topic, (InvocationCompleted,), book.resolve)
     # The management API's writes and reads (services.common.operations, as the CLI's); its producer
     # is made on the server's loop.
     clients: list[StokerClient] = []
-    deliveries: set[str] = set()
-    delivery_lock = asyncio.Lock()
     # Delivery ids already published, read back from the topic itself: a redelivery after a
     # gateway restart is recognised too.
-    reader.tail(topics.code_commit, (CodeCommitted,), lambda event: deliveries.add(event.delivery_id), replay=True)
+    reader.tail(
+        topics.code_commit, (CodeCommitted,), lambda event: gateway.deliveries.add(event.delivery_id), replay=True
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -175,42 +164,20 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                 "could not record %s %s by %s on the audit topic: %r", record.method, record.path, record.principal, exc
             )
 
-    async def authenticate(request: Request) -> auth.Principal | None:
-        """Who asks (``None``: a public function's anonymous caller), or :class:`auth.AuthError`."""
-        if request.query_params.keys() & QUERY_TOKENS:
-            raise auth.AuthError(401, "tokens go in the Authorization header, never in the URL")
-        header = request.headers.get("authorization")
-        path = request.url.path
-        if header is None and path.startswith(INVOKE_PREFIXES) and request.method == "POST":
-            spec = functions.get(path.rsplit("/", 1)[-1])
-            if spec is not None and spec.public:
-                return None
-        token = auth.bearer(header)
-        try:
-            return auth.verify(token, tokens.get, now_ms())
-        except auth.AuthError as exc:
-            if exc.message != "unknown token":
-                raise
-        # A guess, or a token made a moment ago: guesses from one address are slowed down (429), and the
-        # token table is looked at again once it caught up.
-        failures.take(request.client.host if request.client else "?")
-        await tokens.wait_caught_up(timeout_s=1.0)
-        return auth.verify(token, tokens.get, now_ms())
-
     @app.middleware("http")
     async def count(request: Request, call_next: Any) -> Response:
         started = time.perf_counter()
         if request.url.path not in OPEN_PATHS:
             try:
-                principal = await authenticate(request)
+                principal = await gateway.authenticate(
+                    request.headers.get("authorization"),
+                    request.url.path,
+                    request.method,
+                    request.client.host if request.client else "?",
+                    set(request.query_params.keys()),
+                )
                 if principal is not None:
-                    limits.take(principal.id, principal.rate_per_s)
-                    if (
-                        request.method in ("GET", "HEAD")
-                        and not principal.can_read()
-                        and not (request.url.path.startswith("/invocations/"))
-                    ):
-                        raise auth.AuthError(403, "reading needs the read scope")
+                    gateway.admit(principal, request.url.path, request.method)
             except auth.AuthError as exc:
                 REQUESTS.labels("auth", str(exc.status)).inc()
                 headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
@@ -248,72 +215,24 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         except DecodeError as exc:
             raise HttpError(400, f"the body is not valid JSON: {exc.reason}") from exc
 
-    async def known_function(name: str) -> FunctionSpec:
-        spec = functions.get(name)
-        if spec is None and await functions.wait_caught_up(timeout_s=1.0):
-            spec = functions.get(name)
-        if spec is None:
-            raise HttpError(404, f"no function named {name!r}")
-        return spec
-
-    async def publish(inv: InvocationRequested) -> None:
-        try:
-            await asyncio.wait_for(
-                broker.publish(
-                    inv,
-                    topics.invocation,
-                    key=inv.function.encode(),
-                    headers={PRINCIPAL_HEADER: inv.principal} if inv.principal else None,
-                ),
-                settings.publish_timeout_s,
-            )
-        except Exception as exc:  # noqa: BLE001 - whatever failed, the record is not known to be written
-            log.warning("could not publish invocation %s: %r", inv.id, exc)
-            raise HttpError(503, "the broker did not confirm the invocation; it was not accepted") from exc
-
-    async def time_budget(name: str) -> float:
-        """How long a call of ``name`` may take: a function's timeout, or a workflow's steps' together."""
-        flow = workflows.get(name)
-        if flow is None and functions.get(name) is None:
-            await workflows.wait_caught_up(timeout_s=1.0)
-            flow = workflows.get(name)
-        if flow is not None:
-            return min(3600.0, sum(s.timeout_s * (s.retries + 1) for s in flow.steps))
-        return (await known_function(name)).timeout_s
-
-    async def accept(request: Request, name: str, sync: bool) -> tuple[InvocationRequested, float]:
+    async def accept(request: Request, name: str, sync: bool) -> InvocationRequested:
         principal: auth.Principal | None = request.state.principal
-        spec = functions.get(name)
-        public = spec is not None and spec.public
-        if principal is not None and not principal.can_invoke(name) and not public:
-            raise HttpError(403, f"token {principal.id} may not invoke {name!r}")
+        gateway.may_invoke(principal, name)
         payload = await read_payload(request)
-        budget = await time_budget(name)
-        deadline = now_ms() + int((budget + settings.sync_queue_s) * 1000) if sync else None
-        inv = InvocationRequested(
-            function=name,
-            payload=payload,
-            reply_to=reply_topic,
-            deadline_ms=deadline,
-            principal=principal.id if principal else None,
-        )
-        if principal is not None:
-            callers[inv.id] = principal.id
-            while len(callers) > MAX_CALLERS:
-                callers.popitem(last=False)
+        inv = await gateway.new_invocation(principal, name, payload, sync)
         # FastAPI opens the server span of the request; it gets the ids that `stoker trace` looks up.
         span = trace.get_current_span()
         span.set_attribute(telemetry.INVOCATION_ID, inv.id)
         span.set_attribute(telemetry.FUNCTION, name)
         span.set_attribute(telemetry.PRINCIPAL, principal.label() if principal else "public")
-        return inv, budget
+        return inv
 
     @app.post("/fn/{name}")
     async def invoke_sync(name: str, request: Request) -> Response:
-        inv, _spec = await accept(request, name, sync=True)
+        inv = await accept(request, name, sync=True)
         waiter = book.expect(inv.id)
         try:
-            await publish(inv)
+            await gateway.submit(inv)
             assert inv.deadline_ms is not None
             wait_s = (inv.deadline_ms - now_ms()) / 1000 + 5.0
             result = await asyncio.wait_for(waiter, timeout=wait_s)
@@ -326,26 +245,17 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     @app.post("/async/fn/{name}")
     async def invoke_async(name: str, request: Request) -> Response:
-        inv, _spec = await accept(request, name, sync=False)
+        inv = await accept(request, name, sync=False)
         book.accepted(inv.id)
-        await publish(inv)
+        await gateway.submit(inv)
         return _json(202, {"id": inv.id, "status": "accepted"}, {"Location": f"/invocations/{inv.id}"})
 
     @app.get("/invocations/{invocation_id}")
     async def get_invocation(invocation_id: str, request: Request) -> Response:
         principal: auth.Principal | None = request.state.principal
         assert principal is not None  # reading a result always needs a token
-        mine = callers.get(invocation_id) == principal.id
-        result = book.get(invocation_id)
-        if result is not None and not (mine or principal.can_read() or principal.can_invoke(result.function)):
-            raise HttpError(403, f"token {principal.id} may not read results of {result.function!r}")
-        if result is not None:
-            return _json(200, result.model_dump(mode="json"))
-        if book.is_pending(invocation_id) and not (mine or principal.can_read()):
-            raise HttpError(403, f"token {principal.id} did not make invocation {invocation_id!r}")
-        if book.is_pending(invocation_id):
-            return _json(202, {"id": invocation_id, "status": "pending"})
-        raise HttpError(404, f"no invocation {invocation_id!r} is known to this gateway")
+        status, body = gateway.read_invocation(principal, invocation_id)
+        return _json(status, body)
 
     @app.get("/functions")
     async def list_functions() -> Response:
@@ -356,7 +266,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     @app.get("/functions/{name}")
     async def get_function(name: str) -> Response:
-        return _json(200, (await known_function(name)).model_dump(mode="json"))
+        return _json(200, (await gateway.known_function(name)).model_dump(mode="json"))
 
     def secret_for(names: list[str]) -> str | None:
         for config in repos.rows.values():
@@ -391,17 +301,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         push = delivery.push
         assert push is not None
         trace.get_current_span().set_attribute("stoker.delivery.id", push.delivery_id)
-        async with delivery_lock:  # concurrent redeliveries: one publishes, the others see it
-            if push.delivery_id in deliveries:
-                WEBHOOK_DELIVERIES.labels(host, "duplicate").inc()
-                return _json(200, {"status": "duplicate", "delivery": push.delivery_id})
-            try:
-                await asyncio.wait_for(
-                    broker.publish(push, topics.code_commit, key=push.repo.encode()), settings.publish_timeout_s
-                )
-            except Exception as exc:  # noqa: BLE001
-                raise HttpError(503, "the broker did not confirm the push; send it again") from exc
-            deliveries.add(push.delivery_id)
+        if not await gateway.accept_push(push):
+            WEBHOOK_DELIVERIES.labels(host, "duplicate").inc()
+            return _json(200, {"status": "duplicate", "delivery": push.delivery_id})
         WEBHOOK_DELIVERIES.labels(host, "accepted").inc()
         return _json(202, {"status": "accepted", "delivery": push.delivery_id, "repo": push.repo, "ref": push.ref})
 
