@@ -5,7 +5,8 @@ Specialize commands out, and the function's active version switched once the cod
 Invocation results in (every one, from the end of the topic): each function's idle times, from
 which the keep-alive policy decides when its instances are recycled and when one is pre-warmed
 ahead of the next expected invocation (a PrewarmRequested on the prewarm topic, handled here too).
-The decisions and their state are :class:`services.poolmgr.core.PoolManager`'s.
+The decisions and their state are :class:`services.poolmgr.core.PoolManager`'s, what a term does
+with what it reads :mod:`services.poolmgr.handlers`'.
 
 Several copies may run (``stoker up --poolmgrs N``): one is active, the others stand by
 (:mod:`services.common.leadership`). Every copy keeps its views current and learns from every
@@ -19,9 +20,6 @@ import asyncio
 import logging
 import time
 from typing import Any
-
-from opentelemetry import trace
-from opentelemetry.trace import SpanKind
 
 from events import (
     FunctionSpec,
@@ -40,36 +38,19 @@ from services.common.leadership import FencedWriter, Leadership, TermReader, run
 from services.common.runner import configure_logging, mark_ready, serve
 from services.common.telemetry import setup_tracing
 from services.common.views import Reader, Table, dead_letters_to
+from services.poolmgr import handlers
 from services.poolmgr.core import PoolManager, learn
+from services.poolmgr.handlers import GROUP
 from services.poolmgr.policy import ArrivalBook
 from services.poolmgr.settings import PoolmgrSettings, pool_policy_from_env
 
 __all__ = ["GROUP", "main", "pool_policy_from_env", "run"]
 
 log = logging.getLogger("stoker.poolmgr")
-tracer = trace.get_tracer("stoker.poolmgr")
 
-GROUP = "stoker-poolmgr"
-"""The consumer group whose committed position on the prewarm topic the active copy carries on from."""
 PREWARM_RECORDS = (PrewarmRequested, PrewarmStarted, PrewarmCompleted)
 RESULT_BATCH_BYTES = 256 * 1024
 """Results gathered at the broker before it answers the results reader (about a thousand)."""
-
-
-class _Relay:
-    """Hands view events to the current term (none while this copy stands by)."""
-
-    def __init__(self) -> None:
-        self.core: PoolManager | None = None
-        self.nodes: asyncio.Queue[tuple[str, Any]] | None = None
-
-    def node(self, name: str, record: Any) -> None:
-        if self.nodes is not None:
-            self.nodes.put_nowait((name, record))
-
-    def instance(self, event: InstanceChanged) -> None:
-        if self.core is not None:
-            self.core.on_instance(event)
 
 
 async def run(settings: PoolmgrSettings) -> None:
@@ -79,7 +60,7 @@ async def run(settings: PoolmgrSettings) -> None:
     provider = setup_tracing("poolmgr", common)
     broker = make_broker(common, "poolmgr", provider)
     arrivals = ArrivalBook(settings.policy.keepalive)
-    relay = _Relay()
+    relay = handlers.Relay()
 
     # ----- views: every copy keeps them current, so a standby takes over with them ready -----
     reader = Reader(common.bootstrap, "poolmgr", dead_letters=dead_letters_to(broker, topics.dlq))
@@ -156,35 +137,12 @@ async def run(settings: PoolmgrSettings) -> None:
                 len(core.prewarm_requested),
             )
 
-            async def follow_nodes() -> None:
-                assert relay.nodes is not None
-                while True:
-                    name, record = await relay.nodes.get()
-                    await core.on_node(name, record)
-
-            async def keepalive() -> None:
-                while True:
-                    await asyncio.sleep(settings.keepalive_tick_s)
-                    await core.keepalive_tick()
-
-            async def intake() -> None:
-                while True:
-                    for item in await requests.batch():
-                        attributes: dict[str, str | int] = {
-                            "messaging.system": "kafka",
-                            "messaging.destination.name": item.topic,
-                            "messaging.kafka.message.offset": item.offset,
-                            "messaging.consumer.group.name": GROUP,
-                        }
-                        with tracer.start_as_current_span(
-                            f"{item.topic} process",
-                            context=item.context(),
-                            kind=SpanKind.CONSUMER,
-                            attributes=attributes,
-                        ):
-                            await core.on_prewarm(item)
-
-            await run_loops([follow_nodes(), keepalive(), intake()], writer.failed)
+            loops = [
+                handlers.follow_nodes(core, relay.nodes),
+                handlers.keepalive(core, settings.keepalive_tick_s),
+                handlers.intake(core, requests.batch),
+            ]
+            await run_loops(loops, writer.failed)
         finally:
             relay.core = None
             relay.nodes = None
