@@ -5,8 +5,8 @@ agents, as a user starts them) and ``stop()`` runs ``stoker down``; ``start_brok
 Kafka broker alone. The tests and ``loadtest/`` use these, and so can a user's own tests::
 
     with LocalPlatform.start() as stoker:
-        stoker.stoker("deploy", "examples/hello")
-        print(stoker.client().post("/invoke/hello", json={}).json())
+        stoker.stoker("fn", "create", "greeter", "--code", "examples/hello", "--entrypoint", "handler:main")
+        print(stoker.client().post("/fn/greeter", json={"name": "me"}).json())
 """
 
 from services.testing._platform import (
