@@ -56,6 +56,7 @@ from services.agent.sandbox import SandboxError
 from services.agent.settings import AgentSettings
 from services.common import placement, telemetry
 from services.common.artifacts import ArtifactError, ArtifactStore, unpack_verified
+from services.common.delivery import result_writes
 
 log = logging.getLogger("stoker.agent")
 tracer = trace.get_tracer("stoker.agent")
@@ -498,8 +499,8 @@ class NodeAgent:
         await self._release(inst, spec)
 
     async def _complete(self, reply_to: str | None, result: InvocationCompleted) -> None:
-        topics = (self.topics.result, reply_to) if reply_to else (self.topics.result,)
-        await self._publish_result(result, topics, result.id)
+        writes = result_writes(result, self.topics.result, reply_to)
+        await self._publish_result(result, [w.topic for w in writes], result.id)
 
     async def _acquire(self, spec: FunctionSpec, deadline_ms: int | None) -> tuple[_Slot | None, Any, bool]:
         """Get an instance holding ``spec``'s code: (slot, start kind or ErrorInfo, whether the

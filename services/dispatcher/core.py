@@ -47,6 +47,7 @@ from events.dispatch import DispatchState, InvocationQueued
 from events.node import node_up
 from events.work import SOURCE_HEADER, source_header
 from services.common import placement, telemetry
+from services.common.delivery import result_writes
 from services.dispatcher.ledger import InFlight, Ledger, Waiting
 from services.dispatcher.routing import NodeView, choose_node
 from services.dispatcher.settings import DispatcherSettings
@@ -315,9 +316,8 @@ class Dispatcher:
             principal=inv.principal,
             **extra,
         )
-        writes = [await self._send(result, self.topics.result, inv.id, None)]
-        if inv.reply_to:
-            writes.append(await self._send(result, inv.reply_to, inv.id, None))
+        delivery = result_writes(result, self.topics.result, inv.reply_to)
+        writes = [await self._send(w.record, w.topic, w.key, None) for w in delivery]
         if recorded_on is not None:
             writes.append(await self._send(None, self.topics.dispatch, inv.id, recorded_on))
         return writes

@@ -34,6 +34,7 @@ from events import (
     now_ms,
 )
 from services.common import telemetry
+from services.common.delivery import result_writes
 from services.common.leadership import Ack, Out
 from services.workflow import plan
 
@@ -240,14 +241,14 @@ class Engine:
         return [self._event(action.event), *await self._results(result, state.reply_to)]
 
     async def _results(self, result: InvocationCompleted, reply_to: str | None) -> list[Out]:
-        outs = [Out(self.topics.result, result, result.id)]
-        if reply_to:
-            # In the same transaction when the reply topic exists (a missing one would fail the
-            # whole transaction, and with it the run's end, again and again).
-            if await self._topic_exists(reply_to):
-                outs.append(Out(reply_to, result, result.id))
-            else:
+        outs = []
+        for write in result_writes(result, self.topics.result, reply_to):
+            # The reply copy goes in the same transaction only when its topic exists (a missing one
+            # would fail the whole transaction, and with it the run's end, again and again).
+            if write.reply and not await self._topic_exists(write.topic):
                 log.warning(
-                    "reply topic %s of %s does not exist: result on %s only", reply_to, result.id, self.topics.result
+                    "reply topic %s of %s does not exist: result on %s only", write.topic, result.id, self.topics.result
                 )
+                continue
+            outs.append(Out(write.topic, write.record, write.key))
         return outs
