@@ -525,7 +525,7 @@ class NodeAgent:
                 self._set_state(slot.instance, "specializing", spec)
                 self._pool_wakeup.set()  # refill the pool in the background
                 return slot, await self._load(slot, spec, code_dir, "pool"), False
-            if plan.kind in ("spawn", "evict"):
+            if plan.kind in ("start", "evict"):
                 if plan.kind == "evict":
                     await self._retire(self._slots[plan.instance].instance, "evicted for another function")  # type: ignore[index]
                 fresh = await self._start_instance()
@@ -706,7 +706,7 @@ class NodeAgent:
             slot: _Slot | None
             if plan.kind == "pool" and plan.instance is not None:
                 slot = self._slots[plan.instance]
-            elif plan.kind == "spawn":
+            elif plan.kind == "start":
                 slot = await self._start_instance()
             else:
                 slot = None  # no room: prewarming never evicts

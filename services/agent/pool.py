@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-PlanKind = Literal["warm", "prewarmed", "pool", "spawn", "evict", "wait"]
+PlanKind = Literal["warm", "prewarmed", "pool", "start", "evict", "wait"]
 
 
 @dataclass(frozen=True)
@@ -32,8 +32,9 @@ class StartPlan:
     """How to get an instance for one invocation.
 
     ``warm``/``prewarmed``: use ``instance`` as it is. ``pool``: specialize generic ``instance``.
-    ``spawn``: start a new interpreter. ``evict``: recycle idle ``instance`` (another function's),
-    then spawn. ``wait``: every slot is busy; wait for one to free up.
+    ``start``: start a new instance (the launcher forks it from the zygote, or execs one where there
+    is none). ``evict``: recycle idle ``instance`` (another function's), then start one.
+    ``wait``: every slot is busy; wait for one to free up.
     """
 
     kind: PlanKind
@@ -63,7 +64,7 @@ def plan_start(
         # are warm, and untouched spares stay untouched. Among spares, the longest idle.
         return StartPlan("pool", max(generic, key=lambda i: (i.uses > 0, -i.idle_ms if i.uses else i.idle_ms)).id)
     if len(instances) + starting < max_instances:
-        return StartPlan("spawn")
+        return StartPlan("start")
     idle_others = [i for i in instances if i.state == "ready"]
     if idle_others:
         return StartPlan("evict", max(idle_others, key=lambda i: i.idle_ms).id)

@@ -65,13 +65,13 @@ def test_pool_prefers_a_reset_instance_most_recently_used() -> None:
     assert plan(instances) == StartPlan("pool", "reset-new")
 
 
-def test_spawn_when_room() -> None:
-    assert plan([busy("b1"), busy("b2")], max_instances=3) == StartPlan("spawn")
-    assert plan([], max_instances=1) == StartPlan("spawn")
+def test_start_when_room() -> None:
+    assert plan([busy("b1"), busy("b2")], max_instances=3) == StartPlan("start")
+    assert plan([], max_instances=1) == StartPlan("start")
 
 
 def test_starting_instances_count_against_capacity() -> None:
-    assert plan([busy("b1")], max_instances=3, starting=1) == StartPlan("spawn")
+    assert plan([busy("b1")], max_instances=3, starting=1) == StartPlan("start")
     assert plan([busy("b1")], max_instances=3, starting=2) == StartPlan("wait")
 
 
