@@ -6,9 +6,7 @@ import asyncio
 from typing import Any
 
 from events import (
-    CodeSource,
     EnsurePool,
-    FunctionSpec,
     InstanceChanged,
     InstanceSummary,
     NodeCapacity,
@@ -21,40 +19,14 @@ from events import (
     now_ms,
 )
 from events.dlq import DeadLettered
-from services.common.leadership import Ack, Consumed, Out
+from services.common.leadership import Ack, Consumed
 from services.poolmgr import handlers
 from services.poolmgr.core import PoolManager
 from services.poolmgr.keepalive import FixedPolicy
 from services.poolmgr.policy import ArrivalBook, PoolPolicy
+from tests.unit.test_poolmgr_core import FakeView, FakeWriter, _spec  # the core's fakes: one copy
 
 TOPICS = Topics("t.")
-
-
-class FakeView:
-    def __init__(self, rows: dict[str, Any] | None = None) -> None:
-        self.rows: dict[str, Any] = dict(rows or {})
-
-    def get(self, key: str) -> Any:
-        return self.rows.get(key)
-
-    async def wait_caught_up(self, timeout_s: float = 5.0) -> bool:
-        return True
-
-
-class FakeWriter:
-    def __init__(self) -> None:
-        self.calls: list[tuple[list[Out], list[Ack]]] = []
-
-    async def __call__(self, outs: Any, acks: Any) -> None:
-        if outs or acks:
-            self.calls.append((list(outs), list(acks)))
-
-    def records(self, kind: type[Record]) -> list[Any]:
-        return [o.record for outs, _ in self.calls for o in outs if isinstance(o.record, kind)]
-
-
-def _spec(name: str = "hello") -> FunctionSpec:
-    return FunctionSpec(name=name, entrypoint="h:main", source=CodeSource(digest="sha256:" + "a" * 64))
 
 
 def _beat(node: str = "n1", at_ms: int | None = None, interval_ms: int = 2_000) -> NodeHeartbeat:
