@@ -56,6 +56,7 @@ from services.cli import broker as kafka
 from services.common.admin import ensure_topics
 from services.common.client import package_code
 from services.common.kafkasec import client_options as kafka_client_options
+from services.common.runner import ready_file
 from services.common.settings import CommonSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -138,7 +139,7 @@ def agent_process(settings: CommonSettings, profile: Path | None) -> Iterator[tu
         profile.mkdir(parents=True, exist_ok=True)
         out = profile / "agent-profile.pyisession"
         cmd = [sys.executable, "-m", "pyinstrument", "-r", "session", "-o", str(out), "-m", "services.agent"]
-    ready = settings.run_dir / f"agent-{NODE}.ready"
+    ready = ready_file(settings, f"agent-{NODE}")
     log_path = settings.logs_dir / f"agent-{NODE}.log"
     with log_path.open("ab") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env, cwd=REPO_ROOT, start_new_session=True)

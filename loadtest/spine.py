@@ -30,6 +30,7 @@ from services.cli.broker import KAFKA_VERSION, platform_broker_is_reachable
 from services.common.admin import ensure_topics
 from services.common.client import StokerClient, package_code
 from services.common.kafkasec import client_options as kafka_client_options
+from services.common.runner import ready_file
 from services.common.settings import CommonSettings
 
 console = Console()
@@ -135,7 +136,7 @@ async def wait_for_generic(client: StokerClient, timeout_s: float = 10.0) -> Non
 
 def ensure_platform(settings: CommonSettings) -> bool:
     """Start a platform unless one answers; True if this program started it."""
-    if platform_broker_is_reachable(settings.bootstrap) and (settings.run_dir / "dispatcher.ready").exists():
+    if platform_broker_is_reachable(settings.bootstrap) and ready_file(settings, "dispatcher").exists():
         return False
     console.print("no platform running: starting one with `stoker up --detach --no-example`")
     subprocess.run([str(Path(sys.executable).parent / "stoker"), "up", "--detach", "--no-example"], check=True)

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from services.cli import platform as embedded
+from services.common.runner import ready_file
 from tests.e2e.conftest import Platform, processes_under, start_platform
 from tests.helpers import assert_eventually
 
@@ -64,7 +65,7 @@ def test_two_dispatchers_start_and_both_become_ready(cluster: Platform) -> None:
     assert copies["dispatcher-0"]["pid"] != copies["dispatcher-1"]["pid"]
     for name, row in copies.items():
         assert instance_name(row["pid"]) == name  # the stable per-copy name each one is given
-        assert (cluster.home / "run" / f"{name}.ready").exists()
+        assert ready_file(cluster.settings, name).exists()
     # one copy of everything else, under the plain names
     assert {"poolmgr", "workflow", "builder", "throttler", "gateway"} <= set(services)
     assert instance_name(services["poolmgr"]["pid"]) == "poolmgr"

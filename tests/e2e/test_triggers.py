@@ -23,6 +23,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from events.topics import TopicSpec
 from services.common.admin import ensure_topics
+from services.common.runner import ready_file
 from services.common.views import partitions_of
 from tests.e2e.conftest import Platform, processes_under, start_platform
 from tests.helpers import ServiceProcess, assert_eventually
@@ -342,7 +343,7 @@ def test_a_cron_trigger_fires_each_slot_once_across_a_killed_copy_and_a_second_o
 
         def one_active() -> bool:
             names = ("trigger", "trigger-b")
-            roles = [orjson.loads((settings.run_dir / f"{n}.ready").read_bytes())["role"] for n in names]
+            roles = [orjson.loads(ready_file(settings, n).read_bytes())["role"] for n in names]
             assert sorted(roles) == ["active", "standby"], roles
             return True
 
